@@ -1,0 +1,67 @@
+"""fusedtriton: a torch.compile backend that fuses two subgraphs into autotuned Triton kernels.
+
+    torch.compile(model, backend="fusedtriton", mode=None, options={...})
+
+Importing this package is cheap (no Triton compilation, no GPU work) and registers the
+backend name once, whether or not the `torch_dynamo_backends` entry point was seen first.
+"""
+from __future__ import annotations
+
+from .backend import counters, fusedtriton
+from .devices import DeviceProfile, device_profile, from_properties
+from .options import MODES, OPTION_DOCS, Options
+from .registry import Pattern, pattern_names, register_pattern
+
+BACKEND_NAME = "fusedtriton"
+__version__ = "0.1.0"
+
+
+def _register_backend() -> None:
+    from torch._dynamo.backends import registry as dynamo_registry
+
+    if BACKEND_NAME in dynamo_registry._COMPILER_FNS:
+        return
+    # When installed, torch finds us through the entry point and registers the same
+    # function on first lookup; registering here too would make that lookup fail with
+    # "duplicate name". Only register by hand when no entry point announces us.
+    dynamo_registry._discover_entrypoint_backends()
+    if dynamo_registry._BACKENDS.get(BACKEND_NAME) is None:
+        dynamo_registry.register_backend(compiler_fn=fusedtriton, name=BACKEND_NAME)
+
+
+_register_backend()
+
+
+def explain(model, *args, mode=None, options=None, **kwargs):
+    """Compile `model` with fusedtriton, run it once on (*args, **kwargs), and report:
+    the device profile, each fused site (pattern, shapes, dtype, precision, chosen config)
+    and each near-miss with its reason. `print(report)` reads well."""
+    import torch
+
+    from . import autotune
+    from .backend import _report_sinks
+    from .report import ExplainReport
+
+    sink: list = []
+
+    def backend(gm, example_inputs):
+        return fusedtriton(gm, example_inputs, mode=mode, options=options)
+
+    _report_sinks.append(sink)
+    try:
+        compiled = torch.compile(model, backend=backend)
+        compiled(*args, **kwargs)
+    finally:
+        _report_sinks.remove(sink)
+    for graph in sink:
+        for site in graph.fused:
+            key = site.info.get("key")
+            if key is not None:
+                site.info["choice"] = autotune.describe_choice(key)
+    return ExplainReport(sink)
+
+
+__all__ = [
+    "BACKEND_NAME", "DeviceProfile", "MODES", "OPTION_DOCS", "Options", "Pattern", "counters",
+    "device_profile", "explain", "from_properties", "fusedtriton", "pattern_names", "register_pattern",
+]

@@ -1,0 +1,236 @@
+"""Config choice per shape key: tuned once, cached on disk, never slower than the unfused path.
+
+Key: kernel family, profile, dtype, dot precision, batch M bucketed to the next power of
+two (dynamic batch sizes share a tuned result), and the exact other dims (K, N, ...).
+The on-disk cache lives in $FUSEDTRITON_CACHE_DIR (default: $XDG_CACHE_HOME/fusedtriton or
+~/.cache/fusedtriton), one JSON file per (device, Triton version, torch version); each entry
+also carries the hash of the kernel source it was tuned for.
+
+When a key is tuned, the unfused path (cuBLAS GEMM + pointwise, as Inductor would run the
+site) is timed too, and the fused kernel is kept only if it is faster. A choice with
+config None means "run unfused".
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+log = logging.getLogger("fusion_backend")
+
+#: "benchmarked": candidates timed in this process; "cache_hits": keys answered from disk;
+#: "tuned": keys tuned here. Tests observe tuning through these.
+stats: collections.Counter = collections.Counter()
+
+CACHE_ENV = "FUSEDTRITON_CACHE_DIR"
+_SCHEMA = 1
+
+
+@dataclasses.dataclass
+class Choice:
+    config: Optional[dict]          # None = the unfused path
+    source: str                     # "tuned" | "cache" | "heuristic" | "fixed" | "fallback"
+    fused_ms: Optional[float] = None
+    unfused_ms: Optional[float] = None
+
+    def describe(self) -> str:
+        what = "unfused (cuBLAS + pointwise)" if self.config is None else _short(self.config)
+        times = ""
+        if self.fused_ms is not None or self.unfused_ms is not None:
+            times = f" [fused {self.fused_ms if self.fused_ms is None else round(self.fused_ms, 4)} ms, " \
+                    f"unfused {self.unfused_ms if self.unfused_ms is None else round(self.unfused_ms, 4)} ms]"
+        return f"{what} ({self.source}){times}"
+
+
+def _short(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items() if k != "dtypes")
+
+
+def bucket(m: int) -> int:
+    """Batch bucket: the next power of two (0 stays 0)."""
+    return 0 if m <= 0 else 1 << (int(m) - 1).bit_length()
+
+
+def make_key(family: str, profile_name: str, dtype: torch.dtype, precision: str, m: int, **dims) -> str:
+    rest = "|".join(f"{k}={v}" for k, v in sorted(dims.items()))
+    return f"{family}|{profile_name}|{str(dtype).replace('torch.', '')}|{precision}|M<={bucket(m)}|{rest}"
+
+
+def source_hash(*kernels) -> str:
+    """Hash of the Triton kernels' source: a cached choice is only reused for the same code."""
+    h = hashlib.sha1()
+    for k in kernels:
+        src = getattr(k, "src", None) or getattr(getattr(k, "fn", None), "src", None) or repr(k)
+        h.update(src.encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- disk cache
+
+def cache_dir() -> str:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fusedtriton")
+
+
+def _environment(device_name: str) -> str:
+    import triton
+
+    return f"{device_name}|triton={triton.__version__}|torch={torch.__version__}"
+
+
+def cache_file(device_name: str) -> str:
+    env = _environment(device_name)
+    return os.path.join(cache_dir(), f"autotune-{hashlib.sha1(env.encode()).hexdigest()[:16]}.json")
+
+
+_warned_files = set()
+
+
+def _read(path: str, environment: str) -> Dict[str, dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("schema") != _SCHEMA or data.get("environment") != environment \
+                or not isinstance(data.get("entries"), dict):
+            raise ValueError("not a fusedtriton autotune cache for this device and versions")
+        return data["entries"]
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # corrupt, truncated or foreign: ignore (once), never crash
+        if path not in _warned_files:
+            _warned_files.add(path)
+            log.warning("fusedtriton: ignoring autotune cache %s (%s: %s)", path, type(exc).__name__, exc)
+        return {}
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: atomic replace alone
+        yield
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write(path: str, environment: str, key: str, entry: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with _locked(path):  # read-merge-write under a lock; concurrent writers keep each other's keys
+            entries = _read(path, environment)
+            entries[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".autotune-", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"schema": _SCHEMA, "environment": environment, "entries": entries}, f, indent=1)
+            os.replace(tmp, path)  # readers see the old or the new file, never half of one
+    except OSError as exc:
+        log.warning("fusedtriton: could not write autotune cache %s: %s", path, exc)
+
+
+# ----------------------------------------------------------------------------- tuner
+
+def _do_bench(fn: Callable[[], None]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+class Tuner:
+    """Chooses a config per key. `timer(fn) -> ms` is injectable for tests."""
+
+    def __init__(self, timer: Callable[[Callable[[], None]], float] = _do_bench):
+        self.timer = timer
+        self.choices: Dict[str, Choice] = {}
+
+    def lookup(self, key: str) -> Optional[Choice]:
+        return self.choices.get(key)
+
+    def forget(self) -> None:
+        self.choices.clear()
+
+    def record(self, key: str, choice: Choice) -> Choice:
+        self.choices[key] = choice
+        return choice
+
+    def choose(self, key: str, *, profile, space: List[dict], m: int, src_hash: str, device_name: str,
+               autotune: bool, budget_s: float, run_fused: Callable[[dict], None],
+               run_unfused: Optional[Callable[[], None]]) -> Choice:
+        hit = self.choices.get(key)
+        if hit is not None:
+            return hit
+        from . import config_spaces
+
+        if profile.name == "interpreter":  # the interpreter cannot benchmark: one fixed config
+            return self.record(key, Choice(space[0], "fixed"))
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if not autotune or len(space) == 1 and run_unfused is None or capturing:
+            choice = Choice(config_spaces.heuristic_pick(space, m), "heuristic")
+            # inside a CUDA graph capture nothing may be timed; do not pin the key
+            return choice if capturing else self.record(key, choice)
+
+        path, environment = cache_file(device_name), _environment(device_name)
+        disk_key = f"{key}|src={src_hash}"
+        entry = _read(path, environment).get(disk_key)
+        if entry is not None and isinstance(entry, dict) and "config" in entry:
+            stats["cache_hits"] += 1
+            return self.record(key, Choice(entry["config"], "cache", entry.get("fused_ms"), entry.get("unfused_ms")))
+
+        choice = self._tune(key, space, budget_s, run_fused, run_unfused)
+        stats["tuned"] += 1
+        _write(path, environment, disk_key,
+               {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms})
+        return self.record(key, choice)
+
+    def _time(self, fn) -> float:
+        stats["benchmarked"] += 1
+        try:
+            return self.timer(fn)
+        except Exception as exc:  # a config that fails to compile or launch is just not chosen
+            log.info("fusedtriton: candidate failed (%s: %s)", type(exc).__name__, exc)
+            return math.inf
+
+    def _tune(self, key, space, budget_s, run_fused, run_unfused) -> Choice:
+        start = time.perf_counter()
+        unfused_ms = self._time(run_unfused) if run_unfused is not None else math.inf
+        best, best_ms = None, math.inf
+        for i, config in enumerate(space):
+            ms = self._time(lambda c=config: run_fused(c))
+            if ms < best_ms:
+                best, best_ms = config, ms
+            elapsed = time.perf_counter() - start
+            if elapsed > 1.0:
+                log.info("fusedtriton: tuning %s: %d/%d configs, best %.4f ms (unfused %.4f ms), %.1f s",
+                         key, i + 1, len(space), best_ms, unfused_ms, elapsed)
+            if elapsed > budget_s:
+                log.info("fusedtriton: tuning %s stopped at its %.0f s budget", key, budget_s)
+                break
+        finite = lambda v: None if math.isinf(v) else v  # noqa: E731
+        if best is None or unfused_ms < best_ms:
+            return Choice(None, "tuned", finite(best_ms), finite(unfused_ms))
+        return Choice(best, "tuned", finite(best_ms), finite(unfused_ms))
+
+
+TUNER = Tuner()
+
+
+def describe_choice(key: str) -> str:
+    choice = TUNER.lookup(key)
+    return "not run yet" if choice is None else choice.describe()

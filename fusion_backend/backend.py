@@ -1,0 +1,134 @@
+"""The `fusedtriton` torch.compile backend: profile -> normalize -> patterns -> Inductor."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import warnings
+from typing import Any, List, Optional
+
+import torch
+from torch import fx
+
+from . import devices, normalize as _normalize, registry
+from .options import Options
+from .report import GraphReport, Site
+
+log = logging.getLogger("fusion_backend")
+
+#: +1 per replaced site, keyed by pattern name.
+counters: collections.Counter = collections.Counter()
+
+# explain() pushes a list here; every graph compiled meanwhile appends its report to it.
+_report_sinks: List[list] = []
+
+
+@dataclasses.dataclass
+class RewriteContext:
+    gm: fx.GraphModule
+    profile: devices.DeviceProfile
+    options: Options
+    device: torch.device
+
+    def dot_precision(self, dtype: torch.dtype) -> str:
+        return self.profile.dot_precision(dtype)
+
+
+def _graph_device(gm: fx.GraphModule, example_inputs) -> Optional[torch.device]:
+    """The accelerator the graph runs on: the first CUDA/HIP tensor among the inputs
+    (parameters and buffers are inputs under Dynamo), else the CPU."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    for node in gm.graph.nodes:
+        val = _normalize.example_value(node)
+        if isinstance(val, torch.Tensor):
+            tensors.append(val)
+    for t in tensors:
+        if t.device.type == "cuda":
+            return t.device
+    return torch.device(tensors[0].device.type) if tensors else torch.device("cpu")
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _rewrite_site(pattern, match, ctx: RewriteContext, anchor: fx.Node) -> Site:
+    graph = ctx.gm.graph
+    before = set(graph.nodes)
+    try:
+        reason = pattern.check(match, ctx)
+        if reason:
+            return Site(pattern.name, anchor.name, fused=False, reason=reason)
+        info = pattern.replace(match, ctx)
+    except Exception as exc:  # one bad site must never break the model: leave it unfused
+        for node in reversed(list(graph.nodes)):
+            if node not in before and not node.users:
+                graph.erase_node(node)
+        log.warning("fusedtriton: rewriting %s at %s failed (%s: %s); left unfused",
+                    pattern.name, anchor.name, type(exc).__name__, exc)
+        return Site(pattern.name, anchor.name, fused=False, reason=f"rewrite error: {type(exc).__name__}: {exc}")
+    counters[pattern.name] += 1
+    return Site(pattern.name, anchor.name, fused=True, info=info)
+
+
+def rewrite(gm: fx.GraphModule, profile, options: Options, device) -> GraphReport:
+    """Normalize `gm` and apply every enabled pattern in place; return what happened."""
+    report = GraphReport(profile=profile.name, mode=options.mode)
+    _normalize.normalize(gm)
+    ctx = RewriteContext(gm=gm, profile=profile, options=options, device=device)
+    for pattern in registry.enabled_patterns(options.patterns):
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node not in gm.graph.nodes:
+                continue
+            match = pattern.match(node)
+            if match is not None:
+                report.sites.append(_rewrite_site(pattern, match, ctx, node))
+    # no eliminate_dead_code(): it would drop unused in-place method calls such as
+    # num_batches_tracked.add_(1); patterns erase exactly the nodes they replaced
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def _inductor(gm, example_inputs, options: Options):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=options.inductor_config_patches())
+
+
+def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
+    """torch.compile backend: `torch.compile(model, backend="fusedtriton", mode=..., options={...})`."""
+    opts = Options.parse(mode, options)
+    device = _graph_device(gm, example_inputs)
+    profile = devices.device_profile(device)
+    if profile is not None and opts.only_named_devices and profile.name not in devices.NAMED_PROFILES + ("interpreter",):
+        report = GraphReport(profile=None, mode=opts.mode, note=f"profile {profile.name} off by only_named_devices")
+        profile = None
+    elif profile is None:
+        report = GraphReport(profile=None, mode=opts.mode, note=f"device {device} has none")
+    if profile is None:
+        log.info(report.summary())
+        for sink in _report_sinks:
+            sink.append(report)
+        return _inductor(gm, example_inputs, opts)
+
+    original = _copy_graph(gm)
+    report = rewrite(gm, profile, opts, device)
+    log.info(report.summary())
+    for sink in _report_sinks:
+        sink.append(report)
+    if not report.fused:
+        return _inductor(original, example_inputs, opts)
+    try:
+        return _inductor(gm, example_inputs, opts)
+    except Exception as exc:
+        # Never break what Inductor alone compiles: retry without our rewrites.
+        warnings.warn(f"fusedtriton: Inductor failed on the rewritten graph ({type(exc).__name__}: {exc}); "
+                      "compiling the original graph instead", RuntimeWarning)
+        for site in report.fused:
+            counters[site.pattern] -= 1
+            site.fused, site.reason = False, f"graph fell back to Inductor: {type(exc).__name__}"
+        return _inductor(original, example_inputs, opts)

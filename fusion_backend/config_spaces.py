@@ -1,0 +1,160 @@
+"""Triton config spaces per kernel family and device, kept as data.
+
+A space is resolved profile name -> vendor -> "default" (FlagGems style). Each entry is
+a dict: the kernel's meta-parameters (BLOCK_*, GROUP_M), the launch options num_warps
+and num_stages, on ROCm the AMD knobs, and optionally "dtypes" (the input dtypes the
+entry is meant for; absent = all). The first entry of a space is the heuristic default
+used when autotuning is off; `heuristic_pick` refines that by problem size.
+
+Every entry is checked against its profile's limits by `validate` (tests/test_config_spaces.py
+does this for every device property set in ../shared/devices).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+GEMM = "gemm"            # one GEMM main loop + a fused epilogue
+POINTWISE = "pointwise"  # no GEMM: normalisation/activation passes, stat merges
+
+LAUNCH_KEYS = ("num_warps", "num_stages")
+AMD_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
+NOT_META = LAUNCH_KEYS + AMD_KEYS + ("dtypes",)
+HALF = ("float16", "bfloat16")
+
+
+def _g(bm, bn, bk, w, s, group=8, **kw):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=w, num_stages=s, **kw)
+
+
+def _p(bm, bn, w, s):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+
+
+SPACES: Dict[str, Dict[str, List[dict]]] = {
+    GEMM: {
+        # H100/A100-class: Inductor's mm shapes that do well at tf32 and bf16.
+        "nvidia": [
+            _g(128, 128, 32, 8, 3),
+            _g(64, 128, 32, 4, 4),
+            _g(128, 64, 32, 4, 4),
+            _g(64, 64, 32, 4, 3),
+            _g(128, 256, 32, 8, 3),
+            _g(64, 256, 32, 8, 3),
+            _g(128, 128, 64, 8, 3, dtypes=HALF),
+            _g(128, 256, 64, 8, 3, dtypes=HALF),
+            _g(64, 128, 64, 4, 4, dtypes=HALF),
+        ],
+        # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
+        # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.
+        "rtx4090": [
+            _g(64, 64, 32, 4, 2),
+            _g(128, 64, 32, 4, 3),
+            _g(128, 128, 32, 8, 2),
+            _g(64, 128, 32, 8, 3),
+        ],
+        # MI300X: 64-wide wavefronts, num_stages 2 for one GEMM, 64 KiB LDS,
+        # matrix_instr_nonkdim 16 (usually beats 32), waves_per_eu for occupancy.
+        "mi300x": [
+            _g(128, 128, 32, 8, 2, waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1),
+            _g(64, 128, 32, 4, 2, waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1),
+            _g(128, 64, 32, 4, 2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=1),
+            _g(256, 128, 32, 8, 2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=2, dtypes=HALF),
+            _g(128, 128, 64, 8, 2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=2, dtypes=HALF),
+        ],
+        "amd": [
+            _g(128, 128, 32, 8, 2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=1),
+            _g(64, 64, 32, 4, 2, waves_per_eu=0, matrix_instr_nonkdim=16, kpack=1),
+        ],
+        # Interpreter: one small config, nothing is benchmarked.
+        "interpreter": [_g(16, 16, 16, 1, 1, group=4)],
+        "default": [
+            _g(64, 64, 32, 4, 2),
+            _g(128, 128, 32, 8, 3),
+        ],
+    },
+    POINTWISE: {
+        "nvidia": [_p(64, 128, 4, 1), _p(32, 256, 8, 1), _p(128, 64, 4, 1)],
+        "rtx4090": [_p(64, 64, 4, 2), _p(64, 128, 8, 2), _p(32, 128, 4, 2)],
+        "mi300x": [_p(64, 128, 4, 1), _p(32, 256, 8, 1)],
+        "amd": [_p(64, 128, 4, 1)],
+        "interpreter": [_p(16, 16, 1, 1)],
+        "default": [_p(64, 128, 4, 1)],
+    },
+}
+
+
+def space_for(profile, family: str) -> List[dict]:
+    """The config list for `family` on `profile`: profile name, then vendor, then default."""
+    per_device = SPACES[family]
+    for key in (profile.name, profile.vendor):
+        if key in per_device:
+            return per_device[key]
+    return per_device["default"]
+
+
+def for_dtype(space: List[dict], dtype: torch.dtype) -> List[dict]:
+    name = str(dtype).replace("torch.", "")
+    return [c for c in space if "dtypes" not in c or name in c["dtypes"]]
+
+
+def meta_of(config: dict) -> dict:
+    """Kernel meta-parameters (constexprs) of a config."""
+    return {k: v for k, v in config.items() if k not in NOT_META}
+
+
+def launch_options(config: dict, profile) -> dict:
+    keys = LAUNCH_KEYS + (AMD_KEYS if profile.vendor == "amd" else ())
+    return {k: config[k] for k in keys if k in config}
+
+
+def smem_bytes(config: dict, family: str, elem_bytes: int) -> int:
+    """Shared-memory estimate: the pipelined A and B tiles of a GEMM, one tile for a pointwise pass."""
+    if family == GEMM:
+        stages = max(1, config["num_stages"])
+        return stages * (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * elem_bytes
+    return config["BLOCK_M"] * config["BLOCK_N"] * 4  # at most one fp32 layout conversion
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def validate(profile, family: str, config: dict) -> List[str]:
+    """Problems of `config` on `profile` (empty when valid)."""
+    problems = []
+    for k, v in meta_of(config).items():
+        if k.startswith("BLOCK_") and not _pow2(v):
+            problems.append(f"{k}={v} is not a power of two")
+    if family == GEMM and min(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]) < 16:
+        problems.append("tl.dot needs blocks of at least 16")
+    w, s = config["num_warps"], config["num_stages"]
+    if not _pow2(w) or w > profile.max_num_warps:
+        problems.append(f"num_warps={w} outside powers of two <= {profile.max_num_warps}")
+    if profile.name == "rtx4090":
+        if w not in (4, 8):
+            problems.append(f"num_warps={w} not in {{4, 8}} (4090 rule)")
+        if s not in (2, 3):
+            problems.append(f"num_stages={s} not in {{2, 3}} (4090 rule)")
+    if profile.vendor == "amd":
+        want = 2 if family == GEMM else 1
+        if s != want:
+            problems.append(f"num_stages={s}, AMD rule is {want} for family {family}")
+    elif any(k in config for k in AMD_KEYS):
+        problems.append("AMD knobs on a non-ROCm profile")
+    dtypes = config.get("dtypes", ("float32",) + HALF)
+    elem = 4 if "float32" in dtypes else 2
+    need = smem_bytes(config, family, elem)
+    if need > profile.smem_per_block:
+        problems.append(f"needs ~{need} B shared memory, limit {profile.smem_per_block}")
+    return problems
+
+
+def heuristic_pick(space: List[dict], m: int) -> dict:
+    """With autotuning off: the first entry whose BLOCK_M does not exceed the batch by more
+    than 2x (small batches waste less of the tile); the first entry otherwise."""
+    for config in space:
+        if config["BLOCK_M"] <= max(16, 2 * m):
+            return config
+    return space[0]

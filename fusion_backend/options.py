@@ -1,0 +1,79 @@
+"""The backend's `mode=` and `options=`; anything unknown is rejected with the valid choices."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Documented keys of options={...} (README "Options" lists the same, with defaults).
+OPTION_DOCS = {
+    "patterns": "names of the patterns to enable (default: all registered)",
+    "autotune": "benchmark configs (and the unfused path) per shape key; False = heuristic pick (default True)",
+    "tune_budget_s": "time budget in seconds for tuning one key (default 30)",
+    "only_named_devices": "fuse only on the MI300X and RTX 4090 profiles, Inductor alone elsewhere (default False)",
+    "mode": "Inductor mode for the rest of the graph; use this when also passing options, since "
+            "torch.compile accepts mode= or options=, not both",
+    "inductor_options": "dict of extra Inductor config patches for the rest of the graph",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    mode: Optional[str] = None
+    patterns: Optional[Tuple[str, ...]] = None  # None = all registered
+    autotune: bool = True
+    tune_budget_s: float = 30.0
+    only_named_devices: bool = False
+    inductor_options: Tuple[Tuple[str, Any], ...] = ()
+
+    @staticmethod
+    def parse(mode: Optional[str] = None, options: Optional[Mapping[str, Any]] = None) -> "Options":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTION_DOCS))
+        if unknown:
+            raise ValueError(
+                f"fusedtriton: unknown option(s) {unknown}; valid keys are {sorted(OPTION_DOCS)}"
+            )
+        if "mode" in options:
+            if mode not in (None, "default") and options["mode"] != mode:
+                raise ValueError(f"fusedtriton: mode={mode!r} and options['mode']={options['mode']!r} disagree")
+            mode = options["mode"]
+        if mode not in MODES:
+            raise ValueError(f"fusedtriton: unknown mode {mode!r}; valid modes are {list(MODES)}")
+        patterns = options.get("patterns")
+        if patterns is not None:
+            if isinstance(patterns, str):
+                patterns = (patterns,)
+            from .registry import pattern_names
+
+            known = pattern_names()
+            bad = sorted(set(patterns) - set(known))
+            if bad:
+                raise ValueError(f"fusedtriton: unknown pattern(s) {bad}; registered patterns are {known}")
+            patterns = tuple(patterns)
+        autotune = options.get("autotune", True)
+        if not isinstance(autotune, bool):
+            raise ValueError(f"fusedtriton: options['autotune'] must be True or False, got {autotune!r}")
+        budget = options.get("tune_budget_s", 30.0)
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+            raise ValueError(f"fusedtriton: options['tune_budget_s'] must be a positive number, got {budget!r}")
+        only_named = options.get("only_named_devices", False)
+        if not isinstance(only_named, bool):
+            raise ValueError(f"fusedtriton: options['only_named_devices'] must be True or False, got {only_named!r}")
+        extra = options.get("inductor_options", {})
+        if not isinstance(extra, Mapping):
+            raise ValueError("fusedtriton: options['inductor_options'] must be a dict of Inductor config patches")
+        return Options(
+            mode=None if mode == "default" else mode, patterns=patterns, autotune=autotune,
+            tune_budget_s=float(budget), only_named_devices=only_named,
+            inductor_options=tuple(sorted(extra.items())),
+        )
+
+    def inductor_config_patches(self) -> dict:
+        """Inductor's own options for the mode, plus the user's extra patches."""
+        import torch._inductor
+
+        patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
+        patches.update(dict(self.inductor_options))
+        return patches

@@ -1,0 +1,69 @@
+"""Pattern registry: the backend rewrites with every registered pattern and knows none by name.
+
+A pattern (one module in the top-level `patterns/` package, discovered by file) is a small
+class in the style of Inductor's fx_passes:
+
+    @register_pattern
+    class MyPattern(Pattern):
+        name = "my_pattern"
+        def match(self, node): ...          # structure ending at `node`, or None
+        def check(self, match, ctx): ...    # reason not to fuse, or None
+        def replace(self, match, ctx): ...  # insert the fused op, return the site's report info
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Dict, List, Optional
+
+_PATTERNS: Dict[str, "Pattern"] = {}
+_discovered = False
+
+
+class Pattern:
+    name: str = ""
+
+    def match(self, node):
+        """A match object if `node` ends this pattern's structure, else None."""
+        raise NotImplementedError
+
+    def check(self, match, ctx) -> Optional[str]:
+        """Why the match must not be fused (a near-miss reason), or None when it is safe."""
+        raise NotImplementedError
+
+    def replace(self, match, ctx) -> dict:
+        """Rewrite the graph; return the site's description for the report."""
+        raise NotImplementedError
+
+
+def register_pattern(cls):
+    instance = cls()
+    if not instance.name:
+        raise ValueError(f"pattern class {cls.__name__} has no name")
+    if instance.name in _PATTERNS and type(_PATTERNS[instance.name]) is not cls:
+        raise ValueError(f"two patterns are named {instance.name!r}")
+    _PATTERNS[instance.name] = instance
+    return cls
+
+
+def discover() -> None:
+    """Import every module of the `patterns` package once (each registers itself)."""
+    global _discovered
+    if _discovered:
+        return
+    import patterns
+
+    for info in sorted(pkgutil.iter_modules(patterns.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"patterns.{info.name}")
+    _discovered = True
+
+
+def pattern_names() -> List[str]:
+    discover()
+    return sorted(_PATTERNS)
+
+
+def enabled_patterns(names=None) -> List[Pattern]:
+    discover()
+    return [_PATTERNS[n] for n in sorted(_PATTERNS) if names is None or n in names]

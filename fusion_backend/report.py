@@ -1,0 +1,75 @@
+"""What the backend did: per compiled graph, the profile, fused sites and near-misses."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+
+@dataclasses.dataclass
+class Site:
+    pattern: str
+    node: str                 # name of the FX node that ended the matched subgraph
+    fused: bool
+    reason: str = ""          # why not fused (near-miss)
+    info: dict = dataclasses.field(default_factory=dict)  # shapes, dtype, precision, tuning key
+
+    def line(self) -> str:
+        if not self.fused:
+            return f"  - {self.pattern} at {self.node}: NOT fused: {self.reason}"
+        i = self.info
+        parts = [f"{k}={v}" for k, v in i.items() if k not in ("choice", "key")]
+        text = f"  + {self.pattern} at {self.node}: " + ", ".join(parts)
+        choice = i.get("choice")
+        if choice:
+            text += f"\n      choice: {choice}"
+        return text
+
+
+@dataclasses.dataclass
+class GraphReport:
+    profile: Optional[str]
+    mode: Optional[str]
+    sites: List[Site] = dataclasses.field(default_factory=list)
+    note: str = ""
+
+    @property
+    def fused(self):
+        return [s for s in self.sites if s.fused]
+
+    @property
+    def skipped(self):
+        return [s for s in self.sites if not s.fused]
+
+    def summary(self) -> str:
+        if self.profile is None:
+            return f"fusedtriton: no device profile ({self.note}); whole graph to Inductor"
+        return (f"fusedtriton[{self.profile}]: {len(self.fused)} site(s) fused, "
+                f"{len(self.skipped)} not fused; rest to Inductor (mode={self.mode or 'default'})")
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    graphs: List[GraphReport]
+
+    @property
+    def profile(self):
+        profiles = {g.profile for g in self.graphs}
+        return profiles.pop() if len(profiles) == 1 else sorted(map(str, profiles))
+
+    @property
+    def fused(self) -> List[Site]:
+        return [s for g in self.graphs for s in g.fused]
+
+    @property
+    def skipped(self) -> List[Site]:
+        return [s for g in self.graphs for s in g.skipped]
+
+    def __str__(self) -> str:
+        lines = [f"fusedtriton explain: profile={self.profile}, {len(self.graphs)} graph(s), "
+                 f"{len(self.fused)} fused site(s), {len(self.skipped)} not fused"]
+        for n, g in enumerate(self.graphs):
+            lines.append(f"graph {n}: {g.summary()}")
+            lines.extend(s.line() for s in g.sites)
+        return "\n".join(lines)
+
+    __repr__ = __str__

@@ -1,0 +1,85 @@
+"""Helpers the pattern modules share: graph checks and the launch plumbing."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import fx
+
+from fusion_backend import autotune, config_spaces
+from fusion_backend.normalize import example_value
+
+log = logging.getLogger("fusion_backend")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def only_user(node: fx.Node, user: fx.Node) -> bool:
+    return list(node.users) == [user]
+
+
+def hint(size) -> int:
+    """A concrete int for a possibly symbolic size (for reports and tuning keys)."""
+    try:
+        return int(size)
+    except Exception:
+        return int(size.node.hint)
+
+
+def tensor_problem(nodes, *, device, dtype=None, rank=None) -> Optional[str]:
+    """Why these tensor nodes cannot feed a fused kernel (device, dtype, rank), or None."""
+    for node in nodes:
+        if node is None:
+            continue
+        val = example_value(node)
+        if not isinstance(val, torch.Tensor):
+            return f"{getattr(node, 'name', node)} has no tensor metadata"
+        if val.device.type != device.type or (device.index is not None and val.device.index not in (None, device.index)):
+            return f"mixed devices: {node.name} is on {val.device}, the graph on {device}"
+        if val.dtype not in SUPPORTED_DTYPES:
+            return f"unsupported dtype {val.dtype} ({node.name}); fused kernels take float32/float16/bfloat16"
+        if dtype is not None and val.dtype != dtype:
+            return f"dtype mismatch: {node.name} is {val.dtype}, expected {dtype}"
+    return None
+
+
+def mutated_in_graph(node: fx.Node) -> bool:
+    """True if an in-place method or op of the graph writes to `node`."""
+    for user in node.users:
+        target = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if target.endswith("_") and not target.startswith("_") and user.args and user.args[0] is node:
+            return True
+    return False
+
+
+_warned = set()
+
+
+def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, src_hash):
+    """Pick the config for `key` (tuned, cached or heuristic) and run it.
+
+    run_fused(config) launches the fused kernel; run_unfused() the cuBLAS + pointwise path;
+    run_reference() plain torch ops, used if a kernel fails to compile at the real launch."""
+    profile, autotune_on, budget, device = ctx_args
+    choice = autotune.TUNER.choose(
+        key, profile=profile, space=space, m=m, src_hash=src_hash,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter",
+        autotune=autotune_on, budget_s=budget, run_fused=run_fused, run_unfused=run_unfused)
+    if choice.source == "fallback":
+        return run_reference()
+    try:
+        if choice.config is None:
+            return run_unfused()
+        return run_fused(choice.config)
+    except Exception as exc:
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("fusedtriton: fused kernel for %s failed (%s: %s); using the unfused computation",
+                        key, type(exc).__name__, exc)
+        autotune.TUNER.record(key, autotune.Choice(None, "fallback"))
+        return run_reference()
+
+
+def space(profile, family, dtype):
+    return config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)

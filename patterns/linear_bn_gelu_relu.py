@@ -1,0 +1,440 @@
+"""Pattern `linear_bn_gelu_relu`: Linear -> BatchNorm1d -> GELU -> ReLU as one fused op.
+
+Eval (running statistics): one kernel, GEMM main loop + epilogue (bias, BatchNorm from
+running_mean/var/weight/bias/eps computed in the kernel, GELU, ReLU), one store.
+Train (batch statistics): the GEMM kernel writes y = xW^T + b into the output buffer and
+per-tile Welford partials (mean, M2) per feature; a small kernel merges the partials with
+Chan's formula; one pass normalizes the output in place and applies GELU + ReLU. The
+running statistics are updated in the graph exactly as eager does (momentum, unbiased var).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import fx
+
+from fusion_backend import autotune, config_spaces, devices
+from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
+from fusion_backend.registry import Pattern, register_pattern
+from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
+
+from ._common import hint, launch, mutated_in_graph, only_user, space, tensor_problem
+
+NAME = "linear_bn_gelu_relu"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _gemm_bn_gelu_relu_eval_kernel(
+        x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, eps,
+        HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+        APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
+                       offs_m % M, offs_n % N, K, BLOCK_K, PRECISION)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
+    z = (acc - mean[None, :]) * scale[None, :]
+    if HAS_BETA:
+        z += tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = relu(gelu(z, APPROX_TANH))
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+@triton.jit
+def _gemm_bias_welford_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, pmean_ptr, pm2_ptr,
+        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = x W^T + b into out, plus this row-tile's per-feature mean and M2 (Welford partials)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
+                       offs_m % M, offs_n % N, K, BLOCK_K, PRECISION)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    m_ok = offs_m < M
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y,
+             mask=m_ok[:, None] & n_ok[None, :])
+    # statistics of the values as stored (as eager's BatchNorm sees them)
+    v = tl.where(m_ok[:, None], y.to(tl.float32), 0.0)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    tile_mean = tl.sum(v, axis=0) / count
+    d = tl.where(m_ok[:, None], v - tile_mean[None, :], 0.0)
+    tile_m2 = tl.sum(d * d, axis=0)
+    tl.store(pmean_ptr + pid_m * N + offs_n, tile_mean, mask=n_ok)
+    tl.store(pm2_ptr + pid_m * N + offs_n, tile_m2, mask=n_ok)
+
+
+@triton.jit
+def _merge_welford_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, M, N, TILE_M,
+                          BLOCK_N: tl.constexpr):
+    """Chan's parallel merge of the row-tile partials -> batch mean and biased variance."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    num_tiles = tl.cdiv(M, TILE_M)
+    count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(0, num_tiles):
+        nb = tl.minimum(M - t * TILE_M, TILE_M).to(tl.float32)
+        mb = tl.load(pmean_ptr + t * N + offs_n, mask=n_ok, other=0.0)
+        m2b = tl.load(pm2_ptr + t * N + offs_n, mask=n_ok, other=0.0)
+        total = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta * delta * (count * nb / total)
+        count = total
+    tl.store(mean_ptr + offs_n, mean, mask=n_ok)
+    tl.store(var_ptr + offs_n, m2 / count, mask=n_ok)
+
+
+@triton.jit
+def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, M, N,
+                         stride_ym, stride_yn, stride_om, stride_on, eps,
+                         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, APPROX_TANH: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = relu(gelu(batchnorm(y))) for given per-feature mean/var (in place when out is y)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
+    z = (y.to(tl.float32) - mean[None, :]) * scale[None, :]
+    if HAS_BETA:
+        z += tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    r = relu(gelu(z, APPROX_TANH))
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             r.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bias_welford_kernel,
+                            _merge_welford_kernel, _bn_gelu_relu_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _meta(config, profile):
+    return dict(config_spaces.meta_of(config), **config_spaces.launch_options(config, profile))
+
+
+def _gemm_grid(M, N, config):
+    return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+
+
+def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile):
+    M, N = y.shape
+    config = config_spaces.heuristic_pick(space(profile, config_spaces.POINTWISE, y.dtype), M)
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+    _bn_gelu_relu_kernel[grid](
+        y, out, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, M, N,
+        y.stride(0), y.stride(1), out.stride(0), out.stride(1), eps,
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, APPROX_TANH=approximate == "tanh",
+        **_meta(config, profile))
+    return out
+
+
+def _reference(x, weight, bias, gamma, beta, mean, var, eps, approximate):
+    y = torch.nn.functional.linear(x, weight, bias)
+    z = torch.nn.functional.batch_norm(y, mean, var, gamma, beta, False, 0.0, eps)
+    return torch.relu(torch.nn.functional.gelu(z, approximate=approximate))
+
+
+def _runtime(x, autotune_on, budget):
+    profile = devices.device_profile(x.device)
+    if profile is None:
+        raise RuntimeError(f"fusedtriton::{NAME} has no Triton profile for device {x.device}; "
+                           "on CPU set TRITON_INTERPRET=1 before importing triton")
+    return profile, (profile, autotune_on, budget, x.device)
+
+
+def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
+                 precision, autotune_on=True, budget=30.0):
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    profile, ctx_args = _runtime(x, autotune_on, budget)
+    dummy = running_mean
+
+    def run_fused(config):
+        _gemm_bn_gelu_relu_eval_kernel[_gemm_grid(M, N, config)](
+            x, weight, bias if bias is not None else dummy, gamma if gamma is not None else dummy,
+            beta if beta is not None else dummy, running_mean, running_var, out,
+            M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            eps, HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            APPROX_TANH=approximate == "tanh", PRECISION=precision, **_meta(config, profile))
+        return out
+
+    def run_unfused():
+        y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS; then one pointwise pass in place
+        return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
+
+    key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
+    return launch(key, ctx_args=ctx_args, space=space(profile, config_spaces.GEMM, x.dtype), m=M,
+                  run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
+                  run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
+                                                   eps, approximate))
+
+
+def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, autotune_on=True, budget=30.0):
+    """Returns (out, batch mean, biased batch variance)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    mean = torch.empty((N,), device=x.device, dtype=torch.float32)
+    var = torch.empty((N,), device=x.device, dtype=torch.float32)
+    if M == 0:  # eager raises for batch size 1 before we get here; empty stays empty
+        return out, mean.fill_(float("nan")), var.fill_(float("nan"))
+    profile, ctx_args = _runtime(x, autotune_on, budget)
+
+    def run_fused(config):
+        tiles = triton.cdiv(M, config["BLOCK_M"])
+        pmean = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
+        _gemm_bias_welford_kernel[_gemm_grid(M, N, config)](
+            x, weight, bias if bias is not None else mean, out, pmean, pm2,
+            M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, PRECISION=precision, **_meta(config, profile))
+        block_n = 128 if profile.name != "interpreter" else 16
+        _merge_welford_kernel[(triton.cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"],
+                                                         BLOCK_N=block_n)
+        return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
+
+    def run_unfused():
+        y = torch.nn.functional.linear(x, weight, bias)
+        v, m = torch.var_mean(y.float(), dim=0, correction=0)
+        mean.copy_(m)
+        var.copy_(v)
+        return _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
+
+    def run_reference():
+        y = torch.nn.functional.linear(x, weight, bias)
+        v, m = torch.var_mean(y.float(), dim=0, correction=0)
+        z = torch.nn.functional.batch_norm(y, None, None, gamma, beta, True, 0.0, eps)
+        out.copy_(torch.relu(torch.nn.functional.gelu(z, approximate=approximate)))
+        return out, mean.copy_(m), var.copy_(v)
+
+    key = autotune.make_key("train:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
+    return launch(key, ctx_args=ctx_args, space=space(profile, config_spaces.GEMM, x.dtype), m=M,
+                  run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fusedtriton::linear_bn_gelu_relu_eval", mutates_args=())
+def linear_bn_gelu_relu_eval(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                             running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                             approximate: str, precision: str, autotune_on: bool, budget: float) -> torch.Tensor:
+    return eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate,
+                        precision, autotune_on, budget)
+
+
+@linear_bn_gelu_relu_eval.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
+      autotune_on, budget):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fusedtriton::linear_bn_gelu_relu_train", mutates_args=())
+def linear_bn_gelu_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], eps: float,
+                              approximate: str, precision: str, autotune_on: bool, budget: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mean, var = train_forward(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision,
+                                   autotune_on, budget)
+    return out, mean, var
+
+
+@linear_bn_gelu_relu_train.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, autotune_on, budget):
+    n = weight.shape[0]
+    return (x.new_empty((x.shape[0], n)), x.new_empty((n,), dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.float32))
+
+
+def _backward_common(ctx, grad_out, training):
+    """Grads through relu(gelu(batchnorm(x W^T + b))) with eager's own backward kernels.
+
+    Saved: x, W, b, gamma, beta, out, then (batch mean, biased var) in training or
+    (running_mean, running_var) in eval."""
+    x, weight, bias, gamma, beta, out, mean, var = ctx.saved_tensors
+    mean, invstd = mean.float(), torch.rsqrt(var.float() + ctx.eps)
+    y = torch.nn.functional.linear(x, weight, bias).float()  # recomputed: the forward kept no intermediate
+    z = (y - mean) * (invstd if gamma is None else invstd * gamma.float())
+    if beta is not None:
+        z = z + beta.float()
+    g = torch.ops.aten.threshold_backward(grad_out, out, 0).float()  # relu(gelu(z)) > 0 iff z > 0
+    g = torch.ops.aten.gelu_backward(g, z, approximate=ctx.approximate)
+    dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+        g, y, gamma.float() if gamma is not None else None,
+        None if training else mean, None if training else var.float(),
+        mean if training else None, invstd if training else None, training, ctx.eps,
+        [True, gamma is not None, beta is not None])
+    dy = dy.to(x.dtype)
+    dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dw = dy.t() @ x if ctx.needs_input_grad[1] else None
+    db = dy.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+    dgamma = dgamma.to(gamma.dtype) if gamma is not None else None
+    dbeta = dbeta.to(beta.dtype) if beta is not None else None
+    return dx, dw, db, dgamma, dbeta
+
+
+def _setup_eval(ctx, inputs, output):
+    x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, *_ = inputs
+    ctx.eps, ctx.approximate = eps, approximate
+    ctx.save_for_backward(x, weight, bias, gamma, beta, output, running_mean, running_var)
+
+
+def _backward_eval(ctx, grad_out):
+    grads = _backward_common(ctx, grad_out, training=False)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+linear_bn_gelu_relu_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+
+
+def _setup_train(ctx, inputs, output):
+    x, weight, bias, gamma, beta, eps, approximate, *_ = inputs
+    out, mean, var = output
+    ctx.eps, ctx.approximate = eps, approximate
+    ctx.save_for_backward(x, weight, bias, gamma, beta, out, mean, var)
+
+
+def _backward_train(ctx, grad_out, _grad_mean, _grad_var):
+    grads = _backward_common(ctx, grad_out, training=True)
+    return (*grads, None, None, None, None, None)
+
+
+linear_bn_gelu_relu_train.register_autograd(_backward_train, setup_context=_setup_train)
+
+
+# ----------------------------------------------------------------------------- the graph pattern
+
+class _Match:
+    def __init__(self, linear, bn, gelu, relu):
+        self.linear, self.bn, self.gelu, self.relu = linear, bn, gelu, relu
+        self.x, self.weight, self.bias = linear.args
+        (_, self.running_mean, self.running_var, self.gamma, self.beta,
+         self.training, self.momentum, self.eps) = bn.args
+        self.approximate = gelu.kwargs.get("approximate", "none")
+
+
+@register_pattern
+class LinearBnGeluRelu(Pattern):
+    name = NAME
+
+    def match(self, node):
+        if not is_op(node, RELU):
+            return None
+        gelu_node = node.args[0]
+        if not is_op(gelu_node, GELU):
+            return None
+        bn = gelu_node.args[0]
+        if not is_op(bn, BATCH_NORM):
+            return None
+        linear = bn.args[0]
+        if not is_op(linear, LINEAR):
+            return None
+        return _Match(linear, bn, gelu_node, node)
+
+    def check(self, m: _Match, ctx) -> Optional[str]:
+        for inner, outer in ((m.linear, m.bn), (m.bn, m.gelu), (m.gelu, m.relu)):
+            if not only_user(inner, outer):
+                return f"intermediate {inner.name} has other users: {[u.name for u in inner.users if u is not outer]}"
+        x_val = example_value(m.x)
+        if x_val is None or x_val.dim() != 2:
+            rank = None if x_val is None else x_val.dim()
+            return f"BatchNorm1d input must be 2-D (batch, features) to fuse; got rank {rank}"
+        problem = tensor_problem([m.x, m.weight, m.bias], device=ctx.device, dtype=x_val.dtype) or \
+            tensor_problem([m.gamma, m.beta, m.running_mean, m.running_var], device=ctx.device)
+        if problem:
+            return problem
+        out_val = example_value(m.relu)
+        if out_val is None or out_val.dtype != x_val.dtype:
+            return "output dtype differs from the input's (autocast region): left to Inductor"
+        if not isinstance(m.training, bool) or not isinstance(m.eps, (int, float)):
+            return "BatchNorm training flag or eps is not a constant"
+        if m.approximate not in ("none", "tanh"):
+            return f"unknown GELU approximate={m.approximate!r}"
+        if not m.training and (m.running_mean is None or m.running_var is None):
+            return "eval-mode BatchNorm without running statistics"
+        if m.training and m.running_mean is not None and not isinstance(m.momentum, (int, float)):
+            return "BatchNorm momentum is not a constant (momentum=None: cumulative average)"
+        for node in (m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var):
+            if isinstance(node, fx.Node) and mutated_in_graph(node):
+                return f"input {node.name} is mutated in the graph"
+        return None
+
+    def replace(self, m: _Match, ctx) -> dict:
+        graph = ctx.gm.graph
+        x_val, w_val = example_value(m.x), example_value(m.weight)
+        precision = ctx.dot_precision(x_val.dtype)
+        tune = (ctx.options.autotune, ctx.options.tune_budget_s)
+        M, K, N = hint(x_val.shape[0]), hint(x_val.shape[1]), hint(w_val.shape[0])
+        with graph.inserting_before(m.relu):
+            if not m.training:
+                out = graph.call_function(torch.ops.fusedtriton.linear_bn_gelu_relu_eval.default, (
+                    m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
+                    m.approximate, precision, *tune))
+            else:
+                res = graph.call_function(torch.ops.fusedtriton.linear_bn_gelu_relu_train.default, (
+                    m.x, m.weight, m.bias, m.gamma, m.beta, float(m.eps), m.approximate, precision, *tune))
+                out = graph.call_function(_getitem, (res, 0))
+                if m.running_mean is not None:
+                    self._update_running_stats(graph, m, res)
+        out.meta.update(m.relu.meta)
+        m.relu.replace_all_uses_with(out)
+        for node in (m.relu, m.gelu, m.bn, m.linear):
+            graph.erase_node(node)
+        mode = "train" if m.training else "eval"
+        return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(x_val.dtype).replace("torch.", ""),
+                "precision": precision, "gelu": m.approximate,
+                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, x_val.dtype, precision, M, K=K, N=N)}
+
+    @staticmethod
+    def _update_running_stats(graph, m: _Match, res):
+        """running = momentum * batch_stat + (1 - momentum) * running, with the unbiased
+        variance, as eager's BatchNorm does (num_batches_tracked.add_ stays in the graph)."""
+        momentum = float(m.momentum)
+        # detached: running statistics are no part of the autograd graph, as in eager
+        mean = graph.call_method("detach", (graph.call_function(_getitem, (res, 1)),))
+        var = graph.call_method("detach", (graph.call_function(_getitem, (res, 2)),))
+        n = graph.call_method("size", (m.x, 0))
+        correction = graph.call_function(_truediv, (n, graph.call_function(_sub, (n, 1))))
+        unbiased = graph.call_function(torch.mul, (var, correction))
+        for running, stat in ((m.running_mean, mean), (m.running_var, unbiased)):
+            new = graph.call_function(torch.add, (graph.call_function(torch.mul, (stat, momentum)),
+                                                  graph.call_function(torch.mul, (running, 1.0 - momentum))))
+            graph.call_method("copy_", (running, new))
+
+
+import operator as _operator  # noqa: E402
+
+_getitem, _truediv, _sub = _operator.getitem, _operator.truediv, _operator.sub
