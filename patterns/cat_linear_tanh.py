@@ -1,0 +1,191 @@
+"""Pattern `cat_linear_tanh`: tanh(Linear(cat((x, h, ...), dim=-1))), the vanilla RNN cell.
+
+The concatenated tensor is never built: the kernel walks the reduction dimension across
+the cat operands, each read from its own pointer and strides (any widths), against the
+matching column range of W as stored, then applies bias and an overflow-free tanh.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import fx
+
+from fusion_backend import autotune, config_spaces, devices
+from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
+from fusion_backend.registry import Pattern, register_pattern
+from fusion_backend.triton_lib import gemm_segment, tanh, tile_ids
+
+from ._common import hint, launch, mutated_in_graph, only_user, space, tensor_problem
+
+NAME = "cat_linear_tanh"
+MAX_SEGMENTS = 4
+
+
+@triton.jit
+def _cat_gemm_tanh_kernel(
+        a0_ptr, a1_ptr, a2_ptr, a3_ptr, w_ptr, b_ptr, out_ptr, M, N, K0, K1, K2, K3,
+        s0m, s0k, s1m, s1k, s2m, s2k, s3m, s3k, stride_wn, stride_wk, stride_om, stride_on,
+        NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = offs_m % M, offs_n % N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # segment s multiplies W[:, K0 + ... + K(s-1) : ... + Ks]
+    acc = gemm_segment(acc, a0_ptr, s0m, s0k, w_ptr, stride_wn, stride_wk, rows, cols, K0, BLOCK_K, PRECISION)
+    if NUM_SEGMENTS > 1:
+        acc = gemm_segment(acc, a1_ptr, s1m, s1k, w_ptr + K0 * stride_wk, stride_wn, stride_wk,
+                           rows, cols, K1, BLOCK_K, PRECISION)
+    if NUM_SEGMENTS > 2:
+        acc = gemm_segment(acc, a2_ptr, s2m, s2k, w_ptr + (K0 + K1) * stride_wk, stride_wn, stride_wk,
+                           rows, cols, K2, BLOCK_K, PRECISION)
+    if NUM_SEGMENTS > 3:
+        acc = gemm_segment(acc, a3_ptr, s3m, s3k, w_ptr + (K0 + K1 + K2) * stride_wk, stride_wn, stride_wk,
+                           rows, cols, K3, BLOCK_K, PRECISION)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = tanh(acc)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+_SRC = autotune.source_hash(_cat_gemm_tanh_kernel)
+
+
+def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, budget=30.0):
+    x0 = xs[0]
+    M, N = x0.shape[0], weight.shape[0]
+    out = torch.empty((M, N), device=x0.device, dtype=x0.dtype)
+    if M == 0:
+        return out
+    profile = devices.device_profile(x0.device)
+    if profile is None:
+        raise RuntimeError(f"fusedtriton::{NAME} has no Triton profile for device {x0.device}; "
+                           "on CPU set TRITON_INTERPRET=1 before importing triton")
+    segs = list(xs) + [x0] * (MAX_SEGMENTS - len(xs))
+    widths = [t.shape[1] for t in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    strides = [s for t in segs for s in t.stride()]
+
+    def run_fused(config):
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        _cat_gemm_tanh_kernel[grid](
+            *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
+            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, PRECISION=precision,
+            **config_spaces.meta_of(config), **config_spaces.launch_options(config, profile))
+        return out
+
+    def run_unfused():  # what Inductor runs: the cat, a cuBLAS addmm, one tanh pass
+        return torch.tanh_(torch.nn.functional.linear(torch.cat(xs, 1), weight, bias))
+
+    key = autotune.make_key(NAME, profile.name, x0.dtype, precision, M, K="+".join(map(str, widths[:len(xs)])), N=N)
+    return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
+                  space=space(profile, config_spaces.GEMM, x0.dtype), m=M, run_fused=run_fused,
+                  run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
+
+
+@torch.library.custom_op("fusedtriton::cat_linear_tanh", mutates_args=())
+def cat_linear_tanh(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    precision: str, autotune_on: bool, budget: float) -> torch.Tensor:
+    return forward(xs, weight, bias, precision, autotune_on, budget)
+
+
+@cat_linear_tanh.register_fake
+def _(xs, weight, bias, precision, autotune_on, budget):
+    return xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    xs, weight, bias = inputs[:3]
+    ctx.num_segments = len(xs)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(weight, output, *xs)
+
+
+def _backward(ctx, grad_out):
+    weight, out, *xs = ctx.saved_tensors
+    dz = grad_out * (1 - out * out)  # tanh' from the saved output
+    grads_x, grads_w, start = [], [], 0
+    for x in xs:  # per cat operand: the cat is not built in the backward either
+        w_seg = weight[:, start:start + x.shape[1]]
+        grads_x.append(dz @ w_seg)
+        grads_w.append(dz.t() @ x)
+        start += x.shape[1]
+    db = dz.sum(0) if ctx.has_bias else None
+    return grads_x, torch.cat(grads_w, 1), db, None, None, None
+
+
+cat_linear_tanh.register_autograd(_backward, setup_context=_setup)
+
+
+class _Match:
+    def __init__(self, cat, linear, tanh_node):
+        self.cat, self.linear, self.tanh = cat, linear, tanh_node
+        self.tensors, self.dim = cat.args
+        _, self.weight, self.bias = linear.args
+
+
+@register_pattern
+class CatLinearTanh(Pattern):
+    name = NAME
+
+    def match(self, node):
+        if not is_op(node, TANH):
+            return None
+        linear = node.args[0]
+        if not is_op(linear, LINEAR):
+            return None
+        cat = linear.args[0]
+        if not is_op(cat, CAT):
+            return None
+        return _Match(cat, linear, node)
+
+    def check(self, m: _Match, ctx) -> Optional[str]:
+        if not only_user(m.linear, m.tanh):
+            return f"Linear output {m.linear.name} has other users"
+        if not only_user(m.cat, m.linear):
+            return f"cat result {m.cat.name} has other users: {[u.name for u in m.cat.users if u is not m.linear]}"
+        tensors = list(m.tensors) if isinstance(m.tensors, (list, tuple)) else None
+        if not tensors or not all(isinstance(t, fx.Node) for t in tensors):
+            return "cat operands are not a list of tensors"
+        if not 1 <= len(tensors) <= MAX_SEGMENTS:
+            return f"cat of {len(tensors)} tensors; the kernel takes 1 to {MAX_SEGMENTS}"
+        vals = [example_value(t) for t in tensors]
+        if any(v is None or v.dim() != 2 for v in vals):
+            return "cat operands must be 2-D (batch, features)"
+        if m.dim not in (1, -1):
+            return f"cat along dim {m.dim}; only the feature dim (1 / -1) is fused"
+        problem = tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, dtype=vals[0].dtype)
+        if problem:
+            return problem
+        out_val = example_value(m.tanh)
+        if out_val is None or out_val.dtype != vals[0].dtype:
+            return "output dtype differs from the input's (autocast region): left to Inductor"
+        for node in tensors + [m.weight, m.bias]:
+            if isinstance(node, fx.Node) and mutated_in_graph(node):
+                return f"input {node.name} is mutated in the graph"
+        return None
+
+    def replace(self, m: _Match, ctx) -> dict:
+        graph = ctx.gm.graph
+        vals = [example_value(t) for t in m.tensors]
+        dtype = vals[0].dtype
+        precision = ctx.dot_precision(dtype)
+        with graph.inserting_before(m.tanh):
+            out = graph.call_function(torch.ops.fusedtriton.cat_linear_tanh.default, (
+                list(m.tensors), m.weight, m.bias, precision, ctx.options.autotune, ctx.options.tune_budget_s))
+        out.meta.update(m.tanh.meta)
+        m.tanh.replace_all_uses_with(out)
+        for node in (m.tanh, m.linear, m.cat):
+            graph.erase_node(node)
+        M = hint(vals[0].shape[0])
+        widths = [hint(v.shape[1]) for v in vals]
+        N = hint(example_value(m.weight).shape[0])
+        return {"shape": f"{M}x({'+'.join(map(str, widths))})->{N}", "dtype": str(dtype).replace("torch.", ""),
+                "precision": precision,
+                "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K="+".join(map(str, widths)), N=N)}
