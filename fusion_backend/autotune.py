@@ -42,6 +42,7 @@ class Choice:
     source: str                     # "tuned" | "cache" | "heuristic" | "fixed" | "fallback"
     fused_ms: Optional[float] = None
     unfused_ms: Optional[float] = None
+    kwargs: Optional[dict] = dataclasses.field(default=None, repr=False, compare=False)  # launch kwargs, memoized
 
     def describe(self) -> str:
         what = "unfused (cuBLAS + pointwise)" if self.config is None else _short(self.config)
@@ -174,7 +175,7 @@ class Tuner:
                autotune: bool, budget_s: float, run_fused: Callable[[dict], None],
                run_unfused: Optional[Callable[[], None]]) -> Choice:
         hit = self.choices.get(key)
-        if hit is not None:
+        if hit is not None and not (autotune and hit.source == "heuristic"):
             return hit
         from . import config_spaces
 
@@ -189,7 +190,8 @@ class Tuner:
         path, environment = cache_file(device_name), _environment(device_name)
         disk_key = f"{key}|src={src_hash}"
         entry = _read(path, environment).get(disk_key)
-        if entry is not None and isinstance(entry, dict) and "config" in entry:
+        # a cached config must still be in the space (spaces change between releases)
+        if isinstance(entry, dict) and "config" in entry and (entry["config"] is None or entry["config"] in _jsonable(space)):
             stats["cache_hits"] += 1
             return self.record(key, Choice(entry["config"], "cache", entry.get("fused_ms"), entry.get("unfused_ms")))
 
@@ -226,6 +228,10 @@ class Tuner:
         if best is None or unfused_ms < best_ms:
             return Choice(None, "tuned", finite(best_ms), finite(unfused_ms))
         return Choice(best, "tuned", finite(best_ms), finite(unfused_ms))
+
+
+def _jsonable(space):
+    return json.loads(json.dumps(space))
 
 
 TUNER = Tuner()

@@ -86,12 +86,16 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
 
 
 def space_for(profile, family: str) -> List[dict]:
-    """The config list for `family` on `profile`: profile name, then vendor, then default."""
+    """The config list for `family` on `profile`: profile name, then vendor, then default,
+    without the entries this device cannot run (e.g. the generic nvidia space on a GPU with
+    less shared memory than an H100)."""
     per_device = SPACES[family]
-    for key in (profile.name, profile.vendor):
+    for key in (profile.name, profile.vendor, "default"):
         if key in per_device:
-            return per_device[key]
-    return per_device["default"]
+            fitting = [c for c in per_device[key] if not validate(profile, family, c)]
+            if fitting:
+                return fitting
+    raise ValueError(f"no {family} config fits profile {profile.name}")
 
 
 def for_dtype(space: List[dict], dtype: torch.dtype) -> List[dict]:
@@ -153,8 +157,8 @@ def validate(profile, family: str, config: dict) -> List[str]:
 
 def heuristic_pick(space: List[dict], m: int) -> dict:
     """With autotuning off: the first entry whose BLOCK_M does not exceed the batch by more
-    than 2x (small batches waste less of the tile); the first entry otherwise."""
+    than 2x (small batches waste less of the tile); else the one with the smallest BLOCK_M."""
     for config in space:
         if config["BLOCK_M"] <= max(16, 2 * m):
             return config
-    return space[0]
+    return min(space, key=lambda c: c["BLOCK_M"])

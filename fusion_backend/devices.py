@@ -85,9 +85,9 @@ def from_properties(props: Any, is_hip: bool = False) -> Optional[DeviceProfile]
     else:
         name = "nvidia"
     # 3xTF32 only pays where the TF32 rate is far above the FP32 rate: the datacenter
-    # parts (sm_80, sm_90, sm_100). On GeForce/workstation chips TF32 runs at the FP32
-    # rate, so "highest" is plain FP32 FMA there.
-    datacenter = minor == 0
+    # parts (A100 sm_80, H100/H200 sm_90, B200/B300 sm_10x). On GeForce/workstation chips
+    # (sm_86, sm_89, sm_120) TF32 runs at the FP32 rate, so "highest" is plain FP32 there.
+    datacenter = (major, minor) in ((8, 0), (9, 0)) or major == 10
     return DeviceProfile(
         name=name, vendor="nvidia", arch=arch, warp_size=warp, smem_per_block=smem or 49152,
         multiprocessors=sms, max_num_warps=8 if name == "rtx4090" else 16,

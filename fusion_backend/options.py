@@ -48,6 +48,9 @@ class Options:
             from .registry import pattern_names
 
             known = pattern_names()
+            if not isinstance(patterns, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"fusedtriton: options['patterns'] must be a list of names; registered patterns are {known}, "
+                                 f"got {patterns!r}")
             bad = sorted(set(patterns) - set(known))
             if bad:
                 raise ValueError(f"fusedtriton: unknown pattern(s) {bad}; registered patterns are {known}")
@@ -56,7 +59,7 @@ class Options:
         if not isinstance(autotune, bool):
             raise ValueError(f"fusedtriton: options['autotune'] must be True or False, got {autotune!r}")
         budget = options.get("tune_budget_s", 30.0)
-        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < float("inf"):
             raise ValueError(f"fusedtriton: options['tune_budget_s'] must be a positive number, got {budget!r}")
         only_named = options.get("only_named_devices", False)
         if not isinstance(only_named, bool):

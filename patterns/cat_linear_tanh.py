@@ -18,7 +18,7 @@ from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, tanh, tile_ids
 
-from ._common import hint, launch, mutated_in_graph, only_user, space, tensor_problem
+from ._common import define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -76,8 +76,7 @@ def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, b
         _cat_gemm_tanh_kernel[grid](
             *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, PRECISION=precision,
-            **config_spaces.meta_of(config), **config_spaces.launch_options(config, profile))
+            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, PRECISION=precision, **config)
         return out
 
     def run_unfused():  # what Inductor runs: the cat, a cuBLAS addmm, one tanh pass
@@ -85,18 +84,11 @@ def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, b
 
     key = autotune.make_key(NAME, profile.name, x0.dtype, precision, M, K="+".join(map(str, widths[:len(xs)])), N=N)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
-                  space=space(profile, config_spaces.GEMM, x0.dtype), m=M, run_fused=run_fused,
+                  space=lambda: space(profile, config_spaces.GEMM, x0.dtype), m=M, run_fused=run_fused,
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
 
 
-@torch.library.custom_op("fusedtriton::cat_linear_tanh", mutates_args=())
-def cat_linear_tanh(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    precision: str, autotune_on: bool, budget: float) -> torch.Tensor:
-    return forward(xs, weight, bias, precision, autotune_on, budget)
-
-
-@cat_linear_tanh.register_fake
-def _(xs, weight, bias, precision, autotune_on, budget):
+def _fake(xs, weight, bias, precision, autotune_on, budget):
     return xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
 
 
@@ -120,7 +112,9 @@ def _backward(ctx, grad_out):
     return grads_x, torch.cat(grads_w, 1), db, None, None, None
 
 
-cat_linear_tanh.register_autograd(_backward, setup_context=_setup)
+cat_linear_tanh = define_op(
+    "cat_linear_tanh", "(Tensor[] xs, Tensor weight, Tensor? bias, str precision, bool autotune_on, float budget) -> Tensor",
+    forward, _fake, _backward, _setup)
 
 
 class _Match:
@@ -177,7 +171,7 @@ class CatLinearTanh(Pattern):
         dtype = vals[0].dtype
         precision = ctx.dot_precision(dtype)
         with graph.inserting_before(m.tanh):
-            out = graph.call_function(torch.ops.fusedtriton.cat_linear_tanh.default, (
+            out = graph.call_function(cat_linear_tanh, (
                 list(m.tensors), m.weight, m.bias, precision, ctx.options.autotune, ctx.options.tune_budget_s))
         out.meta.update(m.tanh.meta)
         m.tanh.replace_all_uses_with(out)

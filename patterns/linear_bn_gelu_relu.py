@@ -21,7 +21,7 @@ from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_val
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
 
-from ._common import hint, launch, mutated_in_graph, only_user, space, tensor_problem
+from ._common import define_op, hint, kernel_kwargs, launch, mutated_in_graph, only_user, space, tensor_problem
 
 NAME = "linear_bn_gelu_relu"
 
@@ -138,10 +138,6 @@ _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bias_welford_k
 
 # ----------------------------------------------------------------------------- launchers
 
-def _meta(config, profile):
-    return dict(config_spaces.meta_of(config), **config_spaces.launch_options(config, profile))
-
-
 def _gemm_grid(M, N, config):
     return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
 
@@ -154,7 +150,7 @@ def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile):
         y, out, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, M, N,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1), eps,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, APPROX_TANH=approximate == "tanh",
-        **_meta(config, profile))
+        **kernel_kwargs(config, profile))
     return out
 
 
@@ -188,7 +184,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
             beta if beta is not None else dummy, running_mean, running_var, out,
             M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             eps, HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-            APPROX_TANH=approximate == "tanh", PRECISION=precision, **_meta(config, profile))
+            APPROX_TANH=approximate == "tanh", PRECISION=precision, **config)
         return out
 
     def run_unfused():
@@ -196,7 +192,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
         return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
 
     key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=space(profile, config_spaces.GEMM, x.dtype), m=M,
+    return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
                   run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                                    eps, approximate))
@@ -220,7 +216,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
         _gemm_bias_welford_kernel[_gemm_grid(M, N, config)](
             x, weight, bias if bias is not None else mean, out, pmean, pm2,
             M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, PRECISION=precision, **_meta(config, profile))
+            HAS_BIAS=bias is not None, PRECISION=precision, **config)
         block_n = 128 if profile.name != "interpreter" else 16
         _merge_welford_kernel[(triton.cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"],
                                                          BLOCK_N=block_n)
@@ -241,39 +237,18 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
         return out, mean.copy_(m), var.copy_(v)
 
     key = autotune.make_key("train:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=space(profile, config_spaces.GEMM, x.dtype), m=M,
+    return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- ops: fake impls, autograd
 
-@torch.library.custom_op("fusedtriton::linear_bn_gelu_relu_eval", mutates_args=())
-def linear_bn_gelu_relu_eval(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
-                             running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
-                             approximate: str, precision: str, autotune_on: bool, budget: float) -> torch.Tensor:
-    return eval_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate,
-                        precision, autotune_on, budget)
-
-
-@linear_bn_gelu_relu_eval.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
-      autotune_on, budget):
+def _fake_eval(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
+               autotune_on, budget):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("fusedtriton::linear_bn_gelu_relu_train", mutates_args=())
-def linear_bn_gelu_relu_train(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], eps: float,
-                              approximate: str, precision: str, autotune_on: bool, budget: float
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, mean, var = train_forward(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision,
-                                   autotune_on, budget)
-    return out, mean, var
-
-
-@linear_bn_gelu_relu_train.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, autotune_on, budget):
+def _fake_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, autotune_on, budget):
     n = weight.shape[0]
     return (x.new_empty((x.shape[0], n)), x.new_empty((n,), dtype=torch.float32),
             x.new_empty((n,), dtype=torch.float32))
@@ -317,7 +292,11 @@ def _backward_eval(ctx, grad_out):
     return (*grads, None, None, None, None, None, None, None)
 
 
-linear_bn_gelu_relu_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+linear_bn_gelu_relu_eval = define_op(
+    "linear_bn_gelu_relu_eval",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+    "Tensor running_var, float eps, str approximate, str precision, bool autotune_on, float budget) -> Tensor",
+    eval_forward, _fake_eval, _backward_eval, _setup_eval)
 
 
 def _setup_train(ctx, inputs, output):
@@ -332,7 +311,11 @@ def _backward_train(ctx, grad_out, _grad_mean, _grad_var):
     return (*grads, None, None, None, None, None)
 
 
-linear_bn_gelu_relu_train.register_autograd(_backward_train, setup_context=_setup_train)
+linear_bn_gelu_relu_train = define_op(
+    "linear_bn_gelu_relu_train",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, float eps, str approximate, "
+    "str precision, bool autotune_on, float budget) -> (Tensor, Tensor, Tensor)",
+    train_forward, _fake_train, _backward_train, _setup_train)
 
 
 # ----------------------------------------------------------------------------- the graph pattern
@@ -400,11 +383,11 @@ class LinearBnGeluRelu(Pattern):
         M, K, N = hint(x_val.shape[0]), hint(x_val.shape[1]), hint(w_val.shape[0])
         with graph.inserting_before(m.relu):
             if not m.training:
-                out = graph.call_function(torch.ops.fusedtriton.linear_bn_gelu_relu_eval.default, (
+                out = graph.call_function(linear_bn_gelu_relu_eval, (
                     m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
                     m.approximate, precision, *tune))
             else:
-                res = graph.call_function(torch.ops.fusedtriton.linear_bn_gelu_relu_train.default, (
+                res = graph.call_function(linear_bn_gelu_relu_train, (
                     m.x, m.weight, m.bias, m.gamma, m.beta, float(m.eps), m.approximate, precision, *tune))
                 out = graph.call_function(_getitem, (res, 0))
                 if m.running_mean is not None:

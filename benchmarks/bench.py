@@ -1,0 +1,178 @@
+"""Side-by-side benchmark on a GPU: eager, Inductor, Inductor max-autotune, bare cuBLAS GEMM, fusedtriton.
+
+    python benchmarks/bench.py                       # all cases
+    python benchmarks/bench.py --cases lbgr_eval_high rnn_cell_high --max-autotune
+
+Median of triton.testing.do_bench per column; rel. error vs an fp64 reference for eager and
+fusedtriton. Prints a table last and writes JSON with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.gemm = nn.Linear(i, o)
+        self.batch_norm = nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        return torch.relu(F.gelu(self.batch_norm(self.gemm(x))))
+
+
+class RNNCell(nn.Module):
+    def __init__(self, i, h, o):
+        super().__init__()
+        self.i2h = nn.Linear(i + h, h)
+        self.h2o = nn.Linear(h, o)
+
+    def forward(self, x, h):
+        h = torch.tanh(self.i2h(torch.cat((x, h), dim=1)))
+        return self.h2o(h), h
+
+
+# name: (kind, dims, dtype, fp32 matmul precision, train)
+CASES = {
+    "lbgr_eval_highest": ("mlp", (16384, 4096, 4096), torch.float32, "highest", False),
+    "lbgr_eval_high": ("mlp", (16384, 4096, 4096), torch.float32, "high", False),
+    "lbgr_eval_bf16": ("mlp", (16384, 4096, 4096), torch.bfloat16, "high", False),
+    "lbgr_train_high": ("mlp", (16384, 4096, 4096), torch.float32, "high", True),
+    "lbgr_small_eval_high": ("mlp", (512, 1024, 1024), torch.float32, "high", False),
+    "lbgr_small_train_high": ("mlp", (512, 1024, 1024), torch.float32, "high", True),
+    "rnn_cell_high": ("rnn", (256, 16384, 16384, 8192), torch.float32, "high", False),
+    "rnn_cell_highest": ("rnn", (256, 16384, 16384, 8192), torch.float32, "highest", False),
+}
+
+
+def bench(fn):
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def rel_err(out, ref):
+    return (out.double() - ref).norm().item() / ref.norm().item()
+
+
+def fp64_reference(model, inputs, kind):
+    m64 = {k: v.double() for k, v in model.state_dict().items()}
+    if kind == "mlp":
+        (x,) = inputs
+        y = F.linear(x.double(), m64["gemm.weight"], m64["gemm.bias"])
+        if model.training:
+            mean, var = y.mean(0), y.var(0, unbiased=False)
+        else:
+            mean, var = m64["batch_norm.running_mean"], m64["batch_norm.running_var"]
+        z = (y - mean) / torch.sqrt(var + model.batch_norm.eps) * m64["batch_norm.weight"] + m64["batch_norm.bias"]
+        return torch.relu(F.gelu(z))
+    x, h = inputs
+    h = torch.tanh(F.linear(torch.cat((x.double(), h.double()), 1), m64["i2h.weight"], m64["i2h.bias"]))
+    return F.linear(h, m64["h2o.weight"], m64["h2o.bias"])
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_case(name, max_autotune):
+    import fusion_backend
+
+    kind, dims, dtype, precision, train = CASES[name]
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(0)
+    dev = "cuda"
+    if kind == "mlp":
+        M, K, N = dims
+        model = MLPBlock(K, N).to(dev, dtype)
+        with torch.no_grad():
+            model.batch_norm.running_mean.normal_(0, 0.5)
+            model.batch_norm.running_var.uniform_(0.5, 2.0)
+            model.batch_norm.weight.uniform_(0.5, 1.5)
+            model.batch_norm.bias.normal_(0, 0.1)
+        model.train(train)
+        inputs = (torch.randn(M, K, device=dev, dtype=dtype),)
+        gemm = lambda: F.linear(inputs[0], model.gemm.weight)  # noqa: E731
+    else:
+        B, I, H, O = dims
+        model = RNNCell(I, H, O).to(dev, dtype).eval()
+        inputs = (torch.randn(B, I, device=dev, dtype=dtype), torch.randn(B, H, device=dev, dtype=dtype))
+        xh = torch.cat(inputs, 1)
+        hh = torch.randn(B, H, device=dev, dtype=dtype)
+        gemm = lambda: (F.linear(xh, model.i2h.weight), F.linear(hh, model.h2o.weight))  # noqa: E731
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "precision": precision, "dims": dims}
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ref = fp64_reference(model, inputs, kind)
+        eager_out = first(model(*inputs))
+        row["err_eager"] = rel_err(eager_out, ref)
+        row["eager_ms"] = bench(lambda: model(*inputs))
+        row["cublas_gemm_ms"] = bench(gemm)
+        torch._dynamo.reset()
+        ind = torch.compile(model)
+        ind(*inputs)
+        row["inductor_ms"] = bench(lambda: ind(*inputs))
+        if max_autotune:
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            ma = torch.compile(model, mode="max-autotune-no-cudagraphs")
+            ma(*inputs)
+            row["max_autotune_compile_s"] = time.perf_counter() - t0
+            row["inductor_max_autotune_ms"] = bench(lambda: ma(*inputs))
+        torch._dynamo.reset()
+        model.load_state_dict(state)
+        fusion_backend.counters.clear()
+        ft = torch.compile(model, backend="fusedtriton")
+        t0 = time.perf_counter()
+        out = first(ft(*inputs))
+        torch.cuda.synchronize()
+        row["fused_first_call_s"] = time.perf_counter() - t0
+        row["err_fused"] = rel_err(out, ref)
+        row["fused_sites"] = dict(fusion_backend.counters)
+        row["fusedtriton_ms"] = bench(lambda: ft(*inputs))
+        choices = {k: v.describe() for k, v in fusion_backend.autotune.TUNER.choices.items()}
+        row["choices"] = choices
+    del model, inputs
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import triton
+
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    print(env, flush=True)
+    rows = []
+    for name in args.cases:
+        row = run_case(name, args.max_autotune)
+        print(json.dumps(row, default=str), flush=True)
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+    cols = ["eager_ms", "inductor_ms", "inductor_max_autotune_ms", "cublas_gemm_ms", "fusedtriton_ms", "err_eager", "err_fused"]
+    print("\n| case | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("—" if v is None else (f"{v:.2e}" if c.startswith("err") else f"{v:.3f}"))
+        print(f"| {r['case']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

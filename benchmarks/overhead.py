@@ -1,0 +1,60 @@
+"""Host overhead per call of the fused op (small shapes are launch-bound): cProfile of the
+compiled model, and the op called directly, side by side with Inductor."""
+import cProfile
+import pstats
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusion_backend
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.gemm = nn.Linear(i, o)
+        self.batch_norm = nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        return torch.relu(F.gelu(self.batch_norm(self.gemm(x))))
+
+
+def per_call_us(fn, n=300):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+torch.set_float32_matmul_precision("high")
+m = MLPBlock(1024, 1024).cuda().eval()
+x = torch.randn(512, 1024, device="cuda")
+with torch.no_grad():
+    ft = torch.compile(m, backend="fusedtriton")
+    ft(x)
+    torch._dynamo.reset()
+    ind = torch.compile(m)
+    ind(x)
+    from patterns import linear_bn_gelu_relu as L
+    op = lambda: torch.ops.fusedtriton.linear_bn_gelu_relu_eval(  # noqa: E731
+        x, m.gemm.weight, m.gemm.bias, m.batch_norm.weight, m.batch_norm.bias, m.batch_norm.running_mean,
+        m.batch_norm.running_var, 1e-5, "none", "tf32", True, 30.0)
+    direct = lambda: L.eval_forward(  # noqa: E731
+        x, m.gemm.weight, m.gemm.bias, m.batch_norm.weight, m.batch_norm.bias, m.batch_norm.running_mean,
+        m.batch_norm.running_var, 1e-5, "none", "tf32", True, 30.0)
+    print({"fusedtriton_us": per_call_us(lambda: ft(x)), "inductor_us": per_call_us(lambda: ind(x)),
+           "op_us": per_call_us(op), "eval_forward_us": per_call_us(direct)})
+    print(fusion_backend.autotune.TUNER.choices)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        ft(x)
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)

@@ -1,0 +1,105 @@
+"""Shared test setup.
+
+TRITON_INTERPRET must be in the environment before triton is imported (torch._dynamo imports
+triton, and `import fusion_backend` imports torch._dynamo), so it is set before anything else.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fusion_backend  # noqa: E402
+from fusion_backend import autotune  # noqa: E402
+
+#: Marks a test that needs a real CUDA/ROCm device (the kernels then run compiled, not interpreted).
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+# rel_err lives with the tolerances (tests/tolerances.py); re-exported here and as a fixture.
+from tolerances import rel_err  # noqa: E402,F401
+
+
+@pytest.fixture(name="rel_err")
+def _rel_err_fixture():
+    return rel_err
+
+
+# ----------------------------------------------------------------------------- device property sets
+
+def devices_dir():
+    """../shared/devices next to the checkout, else $FUSEDTRITON_DEVICES_DIR; None when neither exists."""
+    here = Path(__file__).resolve().parents[2] / "shared" / "devices"
+    if here.is_dir():
+        return here
+    env = os.environ.get("FUSEDTRITON_DEVICES_DIR")
+    if env and Path(env).is_dir():
+        return Path(env)
+    return None
+
+
+def device_files():
+    d = devices_dir()
+    return sorted(d.glob("*.json")) if d is not None else []
+
+
+def load_props(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def props_named(stem) -> dict:
+    """The property set ../shared/devices/<stem>.json; skips the test when it is not there."""
+    for path in device_files():
+        if path.stem == stem:
+            return load_props(path)
+    pytest.skip(f"device property set {stem}.json not found")
+
+
+def profile_named(stem):
+    """fusion_backend's profile for ../shared/devices/<stem>.json (skips when absent)."""
+    from fusion_backend.devices import from_properties
+
+    props = props_named(stem)
+    return from_properties(props, is_hip=props["is_hip"])
+
+
+def device_params():
+    """One pytest.param per device JSON (id = file stem), or one skipped param when there are none."""
+    files = device_files()
+    if not files:
+        return [pytest.param(None, marks=pytest.mark.skip(
+            reason="no device property sets: ../shared/devices is absent and FUSEDTRITON_DEVICES_DIR unset"))]
+    return [pytest.param(p, id=p.stem) for p in files]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_state(monkeypatch, tmp_path_factory):
+    """Each test starts with no Dynamo caches, zero counters, an empty in-memory tuner, and an
+    autotune disk cache outside the user's home (tests that inspect it use `tmp_cache`)."""
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "fusedtriton-cache"))
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    autotune.TUNER.forget()
+    autotune.stats.clear()
+    yield
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    autotune.TUNER.forget()
+    autotune.stats.clear()
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A fresh, empty FUSEDTRITON_CACHE_DIR for this test; returns its path."""
+    path = tmp_path / "autotune-cache"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(path))
+    return path

@@ -1,0 +1,341 @@
+"""The tuner: shape keys, never slower than unfused, budget, heuristic mode, and the disk cache.
+
+Nothing here runs a kernel: the timer is a stub that calls the candidate, which returns its
+pretend time in ms (timer=lambda fn: fn()).
+"""
+import json
+import logging
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import requires_gpu
+from fusion_backend import autotune, config_spaces
+from fusion_backend.autotune import Choice, Tuner, bucket, make_key
+from fusion_backend.devices import INTERPRETER, from_properties
+
+H100_PROPS = {
+    "name": "NVIDIA H100 80GB HBM3", "major": 9, "minor": 0, "multi_processor_count": 132, "warp_size": 32,
+    "shared_memory_per_block": 49152, "shared_memory_per_block_optin": 232448,
+}
+DEVICE = H100_PROPS["name"]
+PROFILE = from_properties(H100_PROPS, is_hip=False)
+SPACE = config_spaces.for_dtype(config_spaces.space_for(PROFILE, config_spaces.GEMM), torch.float32)
+M, K, N = 100, 64, 48
+KEY = make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=K, N=N)
+
+
+def stub_timer(fn):
+    return fn()
+
+
+def fused_times(fastest=2, fastest_ms=0.5):
+    """run_fused for SPACE: config i takes 1 + i ms, except `fastest`."""
+    def run_fused(config):
+        i = SPACE.index(config)
+        return fastest_ms if i == fastest else 1.0 + i
+    return run_fused
+
+
+def choose(tuner, key=KEY, **kw):
+    args = dict(profile=PROFILE, space=SPACE, m=M, src_hash="src1", device_name=DEVICE, autotune=True,
+                budget_s=30.0, run_fused=fused_times(), run_unfused=lambda: 0.9)
+    args.update(kw)
+    return tuner.choose(key, **args)
+
+
+def _cache_path():
+    return autotune.cache_file(DEVICE)
+
+
+# ----------------------------------------------------------------------------- keys
+
+@pytest.mark.parametrize("m, b", [(0, 0), (1, 1), (2, 2), (3, 4), (8, 8), (13, 16), (64, 64), (65, 128), (-1, 0)])
+def test_bucket(m, b):
+    assert bucket(m) == b
+
+
+def test_make_key_buckets_m_keeps_k_n():
+    key = make_key("gemm", "nvidia", torch.float32, "tf32", 13, K=100, N=37)
+    assert key == "gemm|nvidia|float32|tf32|M<=16|K=100|N=37"
+    assert all(make_key("gemm", "nvidia", torch.float32, "tf32", m, K=100, N=37) == key for m in range(9, 17))
+    assert make_key("gemm", "nvidia", torch.float32, "tf32", 17, K=100, N=37) != key
+    assert make_key("gemm", "nvidia", torch.float32, "tf32", 13, K=101, N=37) != key
+    assert make_key("gemm", "nvidia", torch.float32, "tf32", 13, K=100, N=36) != key
+    assert make_key("gemm", "nvidia", torch.float16, "tf32", 13, K=100, N=37) != key
+    assert make_key("gemm", "nvidia", torch.float32, "ieee", 13, K=100, N=37) != key
+    assert make_key("gemm", "rtx4090", torch.float32, "tf32", 13, K=100, N=37) != key
+    # keyword order does not matter
+    assert make_key("gemm", "nvidia", torch.float32, "tf32", 13, N=37, K=100) == key
+
+
+# ----------------------------------------------------------------------------- choosing
+
+def test_picks_fastest_fused_config(tmp_cache):
+    tuner = Tuner(timer=stub_timer)
+    choice = choose(tuner, run_unfused=lambda: 5.0)
+    assert choice.source == "tuned"
+    assert choice.config is SPACE[2]
+    assert (choice.fused_ms, choice.unfused_ms) == (0.5, 5.0)
+    assert autotune.stats["benchmarked"] == len(SPACE) + 1  # every config and the unfused path
+    assert autotune.stats["tuned"] == 1
+    # a second call is answered from memory
+    assert choose(tuner, run_unfused=lambda: 5.0) is choice
+    assert autotune.stats["benchmarked"] == len(SPACE) + 1
+
+
+def test_never_slower_than_unfused(tmp_cache):
+    tuner = Tuner(timer=stub_timer)
+    choice = choose(tuner, run_unfused=lambda: 0.4)  # best fused is 0.5 ms
+    assert choice.config is None
+    assert choice.source == "tuned"
+    assert (choice.fused_ms, choice.unfused_ms) == (0.5, 0.4)
+    assert "unfused" in choice.describe()
+
+
+def test_failing_candidates_are_not_chosen(tmp_cache):
+    def run_fused(config):
+        if SPACE.index(config) in (0, 2):
+            raise RuntimeError("out of resources")
+        return 1.0 + SPACE.index(config)
+
+    choice = choose(Tuner(timer=stub_timer), run_fused=run_fused, run_unfused=lambda: 9.0)
+    assert choice.config is SPACE[1]
+
+    def all_fail(config):
+        raise RuntimeError("does not compile")
+
+    choice = choose(Tuner(timer=stub_timer), key=KEY + "|other", run_fused=all_fail, run_unfused=lambda: 9.0)
+    assert choice.config is None and choice.unfused_ms == 9.0 and choice.fused_ms is None
+
+
+def test_respects_time_budget(tmp_cache, monkeypatch):
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(autotune, "time", clock)  # the tuner reads time.perf_counter only
+
+    def one_second_each(fn):
+        clock.now += 1.0
+        return fn()
+
+    last = len(SPACE) - 1  # the fastest config comes last: the budget stops before it
+    choice = choose(Tuner(timer=one_second_each), budget_s=2.5, run_fused=fused_times(fastest=last),
+                    run_unfused=lambda: 50.0)
+    assert autotune.stats["benchmarked"] == 3  # unfused (t=1), config 0 (t=2), config 1 (t=3 > 2.5): stop
+    assert choice.config is SPACE[0]
+    assert len(SPACE) > 3
+
+
+def test_autotune_off_benchmarks_nothing(tmp_cache):
+    before = autotune.stats["benchmarked"]
+    choice = choose(Tuner(timer=stub_timer), autotune=False, m=32)
+    assert choice.source == "heuristic"
+    assert choice.config is config_spaces.heuristic_pick(SPACE, 32)
+    assert autotune.stats["benchmarked"] == before
+    assert not tmp_cache.exists() or not any(tmp_cache.iterdir()), "heuristic choices are not written to disk"
+
+
+def test_single_config_without_unfused_path_is_not_benchmarked(tmp_cache):
+    choice = choose(Tuner(timer=stub_timer), space=SPACE[:1], run_unfused=None)
+    assert choice.source == "heuristic" and choice.config is SPACE[0]
+    assert autotune.stats["benchmarked"] == 0
+
+
+def test_interpreter_uses_its_one_config(tmp_cache):
+    space = config_spaces.space_for(INTERPRETER, config_spaces.GEMM)
+
+    def boom(fn):
+        raise AssertionError("nothing may be timed under the interpreter")
+
+    choice = choose(Tuner(timer=boom), profile=INTERPRETER, space=space)
+    assert choice.source == "fixed" and choice.config is space[0]
+    assert autotune.stats["benchmarked"] == 0
+
+
+def test_autotune_after_heuristic_still_tunes(tmp_cache):
+    tuner = Tuner(timer=stub_timer)
+    assert choose(tuner, autotune=False).source == "heuristic"
+    assert choose(tuner, autotune=True).source == "tuned"
+
+
+def test_describe_choice():
+    assert autotune.describe_choice(KEY) == "not run yet"
+    autotune.TUNER.record(KEY, Choice(SPACE[0], "tuned", 1.0, 2.0))
+    text = autotune.describe_choice(KEY)
+    assert "BLOCK_M=128" in text and "(tuned)" in text and "unfused 2.0 ms" in text
+
+
+# ----------------------------------------------------------------------------- disk cache
+
+def test_cache_hit_in_a_new_tuner(tmp_cache):
+    first = choose(Tuner(timer=stub_timer))
+    assert first.source == "tuned"
+    path = _cache_path()
+    assert os.path.dirname(path) == str(tmp_cache) and os.path.exists(path)
+    benchmarked = autotune.stats["benchmarked"]
+    second = choose(Tuner(timer=stub_timer))
+    assert second.source == "cache" and second.config == first.config
+    assert autotune.stats["benchmarked"] == benchmarked and autotune.stats["cache_hits"] == 1
+    # other kernel source or another device: tuned again
+    assert choose(Tuner(timer=stub_timer), src_hash="src2").source == "tuned"
+    assert choose(Tuner(timer=stub_timer), device_name="NVIDIA A100-SXM4-80GB").source == "tuned"
+
+
+def test_cached_unfused_choice(tmp_cache):
+    assert choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1).config is None
+    again = choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1)
+    assert again.source == "cache" and again.config is None
+
+
+def test_cached_config_outside_space_is_not_served(tmp_cache):
+    assert choose(Tuner(timer=stub_timer)).config is SPACE[2]
+    smaller = [c for c in SPACE if c is not SPACE[2]]
+    choice = choose(Tuner(timer=stub_timer), space=smaller)
+    assert choice.source == "tuned"  # re-tuned, not served from disk
+    assert choice.config is None or choice.config in smaller
+
+
+_SCRIPT = """
+import json, sys
+import torch
+from fusion_backend import autotune, config_spaces
+from fusion_backend.devices import from_properties
+
+profile = from_properties({props!r}, is_hip=False)
+space = config_spaces.for_dtype(config_spaces.space_for(profile, "gemm"), torch.float32)
+key = autotune.make_key("eval:test_pattern", profile.name, torch.float32, "tf32x3", {m}, K={k}, N={n})
+times = [1.0 + i for i in range(len(space))]
+times[2] = 0.25
+tuner = autotune.Tuner(timer=lambda fn: fn())
+choice = tuner.choose(key, profile=profile, space=space, m={m}, src_hash="src1", device_name={device!r},
+                      autotune=True, budget_s=30.0, run_fused=lambda c: times[space.index(c)],
+                      run_unfused=lambda: 3.0)
+print(json.dumps({{"source": choice.source, "config": choice.config,
+                  "benchmarked": autotune.stats["benchmarked"], "file": autotune.cache_file({device!r})}}))
+"""
+
+
+def test_cache_round_trip_across_processes(tmp_cache, tmp_path):
+    script = tmp_path / "tune.py"
+    script.write_text(_SCRIPT.format(props=H100_PROPS, m=M, k=K, n=N, device=DEVICE))
+    env = dict(os.environ, FUSEDTRITON_CACHE_DIR=str(tmp_cache))
+
+    def run():
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["source"] == "tuned" and first["benchmarked"] == len(SPACE) + 1
+    assert first["file"].startswith(str(tmp_cache)) and os.path.exists(first["file"])
+    second = run()
+    assert second["source"] == "cache"
+    assert second["benchmarked"] == 0
+    assert second["config"] == first["config"]
+    # and this process reads the same file the same way
+    hit = choose(Tuner(timer=stub_timer))
+    assert hit.source == "cache" and hit.config == SPACE[2]
+
+
+_BAD_FILES = {
+    "garbage": b"\x00\xff\xfe garbage \x89PNG\r\n",
+    "truncated": None,  # a valid cache file cut in half
+    "foreign-schema": json.dumps({"schema": 99, "entries": {}}).encode(),
+    "foreign-list": json.dumps([1, 2, 3]).encode(),
+    "foreign-other-env": None,  # right schema, another Triton/torch version
+}
+
+
+@pytest.mark.parametrize("kind", list(_BAD_FILES))
+def test_bad_cache_file_is_ignored_with_one_warning(kind, tmp_cache, caplog):
+    choose(Tuner(timer=stub_timer), key=KEY + "|seed")  # writes a valid file
+    path = _cache_path()
+    with open(path, "rb") as f:
+        valid = f.read()
+    content = _BAD_FILES[kind]
+    if kind == "truncated":
+        content = valid[: len(valid) // 2]
+    elif kind == "foreign-other-env":
+        data = json.loads(valid)
+        data["environment"] = data["environment"].replace("triton=", "triton=0.0.0-")
+        content = json.dumps(data).encode()
+    with open(path, "wb") as f:
+        f.write(content)
+
+    caplog.set_level(logging.WARNING, logger="fusion_backend")
+    tuner = Tuner(timer=stub_timer)
+    choice = choose(tuner)
+    assert choice.source == "tuned" and choice.config is SPACE[2]
+    assert choose(Tuner(timer=stub_timer), key=KEY + "|more").source in ("tuned", "cache")
+    warnings = [r for r in caplog.records if r.name == "fusion_backend" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "ignoring autotune cache" in warnings[0].getMessage()
+    # the file was replaced by a valid one holding the new key
+    with open(path) as f:
+        data = json.load(f)
+    assert data["schema"] == 1
+    assert any(k.startswith(KEY + "|src=") for k in data["entries"])
+
+
+def test_unwritable_cache_dir_does_not_break_tuning(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv(autotune.CACHE_ENV, str(blocker))
+    choice = choose(Tuner(timer=stub_timer))
+    assert choice.source == "tuned" and choice.config is SPACE[2]
+
+
+def _writer(worker, n_keys, barrier):
+    barrier.wait(timeout=60)
+    tuner = Tuner(timer=stub_timer)
+    for j in range(n_keys):
+        key = make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=worker, N=j)
+        choose(tuner, key=key)
+
+
+def test_concurrent_writers_keep_every_key(tmp_cache):
+    workers, n_keys = 4, 8
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_writer, args=(w, n_keys, barrier)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    with open(_cache_path()) as f:
+        data = json.load(f)
+    assert data["schema"] == 1
+    expected = {make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=w, N=j) + "|src=src1"
+                for w in range(workers) for j in range(n_keys)}
+    assert set(data["entries"]) == expected
+    assert not [p.name for p in tmp_cache.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+@requires_gpu
+def test_real_timer_on_gpu(tmp_cache):
+    from fusion_backend.devices import device_profile
+
+    profile = device_profile("cuda")
+    if profile is None:
+        pytest.skip("this GPU has no fusedtriton profile")
+    a = torch.randn(256, 256, device="cuda")
+    space = config_spaces.space_for(profile, config_spaces.GEMM)[:2]
+    choice = Tuner().choose(KEY + "|gpu", profile=profile, space=space, m=256, src_hash="gpu",
+                            device_name=torch.cuda.get_device_name(), autotune=True, budget_s=30.0,
+                            run_fused=lambda c: a @ a, run_unfused=lambda: a @ a)
+    assert choice.source == "tuned"
+    assert choice.unfused_ms is not None and math.isfinite(choice.unfused_ms) and choice.unfused_ms > 0

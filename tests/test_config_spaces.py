@@ -1,0 +1,199 @@
+"""Config spaces are data: every entry must be valid on every profile that uses it."""
+import pytest
+import torch
+
+from conftest import device_params, load_props, profile_named
+from fusion_backend import config_spaces as cs
+from fusion_backend.devices import INTERPRETER, from_properties
+
+FAMILIES = sorted(cs.SPACES)
+
+# (device file stem, family) pairs known to fail validation because of a library bug.
+KNOWN_BAD = {}  # (profile id, family) -> reason; empty: every space fits its devices
+
+
+def _profile_params():
+    params = []
+    for p in device_params():
+        path = p.values[0]
+        if path is None:
+            params.append(p)
+            continue
+        props = load_props(path)
+        profile = from_properties(props, is_hip=props["is_hip"])
+        if profile is not None:
+            params.append(pytest.param(profile, id=path.stem))
+    params.append(pytest.param(INTERPRETER, id="interpreter"))
+    return params
+
+
+PROFILES = _profile_params()
+
+
+@pytest.fixture
+def rtx4090():
+    return profile_named("rtx4090")
+
+
+@pytest.fixture
+def mi300x():
+    return profile_named("mi300x")
+
+
+@pytest.fixture
+def h100():
+    return profile_named("h100-sxm")
+
+
+def _space_params():
+    params = []
+    for p in PROFILES:
+        profile = p.values[0]
+        for family in FAMILIES:
+            marks = list(p.marks)
+            reason = KNOWN_BAD.get((p.id, family))
+            if reason:
+                marks.append(pytest.mark.xfail(strict=True, reason=reason))
+            params.append(pytest.param(profile, family, id=f"{p.id}-{family}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("profile, family", _space_params())
+def test_every_config_valid(profile, family):
+    space = cs.space_for(profile, family)
+    assert space, "empty config space"
+    problems = {i: cs.validate(profile, family, cfg) for i, cfg in enumerate(space)}
+    assert {i: p for i, p in problems.items() if p} == {}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_space_nonempty_for_every_dtype(profile, family, dtype):
+    # choose() falls back to space[0]: a dtype filter that empties a space would crash it
+    assert cs.for_dtype(cs.space_for(profile, family), dtype)
+
+
+def test_for_dtype_filters_half_only_entries(h100):
+    space = cs.space_for(h100, cs.GEMM)
+    fp32 = cs.for_dtype(space, torch.float32)
+    half = cs.for_dtype(space, torch.float16)
+    assert all("dtypes" not in c for c in fp32)
+    assert len(half) > len(fp32)
+    assert all("float16" in c.get("dtypes", ("float16",)) for c in half)
+
+
+def test_space_resolution(h100, mi300x, rtx4090):
+    assert cs.space_for(rtx4090, cs.GEMM) == cs.SPACES[cs.GEMM]["rtx4090"]
+    assert cs.space_for(mi300x, cs.GEMM) == cs.SPACES[cs.GEMM]["mi300x"]
+    assert cs.space_for(h100, cs.GEMM) == cs.SPACES[cs.GEMM]["nvidia"]  # by vendor
+    assert cs.space_for(INTERPRETER, cs.GEMM) == cs.SPACES[cs.GEMM]["interpreter"]
+
+
+def test_rtx4090_space_follows_the_seed_rules(rtx4090):
+    space = cs.space_for(rtx4090, cs.GEMM)
+    assert 3 <= len(space) <= 4
+    assert (space[0]["num_warps"], space[0]["num_stages"]) == (4, 2), "baseline (4 warps, 2 stages) first"
+    assert all(c["num_warps"] in (4, 8) and c["num_stages"] in (2, 3) for c in space)
+
+
+def test_mi300x_space_uses_amd_knobs(mi300x):
+    for cfg in cs.space_for(mi300x, cs.GEMM):
+        assert cfg["num_stages"] == 2
+        assert cfg["matrix_instr_nonkdim"] == 16
+        assert "waves_per_eu" in cfg and "kpack" in cfg
+    for cfg in cs.space_for(mi300x, cs.POINTWISE):
+        assert cfg["num_stages"] == 1
+
+
+# ----------------------------------------------------------------------------- validate catches bad configs
+
+def _gemm(**kw):
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    cfg.update(kw)
+    return cfg
+
+
+def _has(problems, *words):
+    return any(all(w in p for w in words) for p in problems)
+
+
+def test_baseline_is_valid_everywhere(h100, mi300x, rtx4090):
+    for profile in (h100, mi300x, rtx4090):
+        assert cs.validate(profile, cs.GEMM, _gemm()) == []
+
+
+def test_validate_non_power_of_two(h100):
+    problems = cs.validate(h100, cs.GEMM, _gemm(BLOCK_N=48))
+    assert _has(problems, "BLOCK_N=48", "power of two")
+    assert _has(cs.validate(h100, cs.GEMM, _gemm(num_warps=3)), "num_warps=3")
+
+
+def test_validate_dot_block_minimum(h100):
+    assert _has(cs.validate(h100, cs.GEMM, _gemm(BLOCK_K=8)), "at least 16")
+
+
+def test_validate_amd_num_warps_32(mi300x):
+    assert _has(cs.validate(mi300x, cs.GEMM, _gemm(num_warps=32)), "num_warps=32")
+    assert cs.validate(mi300x, cs.GEMM, _gemm(num_warps=16)) == []
+
+
+def test_validate_amd_gemm_num_stages_3(mi300x):
+    assert _has(cs.validate(mi300x, cs.GEMM, _gemm(num_stages=3)), "num_stages=3", "AMD")
+    assert _has(cs.validate(mi300x, cs.POINTWISE, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+                "num_stages=2", "AMD")
+
+
+def test_validate_amd_knobs_on_nvidia(h100, rtx4090):
+    for profile in (h100, rtx4090):
+        assert _has(cs.validate(profile, cs.GEMM, _gemm(waves_per_eu=2)), "AMD knobs")
+        assert _has(cs.validate(profile, cs.GEMM, _gemm(matrix_instr_nonkdim=16)), "AMD knobs")
+
+
+def test_validate_smem_too_big_on_4090(rtx4090, h100):
+    big = _gemm(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)  # 192 KiB in fp32
+    assert _has(cs.validate(rtx4090, cs.GEMM, big), "shared memory")
+    assert cs.validate(h100, cs.GEMM, big) == []  # 227 KiB on the H100
+    # the same tile in fp16 only needs 96 KiB
+    assert cs.validate(rtx4090, cs.GEMM, dict(big, dtypes=("float16", "bfloat16"))) == []
+
+
+def test_validate_4090_rules(rtx4090):
+    assert _has(cs.validate(rtx4090, cs.GEMM, _gemm(num_warps=2)), "num_warps=2", "4090")
+    assert _has(cs.validate(rtx4090, cs.GEMM, _gemm(num_warps=16)), "num_warps=16")
+    assert _has(cs.validate(rtx4090, cs.GEMM, _gemm(num_stages=4)), "num_stages=4", "4090")
+    assert _has(cs.validate(rtx4090, cs.GEMM, _gemm(num_stages=1)), "num_stages=1", "4090")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_meta_and_launch_options(h100, mi300x):
+    cfg = cs.space_for(mi300x, cs.GEMM)[3]
+    meta = cs.meta_of(cfg)
+    assert set(meta) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+    assert set(cs.launch_options(cfg, mi300x)) == {"num_warps", "num_stages", "waves_per_eu",
+                                                    "matrix_instr_nonkdim", "kpack"}
+    assert set(cs.launch_options(cfg, h100)) == {"num_warps", "num_stages"}
+
+
+def test_heuristic_pick_small_batch(rtx4090, h100):
+    interp = cs.space_for(INTERPRETER, cs.GEMM)
+    assert cs.heuristic_pick(interp, 1) is interp[0]
+    space = cs.space_for(rtx4090, cs.GEMM)
+    for m in (1, 8, 32):
+        assert cs.heuristic_pick(space, m)["BLOCK_M"] == 64  # the baseline, the smallest tile
+    nv = cs.space_for(h100, cs.GEMM)
+    assert nv[0]["BLOCK_M"] == 128
+    assert cs.heuristic_pick(nv, 32)["BLOCK_M"] == 64  # no 128-row tile for a 32-row batch
+    assert cs.heuristic_pick(nv, 63)["BLOCK_M"] == 64
+    assert cs.heuristic_pick(nv, 64)["BLOCK_M"] == 128  # within 2x of the batch
+    assert cs.heuristic_pick(nv, 4096) is nv[0]
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 16, 31, 64, 100, 1000])
+def test_heuristic_pick_rule(h100, rtx4090, mi300x, m):
+    for profile in (h100, rtx4090, mi300x, INTERPRETER):
+        space = cs.space_for(profile, cs.GEMM)
+        pick = cs.heuristic_pick(space, m)
+        fitting = [c for c in space if c["BLOCK_M"] <= max(16, 2 * m)]
+        assert pick is (fitting[0] if fitting else min(space, key=lambda c: c["BLOCK_M"]))

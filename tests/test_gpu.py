@@ -1,0 +1,154 @@
+"""GPU tests: the fused ops on a real GPU, large and odd shapes, fp32 precision classes and
+half dtypes, against eager and an fp64 reference. Skipped on machines without a GPU."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusion_backend
+from tolerances import allowed_error, rel_err, stats_close
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, i, o, approximate="none"):
+        super().__init__()
+        self.gemm = nn.Linear(i, o)
+        self.bn = nn.BatchNorm1d(o)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.relu(F.gelu(self.bn(self.gemm(x)), approximate=self.approximate))
+
+
+def _mlp_ref64(m, x):
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    y = F.linear(x.double(), sd["gemm.weight"], sd["gemm.bias"])
+    if m.training:
+        mean, var = y.mean(0), y.var(0, unbiased=False)
+    else:
+        mean, var = sd["bn.running_mean"], sd["bn.running_var"]
+    z = (y - mean) / torch.sqrt(var + m.bn.eps) * sd["bn.weight"] + sd["bn.bias"]
+    return F.relu(F.gelu(z, approximate=m.approximate))
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+CASES = [  # (M, K, N, dtype, precision)
+    (37, 100, 75, torch.float32, "highest"),
+    (1000, 1000, 999, torch.float32, "highest"),
+    (1000, 1000, 999, torch.float32, "high"),
+    (4096, 2048, 2048, torch.float32, "high"),
+    (1000, 1000, 999, torch.float16, "highest"),
+    (1000, 1000, 999, torch.bfloat16, "highest"),
+]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("M,K,N,dtype,precision", CASES)
+def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(M + N)
+    m = MLPBlock(K, N).cuda().to(dtype).train(train)
+    with torch.no_grad():
+        m.bn.running_mean.normal_(0, 0.5)
+        m.bn.running_var.uniform_(0.5, 2)
+    eager = MLPBlock(K, N).cuda().to(dtype).train(train)
+    eager.load_state_dict(m.state_dict())
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    ref = _mlp_ref64(m, x)
+    compiled = torch.compile(m, backend="fusedtriton")
+    with torch.no_grad():
+        out = compiled(x)
+        e = eager(x)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    err, eager_err = rel_err(out, ref), rel_err(e, ref)
+    assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
+    if train:
+        torch.testing.assert_close(m.bn.running_mean, eager.bn.running_mean, **stats_close(dtype))
+        torch.testing.assert_close(m.bn.running_var, eager.bn.running_var, **stats_close(dtype))
+        assert m.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
+
+
+def test_linear_bn_gelu_relu_gpu_noncontiguous_nan_grad():
+    torch.manual_seed(1)
+    m = MLPBlock(300, 257, approximate="tanh").cuda().train()
+    eager = MLPBlock(300, 257, approximate="tanh").cuda().train()
+    eager.load_state_dict(m.state_dict())
+    base = torch.randn(600, 301, device="cuda")
+    x = base[::2, 1:].requires_grad_(False).clone()[:, :].t().contiguous().t()  # column-major view
+    assert not x.is_contiguous()
+    xr = x.detach().clone().requires_grad_(True)
+    xe = x.detach().clone().requires_grad_(True)
+    out = torch.compile(m, backend="fusedtriton")(xr)
+    out.square().sum().backward()
+    e = eager(xe)
+    e.square().sum().backward()
+    torch.testing.assert_close(out, e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xr.grad, xe.grad, rtol=1e-3, atol=1e-4)
+    for (n, p), (_, q) in zip(m.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3, msg=n)
+    # NaN in -> NaN at the same positions as eager (eval: rows stay independent)
+    m.eval(), eager.eval()
+    torch._dynamo.reset()
+    xn = torch.randn(65, 300, device="cuda") * 1e4
+    xn[3, 7] = float("nan")
+    xn[10, 2] = float("inf")
+    with torch.no_grad():
+        out, e = torch.compile(m, backend="fusedtriton")(xn), eager(xn)
+    assert torch.equal(out.isnan(), e.isnan())
+    assert torch.isfinite(out[~e.isnan()]).all()
+
+
+class RNNCell(nn.Module):
+    def __init__(self, i, h, o):
+        super().__init__()
+        self.i2h = nn.Linear(i + h, h)
+        self.h2o = nn.Linear(h, o)
+
+    def forward(self, x, h):
+        h = torch.tanh(self.i2h(torch.cat((x, h), dim=1)))
+        return self.h2o(h), h
+
+
+@pytest.mark.parametrize("B,I,H,O,dtype,precision", [
+    (8, 1024, 256, 128, torch.float32, "highest"),
+    (256, 4096, 4096, 2048, torch.float32, "highest"),
+    (256, 4096, 4096, 2048, torch.float32, "high"),
+    (100, 1000, 999, 77, torch.bfloat16, "highest"),
+    (100, 1000, 999, 77, torch.float16, "highest"),
+])
+def test_cat_linear_tanh_gpu(B, I, H, O, dtype, precision):
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(B)
+    m = RNNCell(I, H, O).cuda().to(dtype)
+    x = torch.randn(B, I, device="cuda", dtype=dtype) * 3
+    h = torch.randn(B, H, device="cuda", dtype=dtype)
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    ref_h = torch.tanh(F.linear(torch.cat((x.double(), h.double()), 1), sd["i2h.weight"], sd["i2h.bias"]))
+    with torch.no_grad():
+        out, new_h = torch.compile(m, backend="fusedtriton")(x, h)
+        _, eager_h = m(x, h)
+    assert fusion_backend.counters["cat_linear_tanh"] == 1
+    err, eager_err = rel_err(new_h, ref_h), rel_err(eager_h, ref_h)
+    assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
+
+
+def test_cat_linear_tanh_gpu_no_overflow():
+    m = RNNCell(64, 32, 8).cuda()
+    x = torch.randn(16, 64, device="cuda") * 1e3
+    h = torch.randn(16, 32, device="cuda")
+    with torch.no_grad():
+        _, new_h = torch.compile(m, backend="fusedtriton")(x, h)
+        _, eager_h = m(x, h)
+    assert torch.isfinite(new_h).all()
+    torch.testing.assert_close(new_h, eager_h, rtol=1e-4, atol=1e-5)
