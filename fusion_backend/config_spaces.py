@@ -42,6 +42,11 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(64, 64, 32, 4, 3),
             _g(128, 256, 32, 8, 3),
             _g(64, 256, 32, 8, 3),
+            _g(128, 128, 32, 8, 4),
+            # skinny batches (RNN cells, M <= 256): one row-tile covers the batch, so each
+            # W tile is read from HBM once
+            _g(256, 64, 32, 8, 3),
+            _g(256, 128, 32, 8, 3),
             _g(128, 128, 64, 8, 3, dtypes=HALF),
             _g(128, 256, 64, 8, 3, dtypes=HALF),
             _g(64, 128, 64, 4, 4, dtypes=HALF),
