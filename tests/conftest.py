@@ -5,14 +5,17 @@ triton, and `import fusion_backend` imports torch._dynamo), so it is set before 
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (plain `import torch` does not import triton)
+
+# No GPU: the kernels run under Triton's interpreter (the "interpreter" profile). With a GPU
+# they must run compiled, so the variable is left alone there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 import fusion_backend  # noqa: E402
 from fusion_backend import autotune  # noqa: E402
 
