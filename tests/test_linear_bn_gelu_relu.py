@@ -174,19 +174,30 @@ def test_noncontiguous_input(train):
         assert_stats_match(model, eager, ref)
 
 
-def test_empty_batch_eval():
+EMPTY_TRAIN_BUG = pytest.mark.xfail(strict=True, reason=(
+    "library bug: train_forward returns NaN batch statistics for an empty batch and "
+    "_update_running_stats blends them into running_mean/var (NaN); eager leaves them unchanged"))
+
+
+@pytest.mark.parametrize("train", [False, pytest.param(True, marks=EMPTY_TRAIN_BUG)], ids=["eval", "train"])
+def test_empty_batch(train):
     torch.manual_seed(2)
-    model, eager, ref = trio(randomize(LBGR()), False)
+    model, eager, ref = trio(randomize(LBGR()), train)
     compiled = compile_(model)
     x = torch.randn(0, K)
     with torch.no_grad():
         out, e, r = compiled(x), eager(x), ref(x.double())
-        assert out.shape == e.shape == r.shape == (0, N)
-        assert out.dtype == e.dtype
-        # the same compiled model still works on a real batch afterwards
-        x = torch.randn(M, K)
+    assert out.shape == e.shape == r.shape == (0, N)
+    assert out.dtype == e.dtype
+    assert fusion_backend.counters[NAME] == 1
+    if train:
+        assert_stats_match(model, eager, ref)  # eager leaves the running statistics alone
+    # the same compiled model still works on a real batch afterwards
+    x = torch.randn(M, K)
+    with torch.no_grad():
         assert_matches(compiled(x), eager(x), ref(x.double()))
-    assert fusion_backend.counters[NAME] >= 1
+    if train:
+        assert_stats_match(model, eager, ref)
 
 
 @pytest.mark.parametrize("train,approximate", [(False, "none"), (False, "tanh"), (True, "none")],
