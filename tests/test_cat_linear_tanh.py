@@ -82,20 +82,24 @@ def run_all(model, *inputs):
 
 # ----------------------------------------------------------------------------- fused and correct
 
-CASES = {  # id: (extra operand widths, bias, cat dim)
-    "2way-dim1": ((), True, 1),
-    "3way-dim-1": ((11,), True, -1),
-    "2way-nobias": ((), False, 1),
-    "4way-dim-1": ((5, 17), False, -1),  # MAX_SEGMENTS operands
+CASES = {  # id: (extra operand widths, bias, cat dim, non-contiguous operands)
+    "2way-dim1": ((), True, 1, False),
+    "3way-dim-1": ((11,), True, -1, False),
+    "2way-nobias": ((), False, 1, False),
+    "4way-dim-1-noncontiguous": ((5, 17), False, -1, True),  # MAX_SEGMENTS operands
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_rnn_cell_fused_and_correct(case):
-    extra, bias, dim = CASES[case]
+    extra, bias, dim, strided = CASES[case]
     torch.manual_seed(len(case) + 10 * len(extra))
     model = RNNCell(extra, bias, dim)
     inputs = [torch.randn(B, I) * 2, torch.randn(B, H)] + [torch.randn(B, w) for w in extra]
+    if strided:  # a transposed view and a strided column slice
+        inputs[0] = inputs[0].t().contiguous().t()
+        inputs[1] = torch.cat((inputs[1], torch.randn(B, H)), 1)[:, ::2]
+        assert not inputs[0].is_contiguous() and not inputs[1].is_contiguous()
     out, e, r = run_all(model, *inputs)
     assert fusion_backend.counters[NAME] == 1, dict(fusion_backend.counters)
     assert (model.i2h.bias is None) == (not bias)
