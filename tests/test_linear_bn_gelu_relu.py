@@ -386,8 +386,9 @@ def test_near_miss_intermediate_used_elsewhere():
 def test_near_miss_3d_batchnorm_input():
     torch.manual_seed(9)
     # (N, C, L) input: Linear over L, BatchNorm1d over the C channels
-    model = randomize(LBGR(k=20, n=16))
-    model.bn = randomize(nn.Sequential(nn.BatchNorm1d(12)))[0]
+    model = LBGR(k=20, n=16)
+    model.bn = nn.BatchNorm1d(12)
+    randomize(model)
     _explain_and_check(model, torch.randn(8, 12, 20), "must be 2-D")
 
 
