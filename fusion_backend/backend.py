@@ -29,9 +29,31 @@ class RewriteContext:
     profile: devices.DeviceProfile
     options: Options
     device: torch.device
+    examples: dict = dataclasses.field(default_factory=dict)  # placeholder node -> real example tensor
 
     def dot_precision(self, dtype: torch.dtype) -> str:
         return self.profile.dot_precision(dtype)
+
+    @property
+    def tunes_at_compile_time(self) -> bool:
+        """On a GPU with autotuning on, each site is timed while compiling (fused configs and
+        the unfused path, on the real parameters), and a site whose unfused path is faster is
+        left to Inductor. The interpreter times nothing."""
+        return self.options.autotune and self.profile.vendor != "interpreter"
+
+    def real_tensor(self, node):
+        """The real example tensor of a placeholder (parameters, buffers and inputs under
+        Dynamo), else a random tensor shaped like the node's example value; None stays None."""
+        if node is None:
+            return None
+        if node in self.examples:
+            return self.examples[node]
+        val = _normalize.example_value(node)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            shape = [s if isinstance(s, int) else int(s.node.hint) for s in val.shape]
+            return torch.randn(shape, device=val.device, dtype=val.dtype)
 
 
 def _graph_device(gm: fx.GraphModule, example_inputs) -> Optional[torch.device]:
@@ -74,11 +96,13 @@ def _rewrite_site(pattern, match, ctx: RewriteContext, anchor: fx.Node) -> Site:
     return Site(pattern.name, anchor.name, fused=True, info=info)
 
 
-def rewrite(gm: fx.GraphModule, profile, options: Options, device) -> GraphReport:
+def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_inputs=()) -> GraphReport:
     """Normalize `gm` and apply every enabled pattern in place; return what happened."""
     report = GraphReport(profile=profile.name, mode=options.mode)
     _normalize.normalize(gm)
-    ctx = RewriteContext(gm=gm, profile=profile, options=options, device=device)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    examples = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
+    ctx = RewriteContext(gm=gm, profile=profile, options=options, device=device, examples=examples)
     for pattern in registry.enabled_patterns(options.patterns):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node not in gm.graph.nodes:
@@ -116,7 +140,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return _inductor(gm, example_inputs, opts)
 
     original = _copy_graph(gm)
-    report = rewrite(gm, profile, opts, device)
+    report = rewrite(gm, profile, opts, device, example_inputs)
     log.info(report.summary())
     for sink in _report_sinks:
         sink.append(report)

@@ -88,6 +88,22 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
         return run_reference()
 
 
+def tuned_unfused_reason(ctx, key, run_site) -> Optional[str]:
+    """Tune `key` now, at compile time, by running the site once on real tensors
+    (`run_site()` calls the pattern's forward with autotuning on); if the unfused path won,
+    the reason to leave the site to Inductor."""
+    if not ctx.tunes_at_compile_time:
+        return None
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():
+        run_site()
+    choice = autotune.TUNER.lookup(key)
+    if choice is not None and choice.config is None:
+        return f"unfused path is faster here ({choice.describe()}): left to Inductor"
+    return None
+
+
 def space(profile, family, dtype):
     return config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
 

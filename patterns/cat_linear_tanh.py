@@ -18,7 +18,7 @@ from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, tanh, tile_ids
 
-from ._common import define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem
+from ._common import define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem, tuned_unfused_reason
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -163,13 +163,24 @@ class CatLinearTanh(Pattern):
         for node in tensors + [m.weight, m.bias]:
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
-        return None
+        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], lambda: forward(
+            [ctx.real_tensor(t) for t in tensors], ctx.real_tensor(m.weight), ctx.real_tensor(m.bias),
+            ctx.dot_precision(vals[0].dtype), True, ctx.options.tune_budget_s))
 
-    def replace(self, m: _Match, ctx) -> dict:
-        graph = ctx.gm.graph
+    @staticmethod
+    def _site(m: _Match, ctx) -> dict:
         vals = [example_value(t) for t in m.tensors]
         dtype = vals[0].dtype
         precision = ctx.dot_precision(dtype)
+        M, N = hint(vals[0].shape[0]), hint(example_value(m.weight).shape[0])
+        widths = "+".join(str(hint(v.shape[1])) for v in vals)
+        return {"shape": f"{M}x({widths})->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
+                "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K=widths, N=N)}
+
+    def replace(self, m: _Match, ctx) -> dict:
+        graph = ctx.gm.graph
+        site = self._site(m, ctx)
+        precision = site["precision"]
         with graph.inserting_before(m.tanh):
             out = graph.call_function(cat_linear_tanh, (
                 list(m.tensors), m.weight, m.bias, precision, ctx.options.autotune, ctx.options.tune_budget_s))
@@ -177,9 +188,4 @@ class CatLinearTanh(Pattern):
         m.tanh.replace_all_uses_with(out)
         for node in (m.tanh, m.linear, m.cat):
             graph.erase_node(node)
-        M = hint(vals[0].shape[0])
-        widths = [hint(v.shape[1]) for v in vals]
-        N = hint(example_value(m.weight).shape[0])
-        return {"shape": f"{M}x({'+'.join(map(str, widths))})->{N}", "dtype": str(dtype).replace("torch.", ""),
-                "precision": precision,
-                "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K="+".join(map(str, widths)), N=N)}
+        return site

@@ -21,7 +21,8 @@ from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_val
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
 
-from ._common import define_op, hint, kernel_kwargs, launch, mutated_in_graph, only_user, space, tensor_problem
+from ._common import (define_op, hint, kernel_kwargs, launch, mutated_in_graph, only_user, space, tensor_problem,
+                      tuned_unfused_reason)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -373,14 +374,34 @@ class LinearBnGeluRelu(Pattern):
         for node in (m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var):
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
-        return None
+        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], lambda: self._run_once(m, ctx))
+
+    @staticmethod
+    def _site(m: _Match, ctx) -> dict:
+        x_val, w_val = example_value(m.x), example_value(m.weight)
+        precision = ctx.dot_precision(x_val.dtype)
+        M, K, N = hint(x_val.shape[0]), hint(x_val.shape[1]), hint(w_val.shape[0])
+        mode = "train" if m.training else "eval"
+        return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(x_val.dtype).replace("torch.", ""),
+                "precision": precision, "gelu": m.approximate,
+                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, x_val.dtype, precision, M, K=K, N=N)}
+
+    @staticmethod
+    def _run_once(m: _Match, ctx):
+        t = ctx.real_tensor
+        precision = ctx.dot_precision(example_value(m.x).dtype)
+        if m.training:
+            train_forward(t(m.x), t(m.weight), t(m.bias), t(m.gamma), t(m.beta), float(m.eps), m.approximate,
+                          precision, True, ctx.options.tune_budget_s)
+        else:
+            eval_forward(t(m.x), t(m.weight), t(m.bias), t(m.gamma), t(m.beta), t(m.running_mean),
+                         t(m.running_var), float(m.eps), m.approximate, precision, True, ctx.options.tune_budget_s)
 
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph
-        x_val, w_val = example_value(m.x), example_value(m.weight)
-        precision = ctx.dot_precision(x_val.dtype)
+        site = self._site(m, ctx)
+        precision = site["precision"]
         tune = (ctx.options.autotune, ctx.options.tune_budget_s)
-        M, K, N = hint(x_val.shape[0]), hint(x_val.shape[1]), hint(w_val.shape[0])
         with graph.inserting_before(m.relu):
             if not m.training:
                 out = graph.call_function(linear_bn_gelu_relu_eval, (
@@ -396,10 +417,7 @@ class LinearBnGeluRelu(Pattern):
         m.relu.replace_all_uses_with(out)
         for node in (m.relu, m.gelu, m.bn, m.linear):
             graph.erase_node(node)
-        mode = "train" if m.training else "eval"
-        return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(x_val.dtype).replace("torch.", ""),
-                "precision": precision, "gelu": m.approximate,
-                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, x_val.dtype, precision, M, K=K, N=N)}
+        return site
 
     @staticmethod
     def _update_running_stats(graph, m: _Match, res):

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
-from tolerances import allowed_error, rel_err, stats_close
+from tolerances import allowed_error, rel_err
 
 NO_TUNE = {"autotune": False}
 
@@ -68,6 +68,7 @@ def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
     eager.load_state_dict(m.state_dict())
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     ref = _mlp_ref64(m, x)
+    rm0, rv0 = m.bn.running_mean.double().clone(), m.bn.running_var.double().clone()
     # tuning every shape would take minutes: the large case tunes, the rest use the heuristic pick
     compiled = torch.compile(m, backend="fusedtriton", options={"autotune": M >= 4096})
     with torch.no_grad():
@@ -77,8 +78,15 @@ def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
     err, eager_err = rel_err(out, ref), rel_err(e, ref)
     assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
     if train:
-        torch.testing.assert_close(m.bn.running_mean, eager.bn.running_mean, **stats_close(dtype))
-        torch.testing.assert_close(m.bn.running_var, eager.bn.running_var, **stats_close(dtype))
+        # running statistics against their fp64 update (at TF32 the GEMM output itself differs
+        # from eager's by TF32 rounding, so ours and eager's are each compared with fp64)
+        y64 = F.linear(x.double(), m.gemm.weight.double(), m.gemm.bias.double())
+        mom = m.bn.momentum
+        for name, start, stat64 in (("running_mean", rm0, y64.mean(0)),
+                                    ("running_var", rv0, y64.var(0, unbiased=True))):
+            want = (1 - mom) * start + mom * stat64
+            eager_err = rel_err(getattr(eager.bn, name), want)
+            assert rel_err(getattr(m.bn, name), want) <= allowed_error(dtype, precision, eager_err), name
         assert m.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
 
 
