@@ -82,7 +82,7 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_case(name, max_autotune):
+def run_case(name, max_autotune, reduce_overhead=False):
     import fusion_backend
 
     kind, dims, dtype, precision, train = CASES[name]
@@ -137,8 +137,16 @@ def run_case(name, max_autotune):
         row["err_fused"] = rel_err(out, ref)
         row["fused_sites"] = dict(fusion_backend.counters)
         row["fusedtriton_ms"] = bench(lambda: ft(*inputs))
-        choices = {k: v.describe() for k, v in fusion_backend.autotune.TUNER.choices.items()}
-        row["choices"] = choices
+        row["autotune_stats"] = dict(fusion_backend.autotune.stats)
+        row["choices"] = {k: v.describe() for k, v in fusion_backend.autotune.TUNER.choices.items()}
+        if reduce_overhead:  # CUDA graphs: launch-bound small shapes
+            for col, backend in (("inductor_ro_ms", "inductor"), ("fusedtriton_ro_ms", "fusedtriton")):
+                torch._dynamo.reset()
+                model.load_state_dict(state)
+                ro = torch.compile(model, backend=backend, mode="reduce-overhead")
+                for _ in range(3):
+                    ro(*inputs)
+                row[col] = bench(lambda: ro(*inputs))
     del model, inputs
     torch.cuda.empty_cache()
     return row
@@ -148,6 +156,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--reduce-overhead", action="store_true", help="add CUDA-graph columns")
     ap.add_argument("--json")
     args = ap.parse_args()
     import triton
@@ -157,13 +166,14 @@ def main():
     print(env, flush=True)
     rows = []
     for name in args.cases:
-        row = run_case(name, args.max_autotune)
+        row = run_case(name, args.max_autotune, args.reduce_overhead)
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
-    cols = ["eager_ms", "inductor_ms", "inductor_max_autotune_ms", "cublas_gemm_ms", "fusedtriton_ms", "err_eager", "err_fused"]
+    cols = ["eager_ms", "inductor_ms", "inductor_max_autotune_ms", "cublas_gemm_ms", "fusedtriton_ms",
+            "inductor_ro_ms", "fusedtriton_ro_ms", "err_eager", "err_fused"]
     print("\n| case | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in rows:
