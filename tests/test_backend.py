@@ -22,6 +22,11 @@ from tolerances import rel_err, tolerance
 
 LBGR, CLT = "linear_bn_gelu_relu", "cat_linear_tanh"
 
+#: Tests that fuse on the CPU need Triton's interpreter, which conftest turns on only where
+#: there is no GPU (tests/test_gpu.py covers the GPU).
+needs_interpreter = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                       reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
+
 
 class Block(nn.Module):
     """Linear -> BatchNorm1d -> GELU -> ReLU."""
@@ -118,6 +123,7 @@ def test_cpu_without_interpreter_falls_back_to_inductor(monkeypatch, caplog):
 
 # ----------------------------------------------------------------------------- dynamic batch
 
+@needs_interpreter
 def test_dynamic_batch_correct_and_fused_each_time():
     torch.manual_seed(31)
     k, n = 24, 20
@@ -143,6 +149,7 @@ class Cell(nn.Module):
         return torch.tanh(self.i2h(torch.cat((x, h), 1)))
 
 
+@needs_interpreter
 @pytest.mark.xfail(strict=True, reason=(
     "library bug: patterns/_common.py hint() calls int() on the symbolic batch size in "
     "replace(), which guards it to the traced value: every new batch size recompiles"))
@@ -161,6 +168,7 @@ def test_dynamic_batch_at_most_one_recompile(pattern):
 
 # ----------------------------------------------------------------------------- options and modes
 
+@needs_interpreter
 def test_patterns_option_leaves_other_pattern_unfused():
     torch.manual_seed(32)
     model = randomize(TwoBlocksAndCell())
@@ -176,6 +184,7 @@ def test_patterns_option_leaves_other_pattern_unfused():
     assert LBGR not in str(report)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("how", ["mode=reduce-overhead", "options.mode=max-autotune-no-cudagraphs"])
 def test_modes_compile_and_run_on_cpu(how):
     torch.manual_seed(33)
@@ -191,6 +200,7 @@ def test_modes_compile_and_run_on_cpu(how):
 
 # ----------------------------------------------------------------------------- failures
 
+@needs_interpreter
 def test_rewrite_exception_leaves_site_unfused(monkeypatch, caplog):
     """The second LBGR site's rewrite inserts nodes, then raises: that site stays unfused
     (the inserted nodes are removed), the first is fused, the model is correct."""
@@ -229,6 +239,7 @@ def test_rewrite_exception_leaves_site_unfused(monkeypatch, caplog):
     assert sorted(s.pattern for s in report.fused) == [CLT, LBGR]
 
 
+@needs_interpreter
 def test_rewrite_exception_single_site(monkeypatch, caplog):
     def broken_replace(self, m, ctx):
         raise ValueError("injected")
@@ -260,6 +271,7 @@ class _RaisingLauncher:
         return launch
 
 
+@needs_interpreter
 def test_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel", _RaisingLauncher())
     monkeypatch.setattr(patterns._common, "_warned", set())
@@ -281,6 +293,7 @@ def test_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
 
 # ----------------------------------------------------------------------------- logging and counters
 
+@needs_interpreter
 def test_one_info_summary_per_compiled_graph(caplog):
     torch.manual_seed(37)
     model = randomize(TwoBlocksAndCell(graph_break=True))
@@ -297,6 +310,7 @@ def test_one_info_summary_per_compiled_graph(caplog):
     ]
 
 
+@needs_interpreter
 def test_counters_keyed_by_pattern_one_per_site():
     torch.manual_seed(38)
     model = randomize(TwoBlocksAndCell())

@@ -14,8 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
+from fusion_backend import devices
 from fusion_backend.backend import fusedtriton
 from tolerances import grad_close, rel_err, tolerance
+
+# CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
+# there is no GPU (tests/test_gpu.py covers the GPU).
+pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
 
 NAME = "cat_linear_tanh"
 B, I, H, O = 8, 37, 23, 29  # batch, input width, hidden width, output width: all odd

@@ -163,3 +163,30 @@ def test_cat_linear_tanh_gpu_no_overflow():
         _, eager_h = m(x, h)
     assert torch.isfinite(new_h).all()
     torch.testing.assert_close(new_h, eager_h, rtol=1e-4, atol=1e-5)
+
+
+def test_reduce_overhead_captures_fused_ops(monkeypatch):
+    """mode="reduce-overhead": the fused ops are captured in CUDA graphs with the rest
+    (no host sync or allocation in the launchers breaks the capture)."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    torch.manual_seed(3)
+    m = MLPBlock(256, 192).cuda().eval()
+    cell = RNNCell(64, 96, 32).cuda()
+    x = torch.randn(64, 256, device="cuda")
+    xr, hr = torch.randn(16, 64, device="cuda"), torch.randn(16, 96, device="cuda")
+    dynamo_counters["inductor"].clear()
+    replays = []
+    original_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original_replay(self))[1])
+    with torch.no_grad():
+        fm = torch.compile(m, backend="fusedtriton", mode="reduce-overhead")
+        fc = torch.compile(cell, backend="fusedtriton", mode="reduce-overhead")
+        for _ in range(4):  # warm-up runs, then recorded graphs are replayed
+            out_m, (out_c, h_c) = fm(x).clone(), [t.clone() for t in fc(xr, hr)]
+        ref_m, (ref_c, ref_h) = m(x), cell(xr, hr)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1 and fusion_backend.counters["cat_linear_tanh"] == 1
+    assert dynamo_counters["inductor"]["cudagraph_skips"] == 0, dict(dynamo_counters["inductor"])
+    assert len(replays) >= 2  # graphs were recorded and replayed
+    torch.testing.assert_close(out_m, ref_m, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h_c, ref_h, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
+from fusion_backend import devices
 from tolerances import HIGHEST_FLOOR, grad_close, rel_err, stats_close, tolerance
+
+# CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
+# there is no GPU (tests/test_gpu.py covers the GPU).
+pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
 
 NAME = "linear_bn_gelu_relu"
 M, K, N = 37, 100, 75  # no multiple of the interpreter's 16x16x16 tiles
