@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend import devices
