@@ -10,6 +10,7 @@ import time
 import torch
 
 import fusion_backend
+from fusion_backend import autotune
 from bench import MLPBlock, RNNCell
 
 torch.set_float32_matmul_precision("high")
@@ -21,12 +22,12 @@ for name, make in (
                                              (torch.randn(256, 16384, device="cuda"), torch.randn(256, 16384, device="cuda"))))):
     model, inputs = make()
     torch._dynamo.reset()
-    before = dict(fusion_backend.autotune.stats)
+    before = dict(autotune.stats)
     t0 = time.perf_counter()
     with torch.no_grad():
         torch.compile(model, backend="fusedtriton")(*inputs)
     torch.cuda.synchronize()
-    after = dict(fusion_backend.autotune.stats)
+    after = dict(autotune.stats)
     rows.append({"case": name, "first_call_s": round(time.perf_counter() - t0, 2),
                  "benchmarked": after.get("benchmarked", 0) - before.get("benchmarked", 0),
                  "cache_hits": after.get("cache_hits", 0) - before.get("cache_hits", 0)})

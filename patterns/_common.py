@@ -20,11 +20,33 @@ def only_user(node: fx.Node, user: fx.Node) -> bool:
 
 
 def hint(size) -> int:
-    """A concrete int for a possibly symbolic size (for reports and tuning keys)."""
-    try:
-        return int(size)
-    except Exception:
+    """A concrete int for a possibly symbolic size (for reports and tuning keys), read from the
+    symbol's hint: int() on a SymInt would install a guard and specialize the batch size."""
+    if isinstance(size, torch.SymInt):
         return int(size.node.hint)
+    return int(size)
+
+
+def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
+    """An in-place write between `first` and `last` (the fused op runs at `last`) to storage
+    that one of `inputs` shares (the input itself or any view of it), or None."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    storages = set()
+    for node in inputs:
+        val = example_value(node) if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            storages.add(StorageWeakRef(val.untyped_storage()))
+    node = first.next
+    while node is not last and node.op != "output":
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if (name.endswith("_") and not name.startswith("_")) or name in ("copy_", "setitem"):
+            target = node.args[0] if node.args else None
+            val = example_value(target)
+            if isinstance(val, torch.Tensor) and StorageWeakRef(val.untyped_storage()) in storages:
+                return f"{node.name} writes in place to memory of a fused input before the fused op would run"
+        node = node.next
+    return None
 
 
 def tensor_problem(nodes, *, device, dtype=None, rank=None) -> Optional[str]:

@@ -18,7 +18,8 @@ from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, tanh, tile_ids
 
-from ._common import define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem, tuned_unfused_reason
+from ._common import (define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
+                      tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -163,6 +164,9 @@ class CatLinearTanh(Pattern):
         for node in tensors + [m.weight, m.bias]:
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
+        written = written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
+        if written:
+            return written
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], lambda: forward(
             [ctx.real_tensor(t) for t in tensors], ctx.real_tensor(m.weight), ctx.real_tensor(m.bias),
             ctx.dot_precision(vals[0].dtype), True, ctx.options.tune_budget_s))

@@ -22,7 +22,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
 
 from ._common import (define_op, hint, kernel_kwargs, launch, mutated_in_graph, only_user, space, tensor_problem,
-                      tuned_unfused_reason)
+                      tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -371,9 +371,17 @@ class LinearBnGeluRelu(Pattern):
             return "eval-mode BatchNorm without running statistics"
         if m.training and m.running_mean is not None and not isinstance(m.momentum, (int, float)):
             return "BatchNorm momentum is not a constant (momentum=None: cumulative average)"
-        for node in (m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var):
+        inputs = (m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var)
+        for node in inputs:
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
+        written = written_inside(m.linear, m.relu, inputs)
+        if written:
+            return written
+        if m.training and hint(x_val.shape[0]) == 0:
+            # eager leaves the running statistics alone for an empty batch; Dynamo gives batch 0
+            # a graph of its own, so this costs nothing elsewhere
+            return "empty batch in training: left to Inductor"
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], lambda: self._run_once(m, ctx))
 
     @staticmethod

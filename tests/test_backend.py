@@ -150,9 +150,6 @@ class Cell(nn.Module):
 
 
 @needs_interpreter
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: patterns/_common.py hint() calls int() on the symbolic batch size in "
-    "replace(), which guards it to the traced value: every new batch size recompiles"))
 @pytest.mark.parametrize("pattern", [LBGR, CLT])
 def test_dynamic_batch_at_most_one_recompile(pattern):
     torch.manual_seed(39)

@@ -266,9 +266,6 @@ class MutatesAliasAfterCat(nn.Module):
         return torch.tanh(self.i2h(combined))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: the fused op is inserted at the tanh, after an in-place write to a view of a "
-    "cat operand; mutated_in_graph (patterns/_common.py) only sees direct users, not aliases"))
 def test_inplace_write_to_cat_operand_alias_after_cat():
     torch.manual_seed(25)
     model = MutatesAliasAfterCat()
