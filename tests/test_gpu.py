@@ -117,7 +117,9 @@ def test_linear_bn_gelu_relu_gpu_noncontiguous_nan_grad():
     with torch.no_grad():
         out, e = torch.compile(m, backend="fusedtriton", options=NO_TUNE)(xn), eager(xn)
     assert torch.equal(out.isnan(), e.isnan())
-    assert torch.isfinite(out[~e.isnan()]).all()
+    assert torch.equal(out.isinf(), e.isinf())  # GELU(+inf) = inf, as in eager
+    finite = torch.isfinite(e)
+    torch.testing.assert_close(out[finite], e[finite], rtol=1e-4, atol=1e-3)
 
 
 class RNNCell(nn.Module):
