@@ -116,10 +116,12 @@ def test_linear_bn_gelu_relu_gpu_noncontiguous_nan_grad():
     xn[10, 2] = float("inf")
     with torch.no_grad():
         out, e = torch.compile(m, backend="fusedtriton", options=NO_TUNE)(xn), eager(xn)
+        ref = _mlp_ref64(eager, xn)
     assert torch.equal(out.isnan(), e.isnan())
     assert torch.equal(out.isinf(), e.isinf())  # GELU(+inf) = inf, as in eager
     finite = torch.isfinite(e)
-    torch.testing.assert_close(out[finite], e[finite], rtol=1e-4, atol=1e-3)
+    eager_err = rel_err(e[finite], ref[finite])
+    assert rel_err(out[finite], ref[finite]) <= allowed_error(torch.float32, "highest", eager_err)
 
 
 class RNNCell(nn.Module):
@@ -182,8 +184,10 @@ def test_reduce_overhead_captures_fused_ops(monkeypatch):
     original_replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), original_replay(self))[1])
     with torch.no_grad():
-        fm = torch.compile(m, backend="fusedtriton", mode="reduce-overhead")
-        fc = torch.compile(cell, backend="fusedtriton", mode="reduce-overhead")
+        # tuning off: at these tiny shapes the tuner may rightly leave a site to Inductor
+        opts = {"mode": "reduce-overhead", "autotune": False}
+        fm = torch.compile(m, backend="fusedtriton", options=opts)
+        fc = torch.compile(cell, backend="fusedtriton", options=opts)
         for _ in range(4):  # warm-up runs, then recorded graphs are replayed
             out_m, (out_c, h_c) = fm(x).clone(), [t.clone() for t in fc(xr, hr)]
         ref_m, (ref_c, ref_h) = m(x), cell(xr, hr)
