@@ -24,18 +24,23 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 @triton.jit
 def gemm_segment(acc, a_ptr, stride_am, stride_ak, w_ptr, stride_wn, stride_wk, rows, cols, K,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
     """acc += A[rows, :K] @ W[cols, :K]^T, reading W as stored (out_features x in_features).
 
     `rows`/`cols` are already clamped into range (callers wrap them with % M / % N), so only
-    the K tail is masked; any strides work, so non-contiguous inputs need no copy."""
+    the K tail is masked, and not at all when EVEN_K (K % BLOCK_K == 0); any strides work, so
+    non-contiguous inputs need no copy."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk

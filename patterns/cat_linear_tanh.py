@@ -29,7 +29,7 @@ MAX_SEGMENTS = 4
 def _cat_gemm_tanh_kernel(
         a0_ptr, a1_ptr, a2_ptr, a3_ptr, w_ptr, b_ptr, out_ptr, M, N, K0, K1, K2, K3,
         s0m, s0k, s1m, s1k, s2m, s2k, s3m, s3k, stride_wn, stride_wk, stride_om, stride_on,
-        NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -37,16 +37,16 @@ def _cat_gemm_tanh_kernel(
     rows, cols = offs_m % M, offs_n % N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # segment s multiplies W[:, K0 + ... + K(s-1) : ... + Ks]
-    acc = gemm_segment(acc, a0_ptr, s0m, s0k, w_ptr, stride_wn, stride_wk, rows, cols, K0, BLOCK_K, PRECISION)
+    acc = gemm_segment(acc, a0_ptr, s0m, s0k, w_ptr, stride_wn, stride_wk, rows, cols, K0, BLOCK_K, PRECISION, EVEN_K)
     if NUM_SEGMENTS > 1:
         acc = gemm_segment(acc, a1_ptr, s1m, s1k, w_ptr + K0 * stride_wk, stride_wn, stride_wk,
-                           rows, cols, K1, BLOCK_K, PRECISION)
+                           rows, cols, K1, BLOCK_K, PRECISION, EVEN_K)
     if NUM_SEGMENTS > 2:
         acc = gemm_segment(acc, a2_ptr, s2m, s2k, w_ptr + (K0 + K1) * stride_wk, stride_wn, stride_wk,
-                           rows, cols, K2, BLOCK_K, PRECISION)
+                           rows, cols, K2, BLOCK_K, PRECISION, EVEN_K)
     if NUM_SEGMENTS > 3:
         acc = gemm_segment(acc, a3_ptr, s3m, s3k, w_ptr + (K0 + K1 + K2) * stride_wk, stride_wn, stride_wk,
-                           rows, cols, K3, BLOCK_K, PRECISION)
+                           rows, cols, K3, BLOCK_K, PRECISION, EVEN_K)
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -77,7 +77,8 @@ def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, b
         _cat_gemm_tanh_kernel[grid](
             *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, PRECISION=precision, **config)
+            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, PRECISION=precision,
+            EVEN_K=all(w % config["BLOCK_K"] == 0 for w in widths), **config)
         return out
 
     def run_unfused():  # what Inductor runs: the cat, a cuBLAS addmm, one tanh pass

@@ -34,14 +34,14 @@ def _gemm_bn_gelu_relu_eval_kernel(
         x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
         M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, eps,
         HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-        APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr,
+        APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
-                       offs_m % M, offs_n % N, K, BLOCK_K, PRECISION)
+                       offs_m % M, offs_n % N, K, BLOCK_K, PRECISION, EVEN_K)
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -61,7 +61,7 @@ def _gemm_bn_gelu_relu_eval_kernel(
 def _gemm_bias_welford_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, pmean_ptr, pm2_ptr,
         M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """y = x W^T + b into out, plus this row-tile's per-feature mean and M2 (Welford partials)."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -69,7 +69,7 @@ def _gemm_bias_welford_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
-                       offs_m % M, offs_n % N, K, BLOCK_K, PRECISION)
+                       offs_m % M, offs_n % N, K, BLOCK_K, PRECISION, EVEN_K)
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -185,7 +185,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
             beta if beta is not None else dummy, running_mean, running_var, out,
             M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             eps, HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-            APPROX_TANH=approximate == "tanh", PRECISION=precision, **config)
+            APPROX_TANH=approximate == "tanh", PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
         return out
 
     def run_unfused():
@@ -217,7 +217,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
         _gemm_bias_welford_kernel[_gemm_grid(M, N, config)](
             x, weight, bias if bias is not None else mean, out, pmean, pm2,
             M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, PRECISION=precision, **config)
+            HAS_BIAS=bias is not None, PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
         block_n = 128 if profile.name != "interpreter" else 16
         _merge_welford_kernel[(triton.cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"],
                                                          BLOCK_N=block_n)
