@@ -73,6 +73,11 @@ class Options:
             inductor_options=tuple(sorted(extra.items())),
         )
 
+    @property
+    def cudagraphs(self) -> bool:
+        """Whether Inductor will run the graph under CUDA graphs (host time per call vanishes)."""
+        return bool(self.inductor_config_patches().get("triton.cudagraphs", False))
+
     def inductor_config_patches(self) -> dict:
         """Inductor's own options for the mode, plus the user's extra patches."""
         import torch._inductor

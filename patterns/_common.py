@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import torch
@@ -110,19 +111,41 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
         return run_reference()
 
 
-def tuned_unfused_reason(ctx, key, run_site) -> Optional[str]:
-    """Tune `key` now, at compile time, by running the site once on real tensors
-    (`run_site()` calls the pattern's forward with autotuning on); if the unfused path won,
-    the reason to leave the site to Inductor."""
+def _per_call_ms(fn, calls=20) -> float:
+    """Wall time per call of back-to-back calls: max(host, GPU) time, what a loop sees."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
+    """Decide at compile time, on real tensors, whether the site is worth fusing.
+
+    `call_op()` calls the fused op as the compiled graph will (its first call tunes `key`:
+    fused configs and the unfused path by GPU time); `call_unfused()` runs the unfused path
+    (cuBLAS + one pointwise pass). Without CUDA graphs the per-call host time counts too: at
+    launch-bound sizes the op's dispatch and launch cost more than the kernels save, and
+    the site is better left to Inductor. Returns the reason to leave it, or None."""
     if not ctx.tunes_at_compile_time:
         return None
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily(), torch.no_grad():
-        run_site()
-    choice = autotune.TUNER.lookup(key)
-    if choice is not None and choice.config is None:
-        return f"unfused path is faster here ({choice.describe()}): left to Inductor"
+        call_op()
+        choice = autotune.TUNER.lookup(key)
+        if choice is not None and choice.config is None:
+            return f"unfused path is faster here ({choice.describe()}): left to Inductor"
+        if ctx.options.cudagraphs:
+            return None
+        fused_ms, unfused_ms = _per_call_ms(call_op), _per_call_ms(call_unfused)
+    if fused_ms > unfused_ms:
+        return (f"launch-bound here: fused op {fused_ms:.4f} ms/call vs unfused {unfused_ms:.4f} ms/call, host "
+                "time included (mode='reduce-overhead' removes it): left to Inductor")
     return None
 
 

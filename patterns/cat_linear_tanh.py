@@ -58,6 +58,11 @@ def _cat_gemm_tanh_kernel(
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel)
 
 
+def _unfused(xs, weight, bias):
+    """What Inductor runs: the cat, a cuBLAS addmm, one tanh pass."""
+    return torch.tanh_(torch.nn.functional.linear(torch.cat(xs, 1), weight, bias))
+
+
 def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, budget=30.0):
     x0 = xs[0]
     M, N = x0.shape[0], weight.shape[0]
@@ -81,8 +86,8 @@ def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, b
             EVEN_K=all(w % config["BLOCK_K"] == 0 for w in widths), **config)
         return out
 
-    def run_unfused():  # what Inductor runs: the cat, a cuBLAS addmm, one tanh pass
-        return torch.tanh_(torch.nn.functional.linear(torch.cat(xs, 1), weight, bias))
+    def run_unfused():
+        return _unfused(xs, weight, bias)
 
     key = autotune.make_key(NAME, profile.name, x0.dtype, precision, M, K="+".join(map(str, widths[:len(xs)])), N=N)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
@@ -168,9 +173,13 @@ class CatLinearTanh(Pattern):
         written = written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
         if written:
             return written
-        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], lambda: forward(
-            [ctx.real_tensor(t) for t in tensors], ctx.real_tensor(m.weight), ctx.real_tensor(m.bias),
-            ctx.dot_precision(vals[0].dtype), True, ctx.options.tune_budget_s))
+        xs = [ctx.real_tensor(t) for t in tensors]
+        w, b = ctx.real_tensor(m.weight), ctx.real_tensor(m.bias)
+        precision = ctx.dot_precision(vals[0].dtype)
+        return tuned_unfused_reason(
+            ctx, self._site(m, ctx)["key"],
+            lambda: cat_linear_tanh(xs, w, b, precision, True, ctx.options.tune_budget_s),
+            lambda: _unfused(xs, w, b))
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

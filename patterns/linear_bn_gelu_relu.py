@@ -155,6 +155,22 @@ def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile):
     return out
 
 
+def _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile):
+    """The site as Inductor runs it: cuBLAS GEMM (+ bias), then one pointwise pass, in place."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
+
+
+def _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out=None, mean=None, var=None):
+    """cuBLAS GEMM, a column reduction for the batch statistics, one pointwise pass."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    v, m = torch.var_mean(y.float(), dim=0, correction=0)
+    mean = m if mean is None else mean.copy_(m)
+    var = v if var is None else var.copy_(v)
+    out = y if out is None else out
+    return _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
+
+
 def _reference(x, weight, bias, gamma, beta, mean, var, eps, approximate):
     y = torch.nn.functional.linear(x, weight, bias)
     z = torch.nn.functional.batch_norm(y, mean, var, gamma, beta, False, 0.0, eps)
@@ -189,8 +205,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
         return out
 
     def run_unfused():
-        y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS; then one pointwise pass in place
-        return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
+        return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)
 
     key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
     return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype), m=M,
@@ -224,11 +239,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
         return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
 
     def run_unfused():
-        y = torch.nn.functional.linear(x, weight, bias)
-        v, m = torch.var_mean(y.float(), dim=0, correction=0)
-        mean.copy_(m)
-        var.copy_(v)
-        return _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
+        return _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out, mean, var)
 
     def run_reference():
         y = torch.nn.functional.linear(x, weight, bias)
@@ -382,7 +393,7 @@ class LinearBnGeluRelu(Pattern):
             # eager leaves the running statistics alone for an empty batch; Dynamo gives batch 0
             # a graph of its own, so this costs nothing elsewhere
             return "empty batch in training: left to Inductor"
-        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], lambda: self._run_once(m, ctx))
+        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx))
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
@@ -395,15 +406,17 @@ class LinearBnGeluRelu(Pattern):
                 "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, x_val.dtype, precision, M, K=K, N=N)}
 
     @staticmethod
-    def _run_once(m: _Match, ctx):
+    def _calls(m: _Match, ctx):
+        """(fused op call, unfused path call) on real tensors, for the compile-time decision."""
         t = ctx.real_tensor
-        precision = ctx.dot_precision(example_value(m.x).dtype)
+        x, w, b, g, be = t(m.x), t(m.weight), t(m.bias), t(m.gamma), t(m.beta)
+        precision, eps, budget = ctx.dot_precision(x.dtype), float(m.eps), ctx.options.tune_budget_s
         if m.training:
-            train_forward(t(m.x), t(m.weight), t(m.bias), t(m.gamma), t(m.beta), float(m.eps), m.approximate,
-                          precision, True, ctx.options.tune_budget_s)
-        else:
-            eval_forward(t(m.x), t(m.weight), t(m.bias), t(m.gamma), t(m.beta), t(m.running_mean),
-                         t(m.running_var), float(m.eps), m.approximate, precision, True, ctx.options.tune_budget_s)
+            return (lambda: linear_bn_gelu_relu_train(x, w, b, g, be, eps, m.approximate, precision, True, budget),
+                    lambda: _unfused_train(x, w, b, g, be, eps, m.approximate, ctx.profile))
+        rm, rv = t(m.running_mean), t(m.running_var)
+        return (lambda: linear_bn_gelu_relu_eval(x, w, b, g, be, rm, rv, eps, m.approximate, precision, True, budget),
+                lambda: _unfused_eval(x, w, b, g, be, rm, rv, eps, m.approximate, ctx.profile))
 
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph
