@@ -217,6 +217,7 @@ def test_tuned_site_fused_or_left_to_inductor(train):
     if site.fused:
         assert "ms" in site.info["choice"] and "unfused" in site.info["choice"], report
     else:
-        assert "unfused path is faster" in site.reason and "ms" in site.reason, report
+        # unfused faster by GPU time, or launch-bound once host time per call is counted
+        assert "left to Inductor" in site.reason and "ms" in site.reason, report
     ref64 = _mlp_ref64(eager, x)
     assert rel_err(out, ref64) <= allowed_error(torch.float32, "high", rel_err(ref, ref64))
