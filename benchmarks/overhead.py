@@ -5,20 +5,9 @@ import pstats
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fusion_backend
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.gemm = nn.Linear(i, o)
-        self.batch_norm = nn.BatchNorm1d(o)
-
-    def forward(self, x):
-        return torch.relu(F.gelu(self.batch_norm(self.gemm(x))))
+from bench import MLPBlock
 
 
 def per_call_us(fn, n=300):
