@@ -147,8 +147,6 @@ def run_case(name, max_autotune, reduce_overhead=False):
                 for _ in range(3):
                     ro(*inputs)
                 row[col] = bench(lambda: ro(*inputs))
-    del model, inputs
-    torch.cuda.empty_cache()
     return row
 
 
@@ -167,6 +165,7 @@ def main():
     rows = []
     for name in args.cases:
         row = run_case(name, args.max_autotune, args.reduce_overhead)
+        torch.cuda.empty_cache()  # the case's model and inputs died with run_case
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
     if args.json:

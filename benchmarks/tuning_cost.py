@@ -9,7 +9,6 @@ import time
 
 import torch
 
-import fusion_backend
 from fusion_backend import autotune
 from bench import MLPBlock, RNNCell
 

@@ -5,7 +5,7 @@ import collections
 import dataclasses
 import logging
 import warnings
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import fx

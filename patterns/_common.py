@@ -1,6 +1,7 @@
 """Helpers the pattern modules share: graph checks and the launch plumbing."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Optional
@@ -149,8 +150,17 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def space(profile, family, dtype):
+    """The configs for this device, kernel family and input dtype (computed once: launchers
+    call this on their hot path)."""
     return config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def heuristic_kwargs(profile, family, dtype, m_bucket) -> dict:
+    """Launch kwargs of the heuristic config, for untuned helper kernels (memoized per bucket)."""
+    return kernel_kwargs(config_spaces.heuristic_pick(space(profile, family, dtype), m_bucket), profile)
 
 
 def kernel_kwargs(config, profile) -> dict:

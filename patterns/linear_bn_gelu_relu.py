@@ -21,7 +21,7 @@ from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_val
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
 
-from ._common import (define_op, hint, kernel_kwargs, launch, mutated_in_graph, only_user, space, tensor_problem,
+from ._common import (define_op, heuristic_kwargs, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
                       tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
@@ -145,13 +145,12 @@ def _gemm_grid(M, N, config):
 
 def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile):
     M, N = y.shape
-    config = config_spaces.heuristic_pick(space(profile, config_spaces.POINTWISE, y.dtype), M)
+    config = heuristic_kwargs(profile, config_spaces.POINTWISE, y.dtype, autotune.bucket(M))
     grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
     _bn_gelu_relu_kernel[grid](
         y, out, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, M, N,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1), eps,
-        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, APPROX_TANH=approximate == "tanh",
-        **kernel_kwargs(config, profile))
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, APPROX_TANH=approximate == "tanh", **config)
     return out
 
 

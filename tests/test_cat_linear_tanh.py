@@ -277,3 +277,42 @@ def test_inplace_write_to_cat_operand_alias_after_cat():
     assert torch.equal(h_c, h_e)  # the in-place write itself happened
     # fused or not, the result must be eager's: the cat saw h before the write
     assert_matches(out, e, r)
+
+
+class UnrolledRNN(nn.Module):
+    """The sequence model of issue 4 at small sizes: a Python loop over time steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h = nn.Linear(I + H, H)
+        self.h2o = nn.Linear(H, O)
+
+    def forward(self, xs, h):
+        outputs = []
+        for t in range(xs.shape[0]):
+            h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
+            outputs.append(self.h2o(h))
+        return torch.stack(outputs), h
+
+
+def test_unrolled_sequence_every_step_fused_and_bptt():
+    """Dynamo unrolls the loop; each step's cell is one fused site reading the previous
+    step's output; outputs, final hidden state and the gradients through time match eager."""
+    torch.manual_seed(11)
+    steps = 6
+    model = UnrolledRNN()
+    eager = copy.deepcopy(model)
+    model64 = copy.deepcopy(model).double()
+    xs, h0 = torch.randn(steps, B, I), torch.randn(B, H)
+    out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
+    assert fusion_backend.counters[NAME] == steps
+    e_out, e_h = eager(xs, h0)
+    r_out, r_h = model64(xs.double(), h0.double())
+    assert rel_err(out, r_out) <= tolerance(torch.float32, eager_err=rel_err(e_out, r_out))
+    assert rel_err(h, r_h) <= tolerance(torch.float32, eager_err=rel_err(e_h, r_h))
+    (out.square().sum() + h.sum()).backward()
+    (e_out.square().sum() + e_h.sum()).backward()
+    (r_out.square().sum() + r_h.sum()).backward()
+    for (name, p), (_, q), (_, r) in zip(model.named_parameters(), eager.named_parameters(),
+                                         model64.named_parameters()):
+        assert rel_err(p.grad, r.grad) <= tolerance(torch.float32, eager_err=rel_err(q.grad, r.grad)), name

@@ -196,6 +196,7 @@ def test_reduce_overhead_captures_fused_ops(monkeypatch):
     assert len(replays) >= 2  # graphs were recorded and replayed
     torch.testing.assert_close(out_m, ref_m, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(h_c, ref_h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_c, ref_c, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
