@@ -29,6 +29,7 @@ class DeviceProfile:
     dot_precisions: tuple     # input_precision values tl.dot accepts for fp32 here
     fp32_highest: str         # dot precision used for fp32 at matmul precision "highest"
     fp32_high: str            # ... at "high" / "medium"
+    input_dtypes: tuple = ("float32", "float16", "bfloat16")  # dtypes the fused kernels take here
 
     def dot_precision(self, dtype: torch.dtype, matmul_precision: Optional[str] = None) -> str:
         """The tl.dot input_precision for `dtype` inputs, following torch's fp32 matmul setting.
@@ -100,6 +101,9 @@ INTERPRETER = DeviceProfile(
     name="interpreter", vendor="interpreter", arch="cpu", warp_size=32, smem_per_block=1 << 30,
     multiprocessors=1, max_num_warps=4, dot_precisions=("ieee",),
     fp32_highest="ieee", fp32_high="ieee",
+    # Triton's interpreter (3.9) returns garbage from tl.dot on bfloat16 operands (seen here:
+    # |error| ~1e10 on a 16x16 product); bf16 sites stay with Inductor on this profile.
+    input_dtypes=("float32", "float16"),
 )
 
 

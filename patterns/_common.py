@@ -51,8 +51,8 @@ def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
     return None
 
 
-def tensor_problem(nodes, *, device, dtype=None, rank=None) -> Optional[str]:
-    """Why these tensor nodes cannot feed a fused kernel (device, dtype, rank), or None."""
+def tensor_problem(nodes, *, device, profile, dtype=None) -> Optional[str]:
+    """Why these tensor nodes cannot feed a fused kernel (device, dtype), or None."""
     for node in nodes:
         if node is None:
             continue
@@ -63,6 +63,8 @@ def tensor_problem(nodes, *, device, dtype=None, rank=None) -> Optional[str]:
             return f"mixed devices: {node.name} is on {val.device}, the graph on {device}"
         if val.dtype not in SUPPORTED_DTYPES:
             return f"unsupported dtype {val.dtype} ({node.name}); fused kernels take float32/float16/bfloat16"
+        if str(val.dtype).replace("torch.", "") not in profile.input_dtypes:
+            return f"dtype {val.dtype} ({node.name}) is not supported on profile {profile.name}"
         if dtype is not None and val.dtype != dtype:
             return f"dtype mismatch: {node.name} is {val.dtype}, expected {dtype}"
     return None

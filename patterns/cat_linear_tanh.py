@@ -161,7 +161,8 @@ class CatLinearTanh(Pattern):
             return "cat operands must be 2-D (batch, features)"
         if m.dim not in (1, -1):
             return f"cat along dim {m.dim}; only the feature dim (1 / -1) is fused"
-        problem = tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, dtype=vals[0].dtype)
+        problem = tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, profile=ctx.profile,
+                                 dtype=vals[0].dtype)
         if problem:
             return problem
         out_val = example_value(m.tanh)

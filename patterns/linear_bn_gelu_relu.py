@@ -366,8 +366,9 @@ class LinearBnGeluRelu(Pattern):
         if x_val is None or x_val.dim() != 2:
             rank = None if x_val is None else x_val.dim()
             return f"BatchNorm1d input must be 2-D (batch, features) to fuse; got rank {rank}"
-        problem = tensor_problem([m.x, m.weight, m.bias], device=ctx.device, dtype=x_val.dtype) or \
-            tensor_problem([m.gamma, m.beta, m.running_mean, m.running_var], device=ctx.device)
+        problem = (tensor_problem([m.x, m.weight, m.bias], device=ctx.device, profile=ctx.profile, dtype=x_val.dtype)
+                   or tensor_problem([m.gamma, m.beta, m.running_mean, m.running_var], device=ctx.device,
+                                     profile=ctx.profile))
         if problem:
             return problem
         out_val = example_value(m.relu)

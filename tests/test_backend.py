@@ -317,3 +317,19 @@ def test_counters_keyed_by_pattern_one_per_site():
     assert dict(fusion_backend.counters) == {LBGR: 2, CLT: 1}
     check(compiled, model, torch.randn(9, 24), torch.randn(9, 12))  # same graph: no new sites
     assert dict(fusion_backend.counters) == {LBGR: 2, CLT: 1}
+
+
+@needs_interpreter
+def test_bfloat16_not_fused_on_the_interpreter():
+    """Triton's interpreter gets bf16 dots wrong, so on the CPU profile bf16 sites stay with
+    Inductor (with the reason in explain()) and the model still gives eager's result."""
+    torch.manual_seed(39)
+    model = randomize(TwoBlocksAndCell()).to(torch.bfloat16).eval()
+    x, h = torch.randn(9, 24, dtype=torch.bfloat16), torch.randn(9, 12, dtype=torch.bfloat16)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, x, h)
+        out = torch.compile(model, backend="fusedtriton")(x, h)
+        eager = model(x, h)
+    assert not report.fused and len(report.skipped) == 3
+    assert all("not supported on profile interpreter" in s.reason for s in report.skipped), report
+    assert rel_err(out, eager) <= tolerance(torch.bfloat16)
