@@ -29,6 +29,31 @@ def hint(size) -> int:
     return int(size)
 
 
+def compute_dtype(linear: fx.Node, inputs, profile):
+    """(dtype the Linear computes in, None) or (None, reason). Without autocast every input
+    has the Linear's output dtype; under autocast Dynamo records an fp16/bf16 output from
+    inputs that are fp32 or already that dtype, and the fused op then computes in it."""
+    lin_val = example_value(linear)
+    if lin_val is None:
+        return None, f"{linear.name} has no tensor metadata"
+    dtype = lin_val.dtype
+    dtypes = {example_value(n).dtype for n in inputs if n is not None}
+    if dtypes == {dtype}:
+        return dtype, None
+    if dtype in (torch.float16, torch.bfloat16) and dtypes <= {torch.float32, dtype}:
+        if str(dtype).replace("torch.", "") not in profile.input_dtypes:
+            return None, f"autocast dtype {dtype} is not supported on profile {profile.name}"
+        return dtype, None
+    return None, f"dtype mismatch: the Linear computes in {dtype} from inputs of {sorted(map(str, dtypes))}"
+
+
+def cast_to(graph, nodes, dtype):
+    """The nodes as `dtype` (autocast's casts made explicit, so the op sees what eager's
+    Linear saw); None and nodes already in `dtype` pass through. Inserts at the current point."""
+    return [n if n is None or example_value(n).dtype == dtype else graph.call_method("to", (n, dtype))
+            for n in nodes]
+
+
 def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
     """An in-place write between `first` and `last` (the fused op runs at `last`) to storage
     that one of `inputs` shares (the input itself or any view of it), or None."""
@@ -51,7 +76,7 @@ def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
     return None
 
 
-def tensor_problem(nodes, *, device, profile, dtype=None) -> Optional[str]:
+def tensor_problem(nodes, *, device, profile) -> Optional[str]:
     """Why these tensor nodes cannot feed a fused kernel (device, dtype), or None."""
     for node in nodes:
         if node is None:
@@ -65,8 +90,6 @@ def tensor_problem(nodes, *, device, profile, dtype=None) -> Optional[str]:
             return f"unsupported dtype {val.dtype} ({node.name}); fused kernels take float32/float16/bfloat16"
         if str(val.dtype).replace("torch.", "") not in profile.input_dtypes:
             return f"dtype {val.dtype} ({node.name}) is not supported on profile {profile.name}"
-        if dtype is not None and val.dtype != dtype:
-            return f"dtype mismatch: {node.name} is {val.dtype}, expected {dtype}"
     return None
 
 

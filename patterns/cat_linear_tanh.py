@@ -18,7 +18,7 @@ from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, tanh, tile_ids
 
-from ._common import (define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
+from ._common import (cast_to, compute_dtype, define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
                       tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
@@ -161,22 +161,24 @@ class CatLinearTanh(Pattern):
             return "cat operands must be 2-D (batch, features)"
         if m.dim not in (1, -1):
             return f"cat along dim {m.dim}; only the feature dim (1 / -1) is fused"
-        problem = tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, profile=ctx.profile,
-                                 dtype=vals[0].dtype)
+        problem = tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, profile=ctx.profile)
+        if problem:
+            return problem
+        dtype, problem = compute_dtype(m.linear, tensors + [m.weight, m.bias], ctx.profile)
         if problem:
             return problem
         out_val = example_value(m.tanh)
-        if out_val is None or out_val.dtype != vals[0].dtype:
-            return "output dtype differs from the input's (autocast region): left to Inductor"
+        if out_val is None or out_val.dtype != dtype:
+            return f"output dtype {None if out_val is None else out_val.dtype} differs from the Linear's {dtype}"
         for node in tensors + [m.weight, m.bias]:
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
         written = written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
         if written:
             return written
-        xs = [ctx.real_tensor(t) for t in tensors]
-        w, b = ctx.real_tensor(m.weight), ctx.real_tensor(m.bias)
-        precision = ctx.dot_precision(vals[0].dtype)
+        xs = [ctx.real_tensor(t).to(dtype) for t in tensors]  # autocast's casts, made explicit
+        w, b = (None if n is None else ctx.real_tensor(n).to(dtype) for n in (m.weight, m.bias))
+        precision = ctx.dot_precision(dtype)
         return tuned_unfused_reason(
             ctx, self._site(m, ctx)["key"],
             lambda: cat_linear_tanh(xs, w, b, precision, True, ctx.options.tune_budget_s),
@@ -185,11 +187,12 @@ class CatLinearTanh(Pattern):
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
         vals = [example_value(t) for t in m.tensors]
-        dtype = vals[0].dtype
+        dtype = example_value(m.linear).dtype  # the inputs', or the autocast dtype
         precision = ctx.dot_precision(dtype)
         M, N = hint(vals[0].shape[0]), hint(example_value(m.weight).shape[0])
         widths = "+".join(str(hint(v.shape[1])) for v in vals)
         return {"shape": f"{M}x({widths})->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
+                "autocast": any(v.dtype != dtype for v in vals),
                 "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K=widths, N=N)}
 
     def replace(self, m: _Match, ctx) -> dict:
@@ -197,8 +200,9 @@ class CatLinearTanh(Pattern):
         site = self._site(m, ctx)
         precision = site["precision"]
         with graph.inserting_before(m.tanh):
+            *xs, w, b = cast_to(graph, list(m.tensors) + [m.weight, m.bias], example_value(m.linear).dtype)
             out = graph.call_function(cat_linear_tanh, (
-                list(m.tensors), m.weight, m.bias, precision, ctx.options.autotune, ctx.options.tune_budget_s))
+                xs, w, b, precision, ctx.options.autotune, ctx.options.tune_budget_s))
         out.meta.update(m.tanh.meta)
         m.tanh.replace_all_uses_with(out)
         for node in (m.tanh, m.linear, m.cat):

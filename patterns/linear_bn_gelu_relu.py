@@ -21,7 +21,7 @@ from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_val
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
 
-from ._common import (define_op, heuristic_kwargs, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
+from ._common import (cast_to, compute_dtype, define_op, heuristic_kwargs, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
                       tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
@@ -366,14 +366,16 @@ class LinearBnGeluRelu(Pattern):
         if x_val is None or x_val.dim() != 2:
             rank = None if x_val is None else x_val.dim()
             return f"BatchNorm1d input must be 2-D (batch, features) to fuse; got rank {rank}"
-        problem = (tensor_problem([m.x, m.weight, m.bias], device=ctx.device, profile=ctx.profile, dtype=x_val.dtype)
-                   or tensor_problem([m.gamma, m.beta, m.running_mean, m.running_var], device=ctx.device,
-                                     profile=ctx.profile))
+        problem = tensor_problem([m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var],
+                                 device=ctx.device, profile=ctx.profile)
+        if problem:
+            return problem
+        dtype, problem = compute_dtype(m.linear, [m.x, m.weight, m.bias], ctx.profile)
         if problem:
             return problem
         out_val = example_value(m.relu)
-        if out_val is None or out_val.dtype != x_val.dtype:
-            return "output dtype differs from the input's (autocast region): left to Inductor"
+        if out_val is None or out_val.dtype != dtype:
+            return f"output dtype {None if out_val is None else out_val.dtype} differs from the Linear's {dtype}"
         if not isinstance(m.training, bool) or not isinstance(m.eps, (int, float)):
             return "BatchNorm training flag or eps is not a constant"
         if m.approximate not in ("none", "tanh"):
@@ -398,19 +400,23 @@ class LinearBnGeluRelu(Pattern):
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
         x_val, w_val = example_value(m.x), example_value(m.weight)
-        precision = ctx.dot_precision(x_val.dtype)
+        dtype = example_value(m.linear).dtype  # x's, or the autocast dtype
+        precision = ctx.dot_precision(dtype)
         M, K, N = hint(x_val.shape[0]), hint(x_val.shape[1]), hint(w_val.shape[0])
         mode = "train" if m.training else "eval"
-        return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(x_val.dtype).replace("torch.", ""),
+        return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""),
                 "precision": precision, "gelu": m.approximate,
-                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, x_val.dtype, precision, M, K=K, N=N)}
+                "autocast": any(example_value(n).dtype != dtype for n in (m.x, m.weight) if n is not None),
+                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, dtype, precision, M, K=K, N=N)}
 
     @staticmethod
     def _calls(m: _Match, ctx):
         """(fused op call, unfused path call) on real tensors, for the compile-time decision."""
         t = ctx.real_tensor
-        x, w, b, g, be = t(m.x), t(m.weight), t(m.bias), t(m.gamma), t(m.beta)
-        precision, eps, budget = ctx.dot_precision(x.dtype), float(m.eps), ctx.options.tune_budget_s
+        dtype = example_value(m.linear).dtype
+        x, w, b = (None if v is None else v.to(dtype) for v in (t(m.x), t(m.weight), t(m.bias)))
+        g, be = t(m.gamma), t(m.beta)
+        precision, eps, budget = ctx.dot_precision(dtype), float(m.eps), ctx.options.tune_budget_s
         if m.training:
             return (lambda: linear_bn_gelu_relu_train(x, w, b, g, be, eps, m.approximate, precision, True, budget),
                     lambda: _unfused_train(x, w, b, g, be, eps, m.approximate, ctx.profile))
@@ -424,13 +430,14 @@ class LinearBnGeluRelu(Pattern):
         precision = site["precision"]
         tune = (ctx.options.autotune, ctx.options.tune_budget_s)
         with graph.inserting_before(m.relu):
+            x, w, b = cast_to(graph, [m.x, m.weight, m.bias], example_value(m.linear).dtype)
             if not m.training:
                 out = graph.call_function(linear_bn_gelu_relu_eval, (
-                    m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
+                    x, w, b, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
                     m.approximate, precision, *tune))
             else:
                 res = graph.call_function(linear_bn_gelu_relu_train, (
-                    m.x, m.weight, m.bias, m.gamma, m.beta, float(m.eps), m.approximate, precision, *tune))
+                    x, w, b, m.gamma, m.beta, float(m.eps), m.approximate, precision, *tune))
                 out = graph.call_function(_getitem, (res, 0))
                 if m.running_mean is not None:
                     self._update_running_stats(graph, m, res)

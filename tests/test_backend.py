@@ -333,3 +333,32 @@ def test_bfloat16_not_fused_on_the_interpreter():
     assert not report.fused and len(report.skipped) == 3
     assert all("not supported on profile interpreter" in s.reason for s in report.skipped), report
     assert rel_err(out, eager) <= tolerance(torch.bfloat16)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_autocast_sites_fused_in_the_autocast_dtype(train):
+    """Under autocast the Linear computes in fp16 from fp32 inputs: the rewrite makes the casts
+    explicit and fuses; outputs are fp16 like eager's, within the fp16 class of fp64; gradients
+    reach the fp32 parameters; running statistics stay fp32 and match eager's."""
+    torch.manual_seed(40)
+    model = randomize(TwoBlocksAndCell()).train(train)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, h = torch.randn(9, 24), torch.randn(9, 12)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = torch.compile(model, backend="fusedtriton")(x, h)
+        e = eager(x, h)
+    r = ref(x.double(), h.double())
+    assert dict(fusion_backend.counters) == {LBGR: 2, CLT: 1}
+    assert out.dtype == e.dtype == torch.float16
+    assert rel_err(out, r) <= tolerance(torch.float16)
+    out.float().square().sum().backward()
+    e.float().square().sum().backward()
+    r.square().sum().backward()
+    for (name, p), (_, q), (_, p64) in zip(model.named_parameters(), eager.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert rel_err(p.grad, p64.grad) <= max(tolerance(torch.float16), 2 * rel_err(q.grad, p64.grad)), name
+    if train:
+        for b_ours, b_eager in zip(model.buffers(), eager.buffers()):
+            assert b_ours.dtype == b_eager.dtype
+            torch.testing.assert_close(b_ours.float(), b_eager.float(), rtol=2e-3, atol=1e-3)
