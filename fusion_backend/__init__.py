@@ -55,9 +55,9 @@ def explain(model, *args, mode=None, options=None, **kwargs):
         _report_sinks.remove(sink)
     for graph in sink:
         for site in graph.fused:
-            key = site.info.get("key")
-            if key is not None:
-                site.info["choice"] = autotune.describe_choice(key)
+            choice = autotune.TUNER.lookup(site.info.get("key"))
+            if choice is not None:
+                site.info["choice"] = choice.describe()
     return ExplainReport(sink)
 
 

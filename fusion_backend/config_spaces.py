@@ -17,6 +17,7 @@ import torch
 
 GEMM = "gemm"            # one GEMM main loop + a fused epilogue
 POINTWISE = "pointwise"  # no GEMM: normalisation/activation passes, stat merges
+RECURRENCE = "recurrence"  # one program walking all time steps of an RNN (BLOCK_M = largest batch)
 
 LAUNCH_KEYS = ("num_warps", "num_stages")
 AMD_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
@@ -86,6 +87,13 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
         "amd": [_p(64, 128, 4, 1)],
         "interpreter": [_p(16, 16, 1, 1)],
         "default": [_p(64, 128, 4, 1)],
+    },
+    RECURRENCE: {
+        "nvidia": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)],
+        "rtx4090": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)],
+        "amd": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)],
+        "interpreter": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)],
+        "default": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)],
     },
 }
 

@@ -22,6 +22,8 @@ _discovered = False
 
 class Pattern:
     name: str = ""
+    #: patterns run in (order, name) order; one that builds on another's ops runs after it
+    order: int = 0
 
     def match(self, node):
         """A match object if `node` ends this pattern's structure, else None."""
@@ -66,4 +68,5 @@ def pattern_names() -> List[str]:
 
 def enabled_patterns(names=None) -> List[Pattern]:
     discover()
-    return [_PATTERNS[n] for n in sorted(_PATTERNS) if names is None or n in names]
+    chosen = [p for n, p in _PATTERNS.items() if names is None or n in names]
+    return sorted(chosen, key=lambda p: (p.order, p.name))

@@ -306,6 +306,7 @@ def test_unrolled_sequence_every_step_fused_and_bptt():
     xs, h0 = torch.randn(steps, B, I), torch.randn(B, H)
     out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
     assert fusion_backend.counters[NAME] == steps
+    assert fusion_backend.counters["rnn_sequence"] == 1  # the chain became one recurrence
     e_out, e_h = eager(xs, h0)
     r_out, r_h = model64(xs.double(), h0.double())
     assert rel_err(out, r_out) <= tolerance(torch.float32, eager_err=rel_err(e_out, r_out))
@@ -316,3 +317,34 @@ def test_unrolled_sequence_every_step_fused_and_bptt():
     for (name, p), (_, q), (_, r) in zip(model.named_parameters(), eager.named_parameters(),
                                          model64.named_parameters()):
         assert rel_err(p.grad, r.grad) <= tolerance(torch.float32, eager_err=rel_err(q.grad, r.grad)), name
+
+
+class FeedbackRNN(UnrolledRNN):
+    """x_t depends on h_{t-1}: the input projections cannot be hoisted."""
+
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            x = xs[t] + h.sum(1, keepdim=True)
+            h = torch.tanh(self.i2h(torch.cat((x, h), dim=1)))
+        return h
+
+
+def test_sequence_hoists_both_projections_and_refuses_feedback():
+    torch.manual_seed(12)
+    model = UnrolledRNN()
+    xs, h0 = torch.randn(5, B, I), torch.randn(B, H)
+    report = fusion_backend.explain(model, xs, h0)
+    seq = [s for s in report.fused if s.pattern == "rnn_sequence"]
+    assert len(seq) == 1 and seq[0].info["steps"] == 5, report
+    assert "h2o of all steps: one GEMM" in seq[0].info["hoisted"], report
+
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    feedback = FeedbackRNN()
+    model64 = copy.deepcopy(feedback).double()
+    report = fusion_backend.explain(feedback, xs, h0)
+    assert not [s for s in report.fused if s.pattern == "rnn_sequence"]
+    assert any(s.pattern == "rnn_sequence" and "depends on an earlier step" in s.reason for s in report.skipped), report
+    out = torch.compile(feedback, backend="fusedtriton")(xs, h0)
+    ref = model64(xs.double(), h0.double())
+    assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(feedback(xs, h0), ref))
