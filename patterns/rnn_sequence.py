@@ -21,7 +21,7 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import define_op, heuristic_kwargs, hint
+from ._common import define_op, heuristic_kwargs, hint, log
 
 NAME = "rnn_sequence"
 
@@ -68,9 +68,26 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     config = heuristic_kwargs(profile, config_spaces.RECURRENCE, p.dtype, 1)
     block_b = max(16, triton.next_power_of_2(B))
     launch = {k: v for k, v in config.items() if k != "BLOCK_M"}
-    _rnn_recurrence_kernel[(1,)](
-        p, w_h, hs, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),
-        hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, BLOCK_B=block_b, **launch)
+    if _failed:
+        return _reference(p, w_h, hs)
+    try:
+        _rnn_recurrence_kernel[(1,)](
+            p, w_h, hs, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),
+            hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, BLOCK_B=block_b, **launch)
+    except Exception as exc:  # a kernel that fails to compile must not break the model
+        _failed.append(exc)
+        log.warning("fusedtriton: %s kernel failed (%s: %s); using the unfused computation",
+                    NAME, type(exc).__name__, exc)
+        return _reference(p, w_h, hs)
+    return hs
+
+
+_failed: list = []
+
+
+def _reference(p, w_h, hs):
+    for t in range(p.shape[0]):
+        hs[t + 1] = torch.tanh(p[t] + hs[t] @ w_h.t())
     return hs
 
 

@@ -348,3 +348,33 @@ def test_sequence_hoists_both_projections_and_refuses_feedback():
     out = torch.compile(feedback, backend="fusedtriton")(xs, h0)
     ref = model64(xs.double(), h0.double())
     assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(feedback(xs, h0), ref))
+
+
+def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    import logging
+
+    import patterns.rnn_sequence as seq
+
+    class Raising:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("injected kernel failure")
+            return launch
+
+    monkeypatch.setattr(seq, "_rnn_recurrence_kernel", Raising())
+    monkeypatch.setattr(seq, "_failed", [])
+    torch.manual_seed(13)
+    model = UnrolledRNN()
+    model64 = copy.deepcopy(model).double()
+    xs, h0 = torch.randn(4, B, I), torch.randn(B, H)
+    with caplog.at_level(logging.WARNING, logger="fusion_backend"):
+        compiled = torch.compile(model, backend="fusedtriton")
+        out, h = compiled(xs, h0)
+        out, h = compiled(xs, h0)
+    assert fusion_backend.counters["rnn_sequence"] == 1
+    warnings = [r for r in caplog.records if "rnn_sequence kernel failed" in r.getMessage()]
+    assert len(warnings) == 1
+    r_out, r_h = model64(xs.double(), h0.double())
+    e_out, e_h = model(xs, h0)
+    assert rel_err(out, r_out) <= tolerance(torch.float32, eager_err=rel_err(e_out, r_out))
+    assert rel_err(h, r_h) <= tolerance(torch.float32, eager_err=rel_err(e_h, r_h))
