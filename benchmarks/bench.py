@@ -9,6 +9,7 @@ fusedtriton. Prints a table last and writes JSON with --json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -39,6 +40,22 @@ class RNNCell(nn.Module):
         return self.h2o(h), h
 
 
+class UnrolledRNN(nn.Module):
+    """A Python loop over time steps (Dynamo unrolls it); outputs stacked."""
+
+    def __init__(self, i, h, o):
+        super().__init__()
+        self.i2h = nn.Linear(i + h, h)
+        self.h2o = nn.Linear(h, o)
+
+    def forward(self, xs, h):
+        outputs = []
+        for t in range(xs.shape[0]):
+            h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
+            outputs.append(self.h2o(h))
+        return torch.stack(outputs), h
+
+
 # name: (kind, dims, dtype, fp32 matmul precision, train)
 CASES = {
     "lbgr_eval_highest": ("mlp", (16384, 4096, 4096), torch.float32, "highest", False),
@@ -49,6 +66,8 @@ CASES = {
     "lbgr_small_train_high": ("mlp", (512, 1024, 1024), torch.float32, "high", True),
     "rnn_cell_high": ("rnn", (256, 16384, 16384, 8192), torch.float32, "high", False),
     "rnn_cell_highest": ("rnn", (256, 16384, 16384, 8192), torch.float32, "highest", False),
+    "rnn_seq256_highest": ("seq", (256, 8, 1024, 256, 128), torch.float32, "highest", False),
+    "rnn_seq256_high": ("seq", (256, 8, 1024, 256, 128), torch.float32, "high", False),
 }
 
 
@@ -73,6 +92,8 @@ def fp64_reference(model, inputs, kind):
             mean, var = m64["batch_norm.running_mean"], m64["batch_norm.running_var"]
         z = (y - mean) / torch.sqrt(var + model.batch_norm.eps) * m64["batch_norm.weight"] + m64["batch_norm.bias"]
         return torch.relu(F.gelu(z))
+    if kind == "seq":
+        return copy.deepcopy(model).double()(*(t.double() for t in inputs))[0]
     x, h = inputs
     h = torch.tanh(F.linear(torch.cat((x.double(), h.double()), 1), m64["i2h.weight"], m64["i2h.bias"]))
     return F.linear(h, m64["h2o.weight"], m64["h2o.bias"])
@@ -100,6 +121,11 @@ def run_case(name, max_autotune, reduce_overhead=False):
         model.train(train)
         inputs = (torch.randn(M, K, device=dev, dtype=dtype),)
         gemm = lambda: F.linear(inputs[0], model.gemm.weight)  # noqa: E731
+    elif kind == "seq":
+        T, B, I, H, O = dims
+        model = UnrolledRNN(I, H, O).to(dev, dtype).eval()
+        inputs = (torch.randn(T, B, I, device=dev, dtype=dtype), torch.randn(B, H, device=dev, dtype=dtype))
+        gemm = None
     else:
         B, I, H, O = dims
         model = RNNCell(I, H, O).to(dev, dtype).eval()
@@ -114,10 +140,13 @@ def run_case(name, max_autotune, reduce_overhead=False):
         eager_out = first(model(*inputs))
         row["err_eager"] = rel_err(eager_out, ref)
         row["eager_ms"] = bench(lambda: model(*inputs))
-        row["cublas_gemm_ms"] = bench(gemm)
+        row["cublas_gemm_ms"] = bench(gemm) if gemm is not None else None
         torch._dynamo.reset()
         ind = torch.compile(model)
+        t0 = time.perf_counter()
         ind(*inputs)
+        torch.cuda.synchronize()
+        row["inductor_first_call_s"] = time.perf_counter() - t0
         row["inductor_ms"] = bench(lambda: ind(*inputs))
         if max_autotune:
             torch._dynamo.reset()

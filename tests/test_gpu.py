@@ -222,3 +222,33 @@ def test_tuned_site_fused_or_left_to_inductor(train):
         assert "left to Inductor" in site.reason and "ms" in site.reason, report
     ref64 = _mlp_ref64(eager, x)
     assert rel_err(out, ref64) <= allowed_error(torch.float32, "high", rel_err(ref, ref64))
+
+
+class UnrolledRNN(nn.Module):
+    def __init__(self, i, h, o):
+        super().__init__()
+        self.i2h = nn.Linear(i + h, h)
+        self.h2o = nn.Linear(h, o)
+
+    def forward(self, xs, h):
+        outputs = []
+        for t in range(xs.shape[0]):
+            h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
+            outputs.append(self.h2o(h))
+        return torch.stack(outputs), h
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_rnn_sequence_gpu_seed_sizes(precision):
+    """The issue's sequence: 256 steps, batch 8, input 1024, hidden 256, output 128."""
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(6)
+    m = UnrolledRNN(1024, 256, 128).cuda()
+    xs, h0 = torch.randn(256, 8, 1024, device="cuda"), torch.randn(8, 256, device="cuda")
+    with torch.no_grad():
+        out, h = torch.compile(m, backend="fusedtriton", options=NO_TUNE)(xs, h0)
+        e_out, e_h = m(xs, h0)
+        r_out, r_h = m.double()(xs.double(), h0.double())
+    assert fusion_backend.counters["rnn_sequence"] == 1
+    assert rel_err(out, r_out) <= allowed_error(torch.float32, precision, rel_err(e_out, r_out))
+    assert rel_err(h, r_h) <= allowed_error(torch.float32, precision, rel_err(e_h, r_h))
