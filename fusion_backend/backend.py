@@ -70,11 +70,27 @@ def _graph_device(gm: fx.GraphModule, example_inputs) -> Optional[torch.device]:
     return torch.device(tensors[0].device.type) if tensors else torch.device("cpu")
 
 
-def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    """An independent copy of gm's graph, including what Dynamo attaches to nodes outside
+    `meta` (e.g. each placeholder's `_dynamo_source`, which tells Inductor what is a parameter)."""
     graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    val_map: dict = {}
+    out = graph.graph_copy(gm.graph, val_map)
     graph.output(out)
-    return fx.GraphModule(gm, graph)
+    for old, new in val_map.items():
+        for name, value in getattr(old, "__dict__", {}).items():
+            if name.startswith("_dynamo"):
+                setattr(new, name, value)
+    return graph
+
+
+def _restore(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """Put the untouched graph back into Dynamo's own GraphModule. A new GraphModule would lose
+    what Dynamo attached to this one (meta, shape_env, parameter sources), and Inductor would
+    then, e.g., treat parameters as non-static and copy them into CUDA graphs on every replay."""
+    gm.graph = graph
+    gm.recompile()
+    return gm
 
 
 def _rewrite_site(pattern, match, ctx: RewriteContext, anchor: fx.Node) -> Site:
@@ -145,7 +161,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     for sink in _report_sinks:
         sink.append(report)
     if not report.fused:
-        return _inductor(original, example_inputs, opts)
+        return _inductor(_restore(gm, original), example_inputs, opts)
     try:
         return _inductor(gm, example_inputs, opts)
     except Exception as exc:
@@ -155,4 +171,4 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         for site in report.fused:
             counters[site.pattern] -= 1
             site.fused, site.reason = False, f"graph fell back to Inductor: {type(exc).__name__}"
-        return _inductor(original, example_inputs, opts)
+        return _inductor(_restore(gm, original), example_inputs, opts)
