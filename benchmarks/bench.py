@@ -15,45 +15,9 @@ import platform
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-
-class MLPBlock(nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.gemm = nn.Linear(i, o)
-        self.batch_norm = nn.BatchNorm1d(o)
-
-    def forward(self, x):
-        return torch.relu(F.gelu(self.batch_norm(self.gemm(x))))
-
-
-class RNNCell(nn.Module):
-    def __init__(self, i, h, o):
-        super().__init__()
-        self.i2h = nn.Linear(i + h, h)
-        self.h2o = nn.Linear(h, o)
-
-    def forward(self, x, h):
-        h = torch.tanh(self.i2h(torch.cat((x, h), dim=1)))
-        return self.h2o(h), h
-
-
-class UnrolledRNN(nn.Module):
-    """A Python loop over time steps (Dynamo unrolls it); outputs stacked."""
-
-    def __init__(self, i, h, o):
-        super().__init__()
-        self.i2h = nn.Linear(i + h, h)
-        self.h2o = nn.Linear(h, o)
-
-    def forward(self, xs, h):
-        outputs = []
-        for t in range(xs.shape[0]):
-            h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
-            outputs.append(self.h2o(h))
-        return torch.stack(outputs), h
+from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
 
 
 # name: (kind, dims, dtype, fp32 matmul precision, train)

@@ -7,7 +7,7 @@ import time
 import torch
 
 import fusion_backend
-from bench import MLPBlock
+from fusion_backend.models import MLPBlock
 
 
 def per_call_us(fn, n=300):

@@ -10,7 +10,7 @@ import time
 import torch
 
 from fusion_backend import autotune
-from bench import MLPBlock, RNNCell
+from fusion_backend.models import MLPBlock, RNNCell
 
 torch.set_float32_matmul_precision("high")
 rows = []

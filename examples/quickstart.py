@@ -8,36 +8,8 @@ import os
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 import fusion_backend
-
-
-class VanillaRNN(nn.Module):
-    """KernelBench-style RNN cell that keeps its hidden state between calls."""
-
-    def __init__(self, input_size, hidden_size, output_size, batch_size):
-        super().__init__()
-        self.i2h = nn.Linear(input_size + hidden_size, hidden_size)
-        self.h2o = nn.Linear(hidden_size, output_size)
-        self.register_buffer("hidden", torch.randn(batch_size, hidden_size))
-
-    def forward(self, x):
-        self.hidden = torch.tanh(self.i2h(torch.cat((x, self.hidden), dim=1)))
-        return self.h2o(self.hidden)
-
-
-class MLPBlock(nn.Module):
-    """Linear -> BatchNorm1d -> GELU -> ReLU."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__()
-        self.gemm = nn.Linear(in_features, out_features)
-        self.batch_norm = nn.BatchNorm1d(out_features)
-
-    def forward(self, x):
-        return torch.relu(F.gelu(self.batch_norm(self.gemm(x))))
+from fusion_backend.models import MLPBlock, VanillaRNN
 
 
 def timed(fn, reps):

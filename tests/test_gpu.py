@@ -2,10 +2,10 @@
 half dtypes, against eager and an fp64 reference. Skipped on machines without a GPU."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
+from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
 from tolerances import allowed_error, rel_err
 
 NO_TUNE = {"autotune": False}
@@ -14,25 +14,14 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
 
 
-class MLPBlock(nn.Module):
-    def __init__(self, i, o, approximate="none"):
-        super().__init__()
-        self.gemm = nn.Linear(i, o)
-        self.bn = nn.BatchNorm1d(o)
-        self.approximate = approximate
-
-    def forward(self, x):
-        return F.relu(F.gelu(self.bn(self.gemm(x)), approximate=self.approximate))
-
-
 def _mlp_ref64(m, x):
     sd = {k: v.double() for k, v in m.state_dict().items()}
     y = F.linear(x.double(), sd["gemm.weight"], sd["gemm.bias"])
     if m.training:
         mean, var = y.mean(0), y.var(0, unbiased=False)
     else:
-        mean, var = sd["bn.running_mean"], sd["bn.running_var"]
-    z = (y - mean) / torch.sqrt(var + m.bn.eps) * sd["bn.weight"] + sd["bn.bias"]
+        mean, var = sd["batch_norm.running_mean"], sd["batch_norm.running_var"]
+    z = (y - mean) / torch.sqrt(var + m.batch_norm.eps) * sd["batch_norm.weight"] + sd["batch_norm.bias"]
     return F.relu(F.gelu(z, approximate=m.approximate))
 
 
@@ -62,13 +51,13 @@ def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
     torch.manual_seed(M + N)
     m = MLPBlock(K, N).cuda().to(dtype).train(train)
     with torch.no_grad():
-        m.bn.running_mean.normal_(0, 0.5)
-        m.bn.running_var.uniform_(0.5, 2)
+        m.batch_norm.running_mean.normal_(0, 0.5)
+        m.batch_norm.running_var.uniform_(0.5, 2)
     eager = MLPBlock(K, N).cuda().to(dtype).train(train)
     eager.load_state_dict(m.state_dict())
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     ref = _mlp_ref64(m, x)
-    rm0, rv0 = m.bn.running_mean.double().clone(), m.bn.running_var.double().clone()
+    rm0, rv0 = m.batch_norm.running_mean.double().clone(), m.batch_norm.running_var.double().clone()
     # the kernels themselves (heuristic config): with tuning on, a site may rightly go unfused
     compiled = torch.compile(m, backend="fusedtriton", options=NO_TUNE)
     with torch.no_grad():
@@ -81,13 +70,13 @@ def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
         # running statistics against their fp64 update (at TF32 the GEMM output itself differs
         # from eager's by TF32 rounding, so ours and eager's are each compared with fp64)
         y64 = F.linear(x.double(), m.gemm.weight.double(), m.gemm.bias.double())
-        mom = m.bn.momentum
+        mom = m.batch_norm.momentum
         for name, start, stat64 in (("running_mean", rm0, y64.mean(0)),
                                     ("running_var", rv0, y64.var(0, unbiased=True))):
             want = (1 - mom) * start + mom * stat64
-            eager_err = rel_err(getattr(eager.bn, name), want)
-            assert rel_err(getattr(m.bn, name), want) <= allowed_error(dtype, precision, eager_err), name
-        assert m.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
+            eager_err = rel_err(getattr(eager.batch_norm, name), want)
+            assert rel_err(getattr(m.batch_norm, name), want) <= allowed_error(dtype, precision, eager_err), name
+        assert m.batch_norm.num_batches_tracked.item() == eager.batch_norm.num_batches_tracked.item() == 1
 
 
 def test_linear_bn_gelu_relu_gpu_noncontiguous_nan_grad():
@@ -122,17 +111,6 @@ def test_linear_bn_gelu_relu_gpu_noncontiguous_nan_grad():
     finite = torch.isfinite(e)
     eager_err = rel_err(e[finite], ref[finite])
     assert rel_err(out[finite], ref[finite]) <= allowed_error(torch.float32, "highest", eager_err)
-
-
-class RNNCell(nn.Module):
-    def __init__(self, i, h, o):
-        super().__init__()
-        self.i2h = nn.Linear(i + h, h)
-        self.h2o = nn.Linear(h, o)
-
-    def forward(self, x, h):
-        h = torch.tanh(self.i2h(torch.cat((x, h), dim=1)))
-        return self.h2o(h), h
 
 
 @pytest.mark.parametrize("B,I,H,O,dtype,precision", [
@@ -222,20 +200,6 @@ def test_tuned_site_fused_or_left_to_inductor(train):
         assert "left to Inductor" in site.reason and "ms" in site.reason, report
     ref64 = _mlp_ref64(eager, x)
     assert rel_err(out, ref64) <= allowed_error(torch.float32, "high", rel_err(ref, ref64))
-
-
-class UnrolledRNN(nn.Module):
-    def __init__(self, i, h, o):
-        super().__init__()
-        self.i2h = nn.Linear(i + h, h)
-        self.h2o = nn.Linear(h, o)
-
-    def forward(self, xs, h):
-        outputs = []
-        for t in range(xs.shape[0]):
-            h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
-            outputs.append(self.h2o(h))
-        return torch.stack(outputs), h
 
 
 @pytest.mark.parametrize("precision", ["highest", "high"])
