@@ -47,6 +47,28 @@ class GraphReport:
                 f"{len(self.skipped)} not fused; rest to Inductor (mode={self.mode or 'default'})")
 
 
+def _collapsed(sites: List[Site]) -> List[str]:
+    """Site lines, with runs of sites that differ only by node name (an unrolled loop's
+    steps) shown once with their count."""
+    out: List[str] = []
+    run: List[Site] = []
+
+    def key(site):
+        return (site.pattern, site.fused, site.reason, tuple(sorted(map(str, site.info.items()))))
+
+    for site in sites + [None]:
+        if run and (site is None or key(site) != key(run[0])):
+            line = run[0].line()
+            if len(run) > 1:
+                head, _, rest = line.partition(": ")
+                line = f"{head} .. {run[-1].node} (x{len(run)}): {rest}"
+            out.append(line)
+            run = []
+        if site is not None:
+            run.append(site)
+    return out
+
+
 @dataclasses.dataclass
 class ExplainReport:
     graphs: List[GraphReport]
@@ -69,7 +91,7 @@ class ExplainReport:
                  f"{len(self.fused)} fused site(s), {len(self.skipped)} not fused"]
         for n, g in enumerate(self.graphs):
             lines.append(f"graph {n}: {g.summary()}")
-            lines.extend(s.line() for s in g.sites)
+            lines.extend(_collapsed(g.sites))
         return "\n".join(lines)
 
     __repr__ = __str__

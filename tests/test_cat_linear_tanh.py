@@ -378,3 +378,12 @@ def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog
     e_out, e_h = model(xs, h0)
     assert rel_err(out, r_out) <= tolerance(torch.float32, eager_err=rel_err(e_out, r_out))
     assert rel_err(h, r_h) <= tolerance(torch.float32, eager_err=rel_err(e_h, r_h))
+
+
+def test_explain_collapses_the_steps_of_an_unrolled_loop():
+    model = UnrolledRNN()
+    xs, h0 = torch.randn(7, B, I), torch.randn(B, H)
+    text = str(fusion_backend.explain(model, xs, h0))
+    step_lines = [line for line in text.splitlines() if line.lstrip().startswith("+ cat_linear_tanh")]
+    assert len(step_lines) == 1 and "(x7)" in step_lines[0], text
+    assert "rnn_sequence" in text and "steps=7" in text, text
