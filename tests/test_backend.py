@@ -18,7 +18,7 @@ import patterns._common
 import patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend import autotune, devices
 from fusion_backend.backend import fusedtriton
-from tolerances import rel_err, tolerance
+from tolerances import assert_matches, rel_err, tolerance
 
 LBGR, CLT = "linear_bn_gelu_relu", "cat_linear_tanh"
 
@@ -67,18 +67,6 @@ def randomize(model, seed=0):
                 mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.5)
                 mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) * 1.5 + 0.5)
     return model.eval()
-
-
-def assert_matches(out, eager, ref64, what="output"):
-    """out within the fp32 "highest" tolerance of the fp64 reference, and of eager."""
-    assert out.shape == eager.shape == ref64.shape, (out.shape, eager.shape, ref64.shape)
-    assert out.dtype == eager.dtype
-    eager_err = rel_err(eager, ref64)
-    tol = tolerance(torch.float32, eager_err=eager_err)
-    err = rel_err(out, ref64)
-    assert err <= tol, f"{what}: rel_err vs fp64 {err:.3g} > {tol:.3g} (eager's {eager_err:.3g})"
-    vs_eager = rel_err(out, eager)
-    assert vs_eager <= tol, f"{what}: rel_err vs eager {vs_eager:.3g} > {tol:.3g}"
 
 
 def check(compiled, model, *inputs):

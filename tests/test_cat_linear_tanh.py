@@ -15,7 +15,7 @@ import torch.nn as nn
 import fusion_backend
 from fusion_backend import devices
 from fusion_backend.backend import fusedtriton
-from tolerances import grad_close, rel_err, tolerance
+from tolerances import assert_matches, grad_close, rel_err, tolerance
 
 # CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
 # there is no GPU (tests/test_gpu.py covers the GPU).
@@ -64,18 +64,6 @@ class VanillaRNN(nn.Module):
 
 def compile_(model):
     return torch.compile(model, backend="fusedtriton")
-
-
-def assert_matches(out, eager, ref64, what="output"):
-    """out within the fp32 "highest" tolerance of the fp64 reference, and of eager."""
-    assert out.shape == eager.shape == ref64.shape, (out.shape, eager.shape, ref64.shape)
-    assert out.dtype == eager.dtype
-    eager_err = rel_err(eager, ref64)
-    tol = tolerance(torch.float32, eager_err=eager_err)
-    err = rel_err(out, ref64)
-    assert err <= tol, f"{what}: rel_err vs fp64 {err:.3g} > {tol:.3g} (eager's {eager_err:.3g})"
-    vs_eager = rel_err(out, eager)
-    assert vs_eager <= tol, f"{what}: rel_err vs eager {vs_eager:.3g} > {tol:.3g}"
 
 
 def run_all(model, *inputs):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend import devices
-from tolerances import HIGHEST_FLOOR, grad_close, rel_err, stats_close, tolerance
+from tolerances import HIGHEST_FLOOR, assert_matches, grad_close, rel_err, stats_close
 
 # CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
 # there is no GPU (tests/test_gpu.py covers the GPU).
@@ -103,18 +103,6 @@ def trio(model, train):
 
 def compile_(model, **kwargs):
     return torch.compile(model, backend="fusedtriton", **kwargs)
-
-
-def assert_matches(out, eager, ref64, what="output"):
-    """out within the fp32 "highest" tolerance of the fp64 reference, and of eager."""
-    assert out.shape == eager.shape == ref64.shape, (out.shape, eager.shape, ref64.shape)
-    assert out.dtype == eager.dtype
-    eager_err = rel_err(eager, ref64)
-    tol = tolerance(torch.float32, eager_err=eager_err)
-    err = rel_err(out, ref64)
-    assert err <= tol, f"{what}: rel_err vs fp64 {err:.3g} > {tol:.3g} (eager's {eager_err:.3g})"
-    vs_eager = rel_err(out, eager)
-    assert vs_eager <= tol, f"{what}: rel_err vs eager {vs_eager:.3g} > {tol:.3g}"
 
 
 def assert_stats_match(model, eager, ref64):

@@ -86,3 +86,15 @@ def grad_close(ref, scale=None) -> dict:
     if scale is None:
         scale = torch.as_tensor(ref).detach().abs().max().item()
     return {"rtol": GRAD_RTOL, "atol": GRAD_RTOL * float(scale)}
+
+
+def assert_matches(out, eager, ref64, what="output"):
+    """out within the fp32 "highest" tolerance of the fp64 reference, and of eager."""
+    assert out.shape == eager.shape == ref64.shape, (out.shape, eager.shape, ref64.shape)
+    assert out.dtype == eager.dtype
+    eager_err = rel_err(eager, ref64)
+    tol = tolerance(torch.float32, eager_err=eager_err)
+    err = rel_err(out, ref64)
+    assert err <= tol, f"{what}: rel_err vs fp64 {err:.3g} > {tol:.3g} (eager's {eager_err:.3g})"
+    vs_eager = rel_err(out, eager)
+    assert vs_eager <= tol, f"{what}: rel_err vs eager {vs_eager:.3g} > {tol:.3g}"
