@@ -24,6 +24,9 @@ class Pattern:
     name: str = ""
     #: patterns run in (order, name) order; one that builds on another's ops runs after it
     order: int = 0
+    #: an experimental pattern runs only when options["patterns"] names it (e.g. until its
+    #: kernels have been checked on a GPU)
+    experimental: bool = False
 
     def match(self, node):
         """A match object if `node` ends this pattern's structure, else None."""
@@ -68,5 +71,5 @@ def pattern_names() -> List[str]:
 
 def enabled_patterns(names=None) -> List[Pattern]:
     discover()
-    chosen = [p for n, p in _PATTERNS.items() if names is None or n in names]
+    chosen = [p for n, p in _PATTERNS.items() if (n in names if names is not None else not p.experimental)]
     return sorted(chosen, key=lambda p: (p.order, p.name))

@@ -1,6 +1,7 @@
 """Pattern `rnn_sequence`: an unrolled RNN, i.e. a chain of `cat_linear_tanh` steps that share
 W and b, where step t+1 concatenates (x_{t+1}, h_t).
 
+Experimental (opt-in through options["patterns"]) until its kernel has been run on a GPU.
 Runs after `cat_linear_tanh` (order 1) on its fused ops. The input projections of all steps
 are hoisted into one GEMM that Inductor compiles, P = stack(x_t) W_x^T + b, and only
 h_t = tanh(P_t + h_{t-1} W_h^T) stays sequential: one Triton program walks every step, so
@@ -136,6 +137,9 @@ def _same_cell(a: fx.Node, b: fx.Node) -> bool:
 class RnnSequence(Pattern):
     name = NAME
     order = 1  # after cat_linear_tanh has turned each step into its op
+    # opt-in (options={"patterns": [..., "rnn_sequence"]}) until the recurrence kernel has run on
+    # a GPU: so far it is tested under the CPU interpreter only
+    experimental = True
 
     def match(self, node):
         if not _is_step(node) or len(node.args[0]) != 2:

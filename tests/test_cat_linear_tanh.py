@@ -267,6 +267,10 @@ def test_inplace_write_to_cat_operand_alias_after_cat():
     assert_matches(out, e, r)
 
 
+#: rnn_sequence is experimental (opt-in) until its recurrence kernel has run on a GPU
+SEQUENCE = {"patterns": ["cat_linear_tanh", "rnn_sequence"]}
+
+
 class UnrolledRNN(nn.Module):
     """The sequence model of issue 4 at small sizes: a Python loop over time steps."""
 
@@ -292,7 +296,7 @@ def test_unrolled_sequence_every_step_fused_and_bptt():
     eager = copy.deepcopy(model)
     model64 = copy.deepcopy(model).double()
     xs, h0 = torch.randn(steps, B, I), torch.randn(B, H)
-    out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
+    out, h = torch.compile(model, backend="fusedtriton", options=SEQUENCE)(xs, h0)
     assert fusion_backend.counters[NAME] == steps
     assert fusion_backend.counters["rnn_sequence"] == 1  # the chain became one recurrence
     e_out, e_h = eager(xs, h0)
@@ -321,7 +325,7 @@ def test_sequence_hoists_both_projections_and_refuses_feedback():
     torch.manual_seed(12)
     model = UnrolledRNN()
     xs, h0 = torch.randn(5, B, I), torch.randn(B, H)
-    report = fusion_backend.explain(model, xs, h0)
+    report = fusion_backend.explain(model, xs, h0, options=SEQUENCE)
     seq = [s for s in report.fused if s.pattern == "rnn_sequence"]
     assert len(seq) == 1 and seq[0].info["steps"] == 5, report
     assert "h2o of all steps: one GEMM" in seq[0].info["hoisted"], report
@@ -330,10 +334,10 @@ def test_sequence_hoists_both_projections_and_refuses_feedback():
     fusion_backend.counters.clear()
     feedback = FeedbackRNN()
     model64 = copy.deepcopy(feedback).double()
-    report = fusion_backend.explain(feedback, xs, h0)
+    report = fusion_backend.explain(feedback, xs, h0, options=SEQUENCE)
     assert not [s for s in report.fused if s.pattern == "rnn_sequence"]
     assert any(s.pattern == "rnn_sequence" and "depends on an earlier step" in s.reason for s in report.skipped), report
-    out = torch.compile(feedback, backend="fusedtriton")(xs, h0)
+    out = torch.compile(feedback, backend="fusedtriton", options=SEQUENCE)(xs, h0)
     ref = model64(xs.double(), h0.double())
     assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(feedback(xs, h0), ref))
 
@@ -356,7 +360,7 @@ def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog
     model64 = copy.deepcopy(model).double()
     xs, h0 = torch.randn(4, B, I), torch.randn(B, H)
     with caplog.at_level(logging.WARNING, logger="fusion_backend"):
-        compiled = torch.compile(model, backend="fusedtriton")
+        compiled = torch.compile(model, backend="fusedtriton", options=SEQUENCE)
         out, h = compiled(xs, h0)
         out, h = compiled(xs, h0)
     assert fusion_backend.counters["rnn_sequence"] == 1
@@ -371,7 +375,16 @@ def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog
 def test_explain_collapses_the_steps_of_an_unrolled_loop():
     model = UnrolledRNN()
     xs, h0 = torch.randn(7, B, I), torch.randn(B, H)
-    text = str(fusion_backend.explain(model, xs, h0))
+    text = str(fusion_backend.explain(model, xs, h0, options=SEQUENCE))
     step_lines = [line for line in text.splitlines() if line.lstrip().startswith("+ cat_linear_tanh")]
     assert len(step_lines) == 1 and "(x7)" in step_lines[0], text
     assert "rnn_sequence" in text and "steps=7" in text, text
+
+
+def test_sequence_pattern_is_opt_in():
+    model = UnrolledRNN()
+    xs, h0 = torch.randn(3, B, I), torch.randn(B, H)
+    out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
+    assert fusion_backend.counters[NAME] == 3 and fusion_backend.counters["rnn_sequence"] == 0
+    e_out, e_h = copy.deepcopy(model)(xs, h0)
+    torch.testing.assert_close(out, e_out, rtol=1e-5, atol=1e-6)
