@@ -8,7 +8,7 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 
 # Documented keys of options={...} (README "Options" lists the same, with defaults).
 OPTION_DOCS = {
-    "patterns": "names of the patterns to enable (default: all registered)",
+    "patterns": "names of the patterns to enable (default: all registered but the experimental ones)",
     "autotune": "benchmark configs (and the unfused path) per shape key; False = heuristic pick (default True)",
     "tune_budget_s": "time budget in seconds for tuning one key (default 30)",
     "only_named_devices": "fuse only on the MI300X and RTX 4090 profiles, Inductor alone elsewhere (default False)",
