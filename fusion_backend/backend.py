@@ -123,7 +123,12 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node not in gm.graph.nodes:
                 continue
-            match = pattern.match(node)
+            try:
+                match = pattern.match(node)
+            except Exception as exc:  # an unexpected spelling must not break the compile
+                log.warning("fusedtriton: %s.match failed at %s (%s: %s); skipped",
+                            pattern.name, node.name, type(exc).__name__, exc)
+                continue
             if match is not None:
                 report.sites.append(_rewrite_site(pattern, match, ctx, node))
     # no eliminate_dead_code(): it would drop unused in-place method calls such as

@@ -98,6 +98,17 @@ def _normalize_matmul(graph, node):
     _set(node, LINEAR, (node.args[0], w, None))
 
 
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+
+def _normalize_linear(node):
+    # F.linear(x, weight=w, bias=b) and friends: all positional, bias explicit
+    if is_op(node, LINEAR) and (node.kwargs or len(node.args) == 2):
+        values = list(node.args) + [node.kwargs.get(k) for k in _LINEAR_ARGS[len(node.args):]]
+        if len(values) == 3 and values[0] is not None and values[1] is not None:
+            _set(node, LINEAR, values)
+
+
 def _normalize_addmm(node):
     if not _is_call(node, (torch.addmm,), ("addmm",)):
         return
@@ -138,8 +149,10 @@ def _normalize_activation(node):
     elif _is_call(node, (torch.relu_, F.relu_), ("relu_",)) and _only_user_of_input(node):
         _set(node, RELU, node.args[:1])
     elif is_op(node, F.gelu):
+        src = node.args[0] if node.args else node.kwargs.get("input")
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        _set(node, GELU, node.args[:1], {"approximate": approximate})
+        if src is not None:
+            _set(node, GELU, (src,), {"approximate": approximate})
     elif _is_call(node, (torch.cat, torch.concat, torch.concatenate)):
         tensors = node.kwargs.get("tensors", node.args[0] if node.args else None)
         dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
@@ -150,6 +163,7 @@ def normalize(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
         _normalize_matmul(graph, node)
+        _normalize_linear(node)
         _normalize_addmm(node)
         _normalize_bn(node)
         _normalize_activation(node)

@@ -381,3 +381,39 @@ def test_unfused_graph_goes_to_inductor_as_dynamo_built_it(monkeypatch):
     assert placeholders and all(hasattr(n, "_dynamo_source") for n in placeholders)
     ref = copy.deepcopy(model).double()
     assert_matches(out, model(x), ref(x.double()))
+
+
+@needs_interpreter
+def test_keyword_spellings_are_normalized_and_fused():
+    torch.manual_seed(41)
+    w, b = torch.randn(20, 24), torch.randn(20)
+    rm, rv = torch.randn(20), torch.rand(20) + 0.5
+    wc = torch.randn(12, 20 + 12)
+
+    def f(x, h):
+        y = F.linear(x, weight=w, bias=b)
+        z = torch.relu(F.gelu(input=F.batch_norm(y, rm, rv), approximate="tanh"))
+        return torch.tanh(F.linear(input=torch.cat([z, h], 1), weight=wc))
+
+    x, h = torch.randn(9, 24), torch.randn(9, 12)
+    out = torch.compile(f, backend="fusedtriton")(x, h)
+    assert dict(fusion_backend.counters) == {LBGR: 1, CLT: 1}
+    ref = torch.tanh(F.linear(torch.cat([torch.relu(F.gelu(F.batch_norm(
+        F.linear(x.double(), w.double(), b.double()), rm.double(), rv.double()), approximate="tanh")), h.double()], 1),
+        wc.double()))
+    assert_matches(out, f(x, h), ref)
+
+
+@needs_interpreter
+def test_match_exception_skips_the_pattern_with_a_warning(monkeypatch, caplog):
+    def broken(self, node):
+        raise IndexError("unexpected spelling")
+
+    monkeypatch.setattr(lbgr.LinearBnGeluRelu, "match", broken)
+    model = randomize(Block(24, 20))
+    x = torch.randn(9, 24)
+    with caplog.at_level(logging.WARNING, logger="fusion_backend"), torch.no_grad():
+        out = torch.compile(model, backend="fusedtriton")(x)
+    assert total_fused() == 0
+    assert any("match failed" in r.getMessage() for r in caplog.records)
+    assert_matches(out, model(x), copy.deepcopy(model).double()(x.double()))
