@@ -161,7 +161,15 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return _inductor(gm, example_inputs, opts)
 
     original = _copy_graph(gm)
-    report = rewrite(gm, profile, opts, device, example_inputs)
+    counted = collections.Counter(counters)
+    try:
+        report = rewrite(gm, profile, opts, device, example_inputs)
+    except Exception as exc:  # the last net: whatever went wrong, Inductor gets the untouched graph
+        warnings.warn(f"fusedtriton: rewriting the graph failed ({type(exc).__name__}: {exc}); "
+                      "compiling it unchanged with Inductor", RuntimeWarning)
+        counters.clear()
+        counters.update(counted)  # the sites counted before the failure are not in the graph
+        report = GraphReport(profile=profile.name, mode=opts.mode, note=f"rewrite failed: {exc}")
     log.info(report.summary())
     for sink in _report_sinks:
         sink.append(report)

@@ -417,3 +417,19 @@ def test_match_exception_skips_the_pattern_with_a_warning(monkeypatch, caplog):
     assert total_fused() == 0
     assert any("match failed" in r.getMessage() for r in caplog.records)
     assert_matches(out, model(x), copy.deepcopy(model).double()(x.double()))
+
+
+@needs_interpreter
+def test_any_rewrite_failure_compiles_the_untouched_graph(monkeypatch):
+    import fusion_backend.normalize as normalize
+
+    def broken(gm):
+        raise RuntimeError("injected normalizer failure")
+
+    monkeypatch.setattr(normalize, "normalize", broken)
+    model = randomize(Block(24, 20))
+    x = torch.randn(9, 24)
+    with pytest.warns(RuntimeWarning, match="rewriting the graph failed"), torch.no_grad():
+        out = torch.compile(model, backend="fusedtriton")(x)
+    assert total_fused() == 0
+    assert_matches(out, model(x), copy.deepcopy(model).double()(x.double()))
