@@ -9,7 +9,6 @@ fusedtriton. Prints a table last and writes JSON with --json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
@@ -17,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
+from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN, fp64_reference
 
 
 # name: (kind, dims, dtype, fp32 matmul precision, train)
@@ -43,24 +42,6 @@ def bench(fn):
 
 def rel_err(out, ref):
     return (out.double() - ref).norm().item() / ref.norm().item()
-
-
-def fp64_reference(model, inputs, kind):
-    m64 = {k: v.double() for k, v in model.state_dict().items()}
-    if kind == "mlp":
-        (x,) = inputs
-        y = F.linear(x.double(), m64["gemm.weight"], m64["gemm.bias"])
-        if model.training:
-            mean, var = y.mean(0), y.var(0, unbiased=False)
-        else:
-            mean, var = m64["batch_norm.running_mean"], m64["batch_norm.running_var"]
-        z = (y - mean) / torch.sqrt(var + model.batch_norm.eps) * m64["batch_norm.weight"] + m64["batch_norm.bias"]
-        return torch.relu(F.gelu(z))
-    if kind == "seq":
-        return copy.deepcopy(model).double()(*(t.double() for t in inputs))[0]
-    x, h = inputs
-    h = torch.tanh(F.linear(torch.cat((x.double(), h.double()), 1), m64["i2h.weight"], m64["i2h.bias"]))
-    return F.linear(h, m64["h2o.weight"], m64["h2o.bias"])
 
 
 def first(out):
@@ -100,7 +81,7 @@ def run_case(name, max_autotune, reduce_overhead=False):
     row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "precision": precision, "dims": dims}
     with torch.no_grad():
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        ref = fp64_reference(model, inputs, kind)
+        ref = fp64_reference(model, *inputs)
         eager_out = first(model(*inputs))
         row["err_eager"] = rel_err(eager_out, ref)
         row["eager_ms"] = bench(lambda: model(*inputs))

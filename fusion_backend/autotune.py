@@ -235,8 +235,3 @@ def _jsonable(space):
 
 
 TUNER = Tuner()
-
-
-def describe_choice(key: str) -> str:
-    choice = TUNER.lookup(key)
-    return "not run yet" if choice is None else choice.describe()

@@ -1,5 +1,7 @@
 """The seeds' models, as the examples, benchmarks and GPU tests build them: the shapes of
 network this backend is meant to speed up. Importing this costs nothing beyond torch."""
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,3 +61,11 @@ class UnrolledRNN(nn.Module):
             h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
             outputs.append(self.h2o(h))
         return torch.stack(outputs), h
+
+
+def fp64_reference(model: nn.Module, *inputs):
+    """The model's result computed in float64 on a copy (train-mode BatchNorm uses the batch's
+    statistics and updates only the copy's buffers); the first output if it returns several."""
+    with torch.no_grad():
+        out = copy.deepcopy(model).double()(*(t.double() for t in inputs))
+    return out[0] if isinstance(out, tuple) else out

@@ -77,7 +77,7 @@ def _set(node, target, args, kwargs=None):
     node.kwargs = dict(kwargs or {})
 
 
-def _normalize_matmul(graph, node):
+def _normalize_matmul(node):
     # x @ w.t() (+ b), torch.mm / torch.matmul; only 2-D x so that it is exactly a Linear
     if not _is_call(node, (operator.matmul, torch.matmul, torch.mm), ("matmul", "mm", "__matmul__")):
         return
@@ -162,7 +162,7 @@ def _normalize_activation(node):
 def normalize(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        _normalize_matmul(graph, node)
+        _normalize_matmul(node)
         _normalize_linear(node)
         _normalize_addmm(node)
         _normalize_bn(node)

@@ -168,10 +168,10 @@ def test_autotune_after_heuristic_still_tunes(tmp_cache):
     assert choose(tuner, autotune=True).source == "tuned"
 
 
-def test_describe_choice():
-    assert autotune.describe_choice(KEY) == "not run yet"
+def test_choice_describe():
+    assert autotune.TUNER.lookup(KEY) is None
     autotune.TUNER.record(KEY, Choice(SPACE[0], "tuned", 1.0, 2.0))
-    text = autotune.describe_choice(KEY)
+    text = autotune.TUNER.lookup(KEY).describe()
     assert "BLOCK_M=128" in text and "(tuned)" in text and "unfused 2.0 ms" in text
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import fusion_backend
+from fusion_backend import models
 from fusion_backend import devices
 from fusion_backend.backend import fusedtriton
 from tolerances import assert_matches, grad_close, rel_err, tolerance
@@ -271,20 +272,11 @@ def test_inplace_write_to_cat_operand_alias_after_cat():
 SEQUENCE = {"patterns": ["cat_linear_tanh", "rnn_sequence"]}
 
 
-class UnrolledRNN(nn.Module):
-    """The sequence model of issue 4 at small sizes: a Python loop over time steps."""
+class UnrolledRNN(models.UnrolledRNN):
+    """The sequence model of issue 4 at this file's small, odd sizes."""
 
     def __init__(self):
-        super().__init__()
-        self.i2h = nn.Linear(I + H, H)
-        self.h2o = nn.Linear(H, O)
-
-    def forward(self, xs, h):
-        outputs = []
-        for t in range(xs.shape[0]):
-            h = torch.tanh(self.i2h(torch.cat((xs[t], h), dim=1)))
-            outputs.append(self.h2o(h))
-        return torch.stack(outputs), h
+        super().__init__(I, H, O)
 
 
 def test_unrolled_sequence_every_step_fused_and_bptt():

@@ -5,24 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import fusion_backend
-from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
+from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN, fp64_reference
 from tolerances import allowed_error, rel_err
 
 NO_TUNE = {"autotune": False}
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
-
-
-def _mlp_ref64(m, x):
-    sd = {k: v.double() for k, v in m.state_dict().items()}
-    y = F.linear(x.double(), sd["gemm.weight"], sd["gemm.bias"])
-    if m.training:
-        mean, var = y.mean(0), y.var(0, unbiased=False)
-    else:
-        mean, var = sd["batch_norm.running_mean"], sd["batch_norm.running_var"]
-    z = (y - mean) / torch.sqrt(var + m.batch_norm.eps) * sd["batch_norm.weight"] + sd["batch_norm.bias"]
-    return F.relu(F.gelu(z, approximate=m.approximate))
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +45,7 @@ def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
     eager = MLPBlock(K, N).cuda().to(dtype).train(train)
     eager.load_state_dict(m.state_dict())
     x = torch.randn(M, K, device="cuda", dtype=dtype)
-    ref = _mlp_ref64(m, x)
+    ref = fp64_reference(m, x)
     rm0, rv0 = m.batch_norm.running_mean.double().clone(), m.batch_norm.running_var.double().clone()
     # the kernels themselves (heuristic config): with tuning on, a site may rightly go unfused
     compiled = torch.compile(m, backend="fusedtriton", options=NO_TUNE)
@@ -105,7 +94,7 @@ def test_linear_bn_gelu_relu_gpu_noncontiguous_nan_grad():
     xn[10, 2] = float("inf")
     with torch.no_grad():
         out, e = torch.compile(m, backend="fusedtriton", options=NO_TUNE)(xn), eager(xn)
-        ref = _mlp_ref64(eager, xn)
+        ref = fp64_reference(eager, xn)
     assert torch.equal(out.isnan(), e.isnan())
     assert torch.equal(out.isinf(), e.isinf())  # GELU(+inf) = inf, as in eager
     finite = torch.isfinite(e)
@@ -198,7 +187,7 @@ def test_tuned_site_fused_or_left_to_inductor(train):
     else:
         # unfused faster by GPU time, or launch-bound once host time per call is counted
         assert "left to Inductor" in site.reason and "ms" in site.reason, report
-    ref64 = _mlp_ref64(eager, x)
+    ref64 = fp64_reference(eager, x)
     assert rel_err(out, ref64) <= allowed_error(torch.float32, "high", rel_err(ref, ref64))
 
 
