@@ -48,7 +48,7 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_case(name, max_autotune, reduce_overhead=False):
+def run_case(name, max_autotune, reduce_overhead=False, inductor=True):
     import fusion_backend
 
     kind, dims, dtype, precision, train = CASES[name]
@@ -86,14 +86,15 @@ def run_case(name, max_autotune, reduce_overhead=False):
         row["err_eager"] = rel_err(eager_out, ref)
         row["eager_ms"] = bench(lambda: model(*inputs))
         row["cublas_gemm_ms"] = bench(gemm) if gemm is not None else None
-        torch._dynamo.reset()
-        ind = torch.compile(model)
-        t0 = time.perf_counter()
-        ind(*inputs)
-        torch.cuda.synchronize()
-        row["inductor_first_call_s"] = time.perf_counter() - t0
-        row["inductor_ms"] = bench(lambda: ind(*inputs))
-        if max_autotune:
+        if inductor:
+            torch._dynamo.reset()
+            ind = torch.compile(model)
+            t0 = time.perf_counter()
+            ind(*inputs)
+            torch.cuda.synchronize()
+            row["inductor_first_call_s"] = time.perf_counter() - t0
+            row["inductor_ms"] = bench(lambda: ind(*inputs))
+        if max_autotune and inductor:
             torch._dynamo.reset()
             t0 = time.perf_counter()
             ma = torch.compile(model, mode="max-autotune-no-cudagraphs")
@@ -116,7 +117,8 @@ def run_case(name, max_autotune, reduce_overhead=False):
         row["autotune_stats"] = dict(fusion_backend.autotune.stats)
         row["choices"] = {k: v.describe() for k, v in fusion_backend.autotune.TUNER.choices.items()}
         if reduce_overhead:  # CUDA graphs: launch-bound small shapes
-            for col, backend in (("inductor_ro_ms", "inductor"), ("fusedtriton_ro_ms", "fusedtriton")):
+            backends = (("inductor_ro_ms", "inductor"),) if inductor else ()
+            for col, backend in backends + (("fusedtriton_ro_ms", "fusedtriton"),):
                 torch._dynamo.reset()
                 model.load_state_dict(state)
                 if backend == "inductor":
@@ -134,6 +136,8 @@ def main():
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--max-autotune", action="store_true")
     ap.add_argument("--reduce-overhead", action="store_true", help="add CUDA-graph columns")
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="fusedtriton and eager only (quick checks; not for the README table)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import triton
@@ -143,7 +147,7 @@ def main():
     print(env, flush=True)
     rows = []
     for name in args.cases:
-        row = run_case(name, args.max_autotune, args.reduce_overhead)
+        row = run_case(name, args.max_autotune, args.reduce_overhead, not args.no_inductor)
         torch.cuda.empty_cache()  # the case's model and inputs died with run_case
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)

@@ -89,11 +89,20 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
         "default": [_p(64, 128, 4, 1)],
     },
     RECURRENCE: {
-        "nvidia": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)],
-        "rtx4090": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)],
-        "amd": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)],
-        "interpreter": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)],
-        "default": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)],
+        # GRID_SYNC: the programs split the hidden columns and meet at a grid barrier after
+        # each step (they must all be resident: the interpreter runs programs one after
+        # another, so there one program walks all columns). RESIDENT: W's slice stays in
+        # registers when H <= RESIDENT_MAX_K.
+        "nvidia": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
+                        num_warps=4, num_stages=1)],
+        "rtx4090": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
+                         num_warps=4, num_stages=2)],
+        "amd": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
+                     num_warps=4, num_stages=1)],
+        "interpreter": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GRID_SYNC=False, RESIDENT=False,
+                             num_warps=1, num_stages=1)],
+        "default": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
+                         num_warps=4, num_stages=1)],
     },
 }
 

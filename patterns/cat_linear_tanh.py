@@ -135,7 +135,8 @@ class _Match:
 class CatLinearTanh(Pattern):
     name = NAME
 
-    def match(self, node):
+    @staticmethod
+    def match(node):
         if not is_op(node, TANH):
             return None
         linear = node.args[0]
@@ -147,6 +148,23 @@ class CatLinearTanh(Pattern):
         return _Match(cat, linear, node)
 
     def check(self, m: _Match, ctx) -> Optional[str]:
+        problem = self.problem(m, ctx)
+        if problem:
+            return problem
+        tensors = list(m.tensors)
+        dtype = example_value(m.linear).dtype  # the inputs', or the autocast dtype
+        xs = [ctx.real_tensor(t).to(dtype) for t in tensors]  # autocast's casts, made explicit
+        w, b = (None if n is None else ctx.real_tensor(n).to(dtype) for n in (m.weight, m.bias))
+        precision = ctx.dot_precision(dtype)
+        return tuned_unfused_reason(
+            ctx, self._site(m, ctx)["key"],
+            lambda: cat_linear_tanh(xs, w, b, precision, True, ctx.options.tune_budget_s),
+            lambda: _unfused(xs, w, b))
+
+    @staticmethod
+    def problem(m: _Match, ctx) -> Optional[str]:
+        """Why this cat -> Linear -> tanh cannot become one fused op (None: it can); shared with
+        `rnn_sequence`, which fuses chains of such cells."""
         if not only_user(m.linear, m.tanh):
             return f"Linear output {m.linear.name} has other users"
         if not only_user(m.cat, m.linear):
@@ -173,16 +191,7 @@ class CatLinearTanh(Pattern):
         for node in tensors + [m.weight, m.bias]:
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
-        written = written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
-        if written:
-            return written
-        xs = [ctx.real_tensor(t).to(dtype) for t in tensors]  # autocast's casts, made explicit
-        w, b = (None if n is None else ctx.real_tensor(n).to(dtype) for n in (m.weight, m.bias))
-        precision = ctx.dot_precision(dtype)
-        return tuned_unfused_reason(
-            ctx, self._site(m, ctx)["key"],
-            lambda: cat_linear_tanh(xs, w, b, precision, True, ctx.options.tune_budget_s),
-            lambda: _unfused(xs, w, b))
+        return written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

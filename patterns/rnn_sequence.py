@@ -1,12 +1,12 @@
-"""Pattern `rnn_sequence`: an unrolled RNN, i.e. a chain of `cat_linear_tanh` steps that share
-W and b, where step t+1 concatenates (x_{t+1}, h_t).
+"""Pattern `rnn_sequence`: an unrolled RNN, i.e. a chain of cat -> Linear -> tanh cells that
+share W and b, where step t+1 concatenates (x_{t+1}, h_t).
 
-Experimental (opt-in through options["patterns"]) until its kernel has been run on a GPU.
-Runs after `cat_linear_tanh` (order 1) on its fused ops. The input projections of all steps
-are hoisted into one GEMM that Inductor compiles, P = stack(x_t) W_x^T + b, and only
-h_t = tanh(P_t + h_{t-1} W_h^T) stays sequential: one Triton program walks every step, so
-the sequence costs two launches instead of one per step. Every h_t stays available to its
-other users (the h2o Linear, the outputs) as a row of the op's result.
+Runs before `cat_linear_tanh` (which would judge each step alone). The input projections of
+all steps are hoisted into one GEMM that Inductor compiles, P = stack(x_t) W_x^T + b, and only
+h_t = tanh(P_t + h_{t-1} W_h^T) stays sequential, in one launch of the recurrence kernel
+(programs split the hidden columns and meet at a grid barrier after each step). Every h_t
+stays available to its other users as a row of the op's result; when each h_t feeds the same
+Linear (the h2o), that becomes one GEMM over all steps too.
 """
 from __future__ import annotations
 
@@ -23,39 +23,80 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
 from ._common import define_op, heuristic_kwargs, hint, log
+from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
 
 
 @triton.jit
-def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, T, B, H,
+def _grid_barrier(sync_ptr, target, GRID_SYNC: tl.constexpr):
+    """All threads of this program have stored their part of the step; with GRID_SYNC, wait
+    until every program has (a counter in global memory, `target` = arrivals expected so far)."""
+    tl.debug_barrier()
+    if GRID_SYNC:
+        # arrive (acq_rel at GPU scope publishes this program's stores), then wait for all
+        tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
+        while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
+            pass
+        tl.debug_barrier()
+
+
+@triton.jit
+def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, sync_ptr, T, B, H,
                            stride_pt, stride_pb, stride_ph, stride_wn, stride_wk, stride_ht, stride_hb, stride_hh,
                            PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr):
     """hs[t + 1] = tanh(p[t] + hs[t] @ W^T) for t = 0..T-1; hs[0] holds h0 on entry.
 
-    One program does every step (the steps depend on each other); a barrier after each step
-    makes its stores to hs[t + 1] visible to all threads before step t + 1 reads them."""
+    The steps depend on each other, so every program walks all of them; program i computes
+    the hidden columns of tiles i, i + P, ... (P programs). After each step the programs meet
+    at a grid barrier (GRID_SYNC: all P programs must be resident at once, so the launcher
+    keeps P <= multiprocessors) before anyone reads h_{t+1}. RESIDENT (one tile per program,
+    BLOCK_K >= H): the program's slice of W is loaded once and kept in registers, and the
+    next step's p tile is loaded before the barrier (it does not depend on h)."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    for t in range(0, T):
-        for n0 in range(0, H, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < H
-            mask = b_ok[:, None] & n_ok[None, :]
-            acc = tl.load(p_ptr + t * stride_pt + offs_b[:, None] * stride_pb + offs_n[None, :] * stride_ph,
-                          mask=mask, other=0.0).to(tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < H
-                h = tl.load(hs_ptr + t * stride_ht + offs_b[:, None] * stride_hb + offs_k[None, :] * stride_hh,
-                            mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(h, w, acc, input_precision=PRECISION)
-            tl.store(hs_ptr + (t + 1) * stride_ht + offs_b[:, None] * stride_hb + offs_n[None, :] * stride_hh,
+    if RESIDENT:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        n_ok, k_ok = offs_n < H, offs_k < H
+        mask = b_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        p_tile = p_ptr + offs_b[:, None] * stride_pb + offs_n[None, :] * stride_ph
+        h_tile = hs_ptr + offs_b[:, None] * stride_hb
+        p_next = tl.load(p_tile, mask=mask, other=0.0).to(tl.float32)
+        for t in range(0, T):
+            # h_t was written by other programs: read it from L2 (".cg"), never a stale L1 line
+            h = tl.load(h_tile + t * stride_ht + offs_k[None, :] * stride_hh,
+                        mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+            acc = tl.dot(h, w, p_next, input_precision=PRECISION)
+            tl.store(h_tile + (t + 1) * stride_ht + offs_n[None, :] * stride_hh,
                      tanh(acc).to(hs_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()
+            # (after the last step this reloads step 0: one harmless extra load, no branch)
+            p_next = tl.load(p_tile + ((t + 1) % T) * stride_pt, mask=mask, other=0.0).to(tl.float32)
+            _grid_barrier(sync_ptr, (t + 1) * num_programs, GRID_SYNC)
+    else:
+        for t in range(0, T):
+            for n0 in range(pid * BLOCK_N, H, num_programs * BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < H
+                mask = b_ok[:, None] & n_ok[None, :]
+                acc = tl.load(p_ptr + t * stride_pt + offs_b[:, None] * stride_pb + offs_n[None, :] * stride_ph,
+                              mask=mask, other=0.0).to(tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < H
+                    h = tl.load(hs_ptr + t * stride_ht + offs_b[:, None] * stride_hb + offs_k[None, :] * stride_hh,
+                                mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+                    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = tl.dot(h, w, acc, input_precision=PRECISION)
+                tl.store(hs_ptr + (t + 1) * stride_ht + offs_b[:, None] * stride_hb + offs_n[None, :] * stride_hh,
+                         tanh(acc).to(hs_ptr.dtype.element_ty), mask=mask)
+            _grid_barrier(sync_ptr, (t + 1) * num_programs, GRID_SYNC)
 
 
 def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: str) -> torch.Tensor:
@@ -65,22 +106,37 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     hs[0].copy_(h0)
     if T == 0 or B == 0:
         return hs
-    profile = devices.device_profile(p.device)
-    config = heuristic_kwargs(profile, config_spaces.RECURRENCE, p.dtype, 1)
-    block_b = max(16, triton.next_power_of_2(B))
-    launch = {k: v for k, v in config.items() if k != "BLOCK_M"}
     if _failed:
         return _reference(p, w_h, hs)
+    profile = devices.device_profile(p.device)
     try:
-        _rnn_recurrence_kernel[(1,)](
-            p, w_h, hs, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),
-            hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, BLOCK_B=block_b, **launch)
+        launch(p, w_h, hs, precision, heuristic_kwargs(profile, config_spaces.RECURRENCE, p.dtype, 1), profile)
     except Exception as exc:  # a kernel that fails to compile must not break the model
         _failed.append(exc)
         log.warning("fusedtriton: %s kernel failed (%s: %s); using the unfused computation",
                     NAME, type(exc).__name__, exc)
         return _reference(p, w_h, hs)
     return hs
+
+
+def launch(p, w_h, hs, precision, config, profile) -> None:
+    """Run the recurrence kernel with launch kwargs `config` (BLOCK_M is the batch limit, not a
+    kernel parameter); one program per hidden tile, at most one per multiprocessor. A config
+    with RESIDENT keeps W in registers where one tile per program covers H and the slice is
+    at most RESIDENT_MAX_K wide; otherwise it streams W through BLOCK_K tiles each step."""
+    T, B, H = p.shape
+    kwargs = {k: v for k, v in config.items() if k not in ("BLOCK_M", "RESIDENT_MAX_K")}
+    tiles = triton.cdiv(H, kwargs["BLOCK_N"])
+    programs = max(1, min(tiles, profile.multiprocessors)) if kwargs["GRID_SYNC"] else 1
+    resident = kwargs.get("RESIDENT", False) and programs == tiles and H <= config.get("RESIDENT_MAX_K", 0)
+    kwargs["RESIDENT"] = resident
+    if resident:
+        kwargs["BLOCK_K"] = max(16, triton.next_power_of_2(H))
+    sync = torch.zeros(1, device=p.device, dtype=torch.int32)
+    _rnn_recurrence_kernel[(programs,)](
+        p, w_h, hs, sync, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),
+        hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision,
+        BLOCK_B=max(16, triton.next_power_of_2(B)), **kwargs)
 
 
 _failed: list = []
@@ -123,83 +179,115 @@ rnn_recurrence = define_op("rnn_recurrence", "(Tensor p, Tensor h0, Tensor w_h, 
 
 # ----------------------------------------------------------------------------- the graph pattern
 
-def _is_step(node) -> bool:
-    from .cat_linear_tanh import cat_linear_tanh
+def _step(node) -> Optional[_Match]:
+    """The cat -> Linear -> tanh cell ending at `node` when its cat is (x, h), else None."""
+    m = CatLinearTanh.match(node) if isinstance(node, fx.Node) else None
+    if m is None or not isinstance(m.tensors, (list, tuple)) or len(m.tensors) != 2:
+        return None
+    return m
 
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is cat_linear_tanh
 
-
-def _same_cell(a: fx.Node, b: fx.Node) -> bool:
-    return a.args[1:4] == b.args[1:4] and len(a.args[0]) == len(b.args[0]) == 2
+def _same_cell(a: _Match, b: _Match) -> bool:
+    return a.weight is b.weight and a.bias is b.bias and a.dim == b.dim
 
 
 @register_pattern
 class RnnSequence(Pattern):
     name = NAME
-    order = 1  # after cat_linear_tanh has turned each step into its op
-    # opt-in (options={"patterns": [..., "rnn_sequence"]}) until the recurrence kernel has run on
-    # a GPU: so far it is tested under the CPU interpreter only
-    experimental = True
+    # before cat_linear_tanh: that pattern decides per step (a single step may be left to
+    # cuBLAS), while the whole chain is worth one recurrence
+    order = -1
+    experimental = False  # ran on the H100 (tests/test_gpu.py): on by default
 
     def match(self, node):
-        if not _is_step(node) or len(node.args[0]) != 2:
+        first = _step(node)
+        if first is None:
             return None
-        prev = node.args[0][1]
-        if _is_step(prev) and _same_cell(prev, node):
+        prev = _step(first.tensors[1])
+        if prev is not None and _same_cell(prev, first):
             return None  # not the first step
-        chain = [node]
+        chain = [first]
         while True:
-            nxt = [u for u in chain[-1].users if _is_step(u) and _same_cell(u, node) and u.args[0][1] is chain[-1]]
+            ends = [t for cat in chain[-1].tanh.users for lin in cat.users for t in lin.users]
+            nxt = [m for m in map(_step, ends)
+                   if m is not None and m.tensors[1] is chain[-1].tanh and _same_cell(m, first)]
             if len(nxt) != 1:
                 break
             chain.append(nxt[0])
         return chain if len(chain) >= 2 else None
 
     def check(self, chain, ctx) -> Optional[str]:
-        xs = [step.args[0][0] for step in chain]
-        h0 = chain[0].args[0][1]
+        for step in chain:
+            problem = CatLinearTanh.problem(step, ctx)
+            if problem:
+                return f"step {step.tanh.name}: {problem}"
+        xs = [step.tensors[0] for step in chain]
+        h0 = chain[0].tensors[1]
         x_val, h_val = example_value(xs[0]), example_value(h0)
+        dtype = example_value(chain[0].linear).dtype
+        if x_val.dtype != dtype or h_val.dtype != dtype:
+            return "autocast changes the cell's dtype: sequences are fused without autocast only"
         if any(example_value(x).shape != x_val.shape for x in xs):
             return "steps' inputs differ in shape"
         batch_limit = config_spaces.space_for(ctx.profile, config_spaces.RECURRENCE)[0]["BLOCK_M"]
         if hint(h_val.shape[0]) > batch_limit:
-            return f"batch {hint(h_val.shape[0])} > {batch_limit}: one program per sequence would be too slow"
-        members = set(chain)
+            return f"batch {hint(h_val.shape[0])} > {batch_limit}: the recurrence kernel holds the whole batch"
+        members = {n for step in chain for n in (step.cat, step.linear, step.tanh)}
         for x in xs:  # the hoisted projection must not need any step's output
             if _depends_on(x, members):
                 return f"input {x.name} of a step depends on an earlier step"
-            if _impure_ancestor_after(x, chain[0]):
+            if _impure_ancestor_after(x, chain[0].cat):
                 return f"input {x.name} is computed by an in-place op inside the sequence"
         return None
 
     def replace(self, chain, ctx) -> dict:
         graph = ctx.gm.graph
         first = chain[0]
-        xs = [step.args[0][0] for step in chain]
-        h0 = first.args[0][1]
-        _, weight, bias, precision = first.args[:4]
+        xs = [step.tensors[0] for step in chain]
+        h0 = first.tensors[1]
+        weight, bias = first.weight, first.bias
+        dtype = example_value(first.linear).dtype
+        precision = ctx.dot_precision(dtype)
         in_width = hint(example_value(xs[0]).shape[1])
         hidden = hint(example_value(h0).shape[1])
         for x in xs:  # move each input's computation before the first step
-            _move_before(x, first)
-        with graph.inserting_before(first):
-            stacked = graph.call_function(torch.stack, (list(xs),))
+            _move_before(x, first.cat)
+        with graph.inserting_before(first.cat):
+            stacked = _whole_of(xs) or graph.call_function(torch.stack, (list(xs),))
             w_x = graph.call_function(torch.narrow, (weight, 1, 0, in_width))
             w_h = graph.call_function(torch.narrow, (weight, 1, in_width, hidden))
             p = graph.call_function(torch.nn.functional.linear, (stacked, w_x, bias))
             hs = graph.call_function(rnn_recurrence, (p, h0, w_h, precision))
             rows = [graph.call_function(torch.select, (hs, 0, t + 1)) for t in range(len(chain))]
         for step, row in zip(chain, rows):
-            row.meta.update(step.meta)
-            step.replace_all_uses_with(row)
+            row.meta.update(step.tanh.meta)
+            step.tanh.replace_all_uses_with(row)
         for step in reversed(chain):
-            graph.erase_node(step)
+            for node in (step.tanh, step.linear, step.cat):
+                graph.erase_node(node)
         B = hint(example_value(h0).shape[0])
         hoisted = "input projection of all steps: one GEMM"
         if _hoist_output_projection(graph, rows, hs):
             hoisted += "; h2o of all steps: one GEMM"
         return {"steps": len(chain), "shape": f"{B}x({in_width}+{hidden})->{hidden}", "precision": precision,
                 "hoisted": hoisted}
+
+
+def _whole_of(xs) -> Optional[fx.Node]:
+    """`base` when xs are base[0], base[1], ..., base[T-1] of a (T, ...) tensor: the stack of
+    the steps' inputs is then `base` itself, no copy."""
+    import operator
+
+    bases = set()
+    for t, x in enumerate(xs):
+        if not (x.op == "call_function" and x.target is operator.getitem and x.args[1] == t):
+            return None
+        bases.add(x.args[0])
+    base = bases.pop() if len(bases) == 1 else None
+    val = example_value(base) if isinstance(base, fx.Node) else None
+    if val is None or val.dim() != 3 or hint(val.shape[0]) != len(xs):
+        return None
+    return base
 
 
 def _hoist_output_projection(graph, rows, hs) -> bool:

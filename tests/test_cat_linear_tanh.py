@@ -268,7 +268,7 @@ def test_inplace_write_to_cat_operand_alias_after_cat():
     assert_matches(out, e, r)
 
 
-#: rnn_sequence is experimental (opt-in) until its recurrence kernel has run on a GPU
+#: both patterns named explicitly (the default enables both too)
 SEQUENCE = {"patterns": ["cat_linear_tanh", "rnn_sequence"]}
 
 
@@ -279,9 +279,9 @@ class UnrolledRNN(models.UnrolledRNN):
         super().__init__(I, H, O)
 
 
-def test_unrolled_sequence_every_step_fused_and_bptt():
-    """Dynamo unrolls the loop; each step's cell is one fused site reading the previous
-    step's output; outputs, final hidden state and the gradients through time match eager."""
+def test_unrolled_sequence_one_recurrence_and_bptt():
+    """Dynamo unrolls the loop; the chain of cells becomes one recurrence op; outputs, final
+    hidden state and the gradients through time match eager."""
     torch.manual_seed(11)
     steps = 6
     model = UnrolledRNN()
@@ -289,8 +289,8 @@ def test_unrolled_sequence_every_step_fused_and_bptt():
     model64 = copy.deepcopy(model).double()
     xs, h0 = torch.randn(steps, B, I), torch.randn(B, H)
     out, h = torch.compile(model, backend="fusedtriton", options=SEQUENCE)(xs, h0)
-    assert fusion_backend.counters[NAME] == steps
     assert fusion_backend.counters["rnn_sequence"] == 1  # the chain became one recurrence
+    assert fusion_backend.counters[NAME] == 0  # no step left for the per-cell pattern
     e_out, e_h = eager(xs, h0)
     r_out, r_h = model64(xs.double(), h0.double())
     assert rel_err(out, r_out) <= tolerance(torch.float32, eager_err=rel_err(e_out, r_out))
@@ -365,18 +365,51 @@ def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog
 
 
 def test_explain_collapses_the_steps_of_an_unrolled_loop():
+    """With the sequence pattern off, each step is its own site: explain shows them as one line."""
     model = UnrolledRNN()
     xs, h0 = torch.randn(7, B, I), torch.randn(B, H)
-    text = str(fusion_backend.explain(model, xs, h0, options=SEQUENCE))
+    text = str(fusion_backend.explain(model, xs, h0, options={"patterns": [NAME]}))
     step_lines = [line for line in text.splitlines() if line.lstrip().startswith("+ cat_linear_tanh")]
     assert len(step_lines) == 1 and "(x7)" in step_lines[0], text
-    assert "rnn_sequence" in text and "steps=7" in text, text
+    torch._dynamo.reset()
+    text = str(fusion_backend.explain(model, xs, h0))
+    assert "rnn_sequence" in text and "steps=7" in text and "cat_linear_tanh" not in text, text
 
 
-def test_sequence_pattern_is_opt_in():
+def test_sequence_pattern_on_by_default_and_can_be_turned_off():
     model = UnrolledRNN()
     xs, h0 = torch.randn(3, B, I), torch.randn(B, H)
-    out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
-    assert fusion_backend.counters[NAME] == 3 and fusion_backend.counters["rnn_sequence"] == 0
     e_out, e_h = copy.deepcopy(model)(xs, h0)
+    out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
+    assert fusion_backend.counters["rnn_sequence"] == 1 and fusion_backend.counters[NAME] == 0
     torch.testing.assert_close(out, e_out, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    out, h = torch.compile(model, backend="fusedtriton", options={"patterns": [NAME]})(xs, h0)
+    assert fusion_backend.counters[NAME] == 3 and fusion_backend.counters["rnn_sequence"] == 0
+    torch.testing.assert_close(out, e_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("resident", [False, True], ids=["streamed_w", "resident_w"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_recurrence_kernel_grid_barrier_path(precision, resident):
+    """The GPU configs split the hidden columns across programs that meet at a grid barrier
+    after each step. The interpreter runs programs one after another (more than one would
+    wait forever), so here a single program takes the barrier path (H <= BLOCK_N), with W
+    streamed per step or held in registers, and the multi-program split is checked on the GPU
+    (tests/test_gpu.py)."""
+    import patterns.rnn_sequence as seq
+
+    torch.manual_seed(14)
+    T, hidden = 9, 15
+    p, h0 = torch.randn(T, B, hidden) * 3, torch.randn(B, hidden)
+    w_h = torch.randn(hidden, 2 * hidden)[:, ::2]  # non-contiguous weight
+    profile = devices.device_profile(p.device)
+    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GRID_SYNC=True, RESIDENT=resident, RESIDENT_MAX_K=32,
+                  num_warps=1, num_stages=1)
+    hs = torch.full((T + 1, B, hidden), float("nan"))  # poisoned: every row must be written
+    hs[0] = h0
+    seq.launch(p, w_h, hs, precision, config, profile)
+    ref = seq._reference(p.double(), w_h.double(), torch.cat([h0.double()[None], torch.empty(T, B, hidden).double()]))
+    eager = seq._reference(p, w_h, torch.cat([h0[None], torch.empty(T, B, hidden)]))
+    assert rel_err(hs, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))

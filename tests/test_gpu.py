@@ -206,3 +206,34 @@ def test_rnn_sequence_gpu_seed_sizes(precision):
     assert fusion_backend.counters["rnn_sequence"] == 1
     assert rel_err(out, r_out) <= allowed_error(torch.float32, precision, rel_err(e_out, r_out))
     assert rel_err(h, r_h) <= allowed_error(torch.float32, precision, rel_err(e_h, r_h))
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"),
+                                             (torch.bfloat16, "highest")])
+@pytest.mark.parametrize("B,H", [(5, 300), (8, 256), (1, 17)])
+def test_recurrence_kernel_gpu_multi_program(B, H, dtype, precision):
+    """The recurrence with its hidden columns split over programs that meet at a grid barrier
+    after each step (a missing or broken barrier shows as a wrong, run-to-run varying result)."""
+    import patterns.rnn_sequence as seq
+    from fusion_backend import config_spaces, devices
+
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(H)
+    T = 64
+    p = (torch.randn(T, B, H, device="cuda") * 2).to(dtype)
+    h0 = torch.randn(B, H, device="cuda").to(dtype)
+    w_h = (torch.randn(H, H, device="cuda") / H ** 0.5).to(dtype)
+    profile = devices.device_profile(p.device)
+    config = config_spaces.space_for(profile, config_spaces.RECURRENCE)[0]
+    assert config["GRID_SYNC"]
+    ref = torch.empty(T + 1, B, H, device="cuda", dtype=torch.float64)
+    ref[0] = h0.double()
+    ref = seq._reference(p.double(), w_h.double(), ref)
+    eager = torch.empty(T + 1, B, H, device="cuda", dtype=dtype)
+    eager[0] = h0
+    eager = seq._reference(p, w_h, eager)
+    for _ in range(3):  # a fresh output each run: every row written, right every time
+        hs = seq.recurrence(p, h0, w_h, profile.dot_precision(dtype))
+        assert not seq._failed, seq._failed  # the kernel ran (no fallback to torch ops)
+        assert torch.isfinite(hs).all()
+        assert rel_err(hs, ref) <= allowed_error(dtype, precision, rel_err(eager, ref))
