@@ -37,15 +37,14 @@ def main():
                                          return_mode="median")
     rows.append(("torch loop (fp32 matmul setting)", torch_loop, float("nan")))
     print(f"torch loop: {torch_loop:.4f} ms", flush=True)
-    variants = [dict(BLOCK_N=n, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=1024, num_warps=w)
-                for n, w in itertools.product((16, 32), (1, 2, 4))]
-    variants += [dict(BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=False, num_warps=w) for w in (2, 4)]
-    variants += [dict(BLOCK_N=64, BLOCK_K=128, GRID_SYNC=False, RESIDENT=False, num_warps=4)]
-    for precision, config in itertools.product(("ieee", "tf32", "tf32x3"), variants):
+    variants = [dict(BLOCK_N=n, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=1024, num_warps=w,
+                     K_SPLIT=s) for n, w, s in itertools.product((16, 32), (4, 8), (1, 2, 4, 8))]
+    variants += [dict(BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=False, num_warps=4)]
+    for precision, config in itertools.product(("tf32", "tf32x3"), variants):
         config = dict(config, num_stages=1)
         kind = ("grid" if config["GRID_SYNC"] else "one program") + (" resident W" if config["RESIDENT"] else "")
         block_n, block_k, warps = config["BLOCK_N"], config["BLOCK_K"], config["num_warps"]
-        name = f"{precision} N{block_n} K{block_k} w{warps} {kind}"
+        name = f"{precision} N{block_n} K{block_k} w{warps} S{config.get('K_SPLIT', 1)} {kind}"
         try:
             out = torch.full((T + 1, B, H), float("nan"), device="cuda")
             out[0] = h0
@@ -60,7 +59,7 @@ def main():
         print(f"{name}: {ms:.4f} ms err {err:.2e}", flush=True)
     rows.sort(key=lambda r: r[1])
     print(f"\nT={T} B={B} H={H} fp32, {torch.cuda.get_device_name()}\n| variant | ms | rel err |\n|---|---|---|")
-    for name, ms, err in rows[:16]:
+    for name, ms, err in rows[:20]:
         print(f"| {name} | {ms:.4f} | {err:.2e} |")
 
 

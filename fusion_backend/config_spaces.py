@@ -143,6 +143,11 @@ def smem_bytes(config: dict, family: str, elem_bytes: int) -> int:
     return config["BLOCK_M"] * config["BLOCK_N"] * 4  # at most one fp32 layout conversion
 
 
+def _has_tma(profile) -> bool:
+    arch = profile.arch
+    return profile.vendor == "nvidia" and arch.startswith("sm_") and int(arch[3:].rstrip("a")) >= 90
+
+
 def _pow2(v: int) -> bool:
     return v > 0 and (v & (v - 1)) == 0
 
@@ -169,6 +174,8 @@ def validate(profile, family: str, config: dict) -> List[str]:
             problems.append(f"num_stages={s}, AMD rule is {want} for family {family}")
     elif any(k in config for k in AMD_KEYS):
         problems.append("AMD knobs on a non-ROCm profile")
+    if config.get("TMA") and not _has_tma(profile):
+        problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)
     elem = 4 if "float32" in dtypes else 2
     need = smem_bytes(config, family, elem)

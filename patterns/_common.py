@@ -188,6 +188,21 @@ def heuristic_kwargs(profile, family, dtype, m_bucket) -> dict:
     return kernel_kwargs(config_spaces.heuristic_pick(space(profile, family, dtype), m_bucket), profile)
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether the tensor-memory accelerator can address `t` (2-D, row-major rows, 16-byte
+    aligned base and row stride); other layouts take the pointer kernel with the same tiles."""
+    size = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0 and t.is_cuda)
+
+
+def descriptor(t: torch.Tensor, rows: int, cols: int):
+    """A host-side TMA descriptor for (rows x cols) tiles of `t` (zero padding out of range)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, [rows, cols])
+
+
 def kernel_kwargs(config, profile) -> dict:
     """A config as kernel launch kwargs: constexpr meta-parameters plus launch options."""
     return dict(config_spaces.meta_of(config), **config_spaces.launch_options(config, profile))

@@ -21,8 +21,8 @@ from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_val
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
 
-from ._common import (cast_to, compute_dtype, define_op, heuristic_kwargs, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
-                      tuned_unfused_reason, written_inside)
+from ._common import (cast_to, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
+                      only_user, space, tensor_problem, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -42,6 +42,38 @@ def _gemm_bn_gelu_relu_eval_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
                        offs_m % M, offs_n % N, K, BLOCK_K, PRECISION, EVEN_K)
+    _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                   stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
+
+
+@triton.jit
+def _gemm_bn_gelu_relu_eval_tma_kernel(
+        x_desc, w_desc, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+        M, N, K, stride_om, stride_on, eps,
+        HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+        APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The eval kernel with x and W tiles brought in by the tensor-memory accelerator (Hopper
+    and newer; x row-major with 16-byte aligned rows). Out-of-range rows and the K tail read
+    as zeros, so the main loop has no masks."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                   stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
+
+
+@triton.jit
+def _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                   stride_om, stride_on, eps, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                   HAS_BETA: tl.constexpr, APPROX_TANH: tl.constexpr):
+    """bias, BatchNorm with running statistics (computed here, nothing folded on the host),
+    GELU, ReLU, one store."""
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -133,7 +165,8 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
              r.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bias_welford_kernel,
+_SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, _eval_epilogue,
+                            _gemm_bias_welford_kernel,
                             _merge_welford_kernel, _bn_gelu_relu_kernel)
 
 
@@ -184,6 +217,34 @@ def _runtime(x, autotune_on, budget):
     return profile, (profile, autotune_on, budget, x.device)
 
 
+def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, precision, out):
+    """run_fused(kwargs): launch the eval kernel with one config's launch kwargs into `out`
+    (the TMA kernel for a config with TMA=True where x and W allow it, else the pointer one)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    dummy = running_mean
+    tensors = (bias if bias is not None else dummy, gamma if gamma is not None else dummy,
+               beta if beta is not None else dummy, running_mean, running_var, out)
+    flags = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                 APPROX_TANH=approximate == "tanh", PRECISION=precision)
+
+    def run_fused(config):
+        if config.get("TMA"):
+            config = {k: v for k, v in config.items() if k != "TMA"}
+            if tma_ready(x) and tma_ready(weight):
+                _gemm_bn_gelu_relu_eval_tma_kernel[_gemm_grid(M, N, config)](
+                    descriptor(x, config["BLOCK_M"], config["BLOCK_K"]),
+                    descriptor(weight, config["BLOCK_N"], config["BLOCK_K"]), *tensors,
+                    M, N, K, out.stride(0), out.stride(1), eps, NUM_STAGES=config["num_stages"], **flags, **config)
+                return out
+        _gemm_bn_gelu_relu_eval_kernel[_gemm_grid(M, N, config)](
+            x, weight, *tensors, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            out.stride(0), out.stride(1), eps, EVEN_K=K % config["BLOCK_K"] == 0, **flags, **config)
+        return out
+
+    return run_fused
+
+
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
                  precision, autotune_on=True, budget=30.0):
     M, K = x.shape
@@ -192,16 +253,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
     if M == 0:
         return out
     profile, ctx_args = _runtime(x, autotune_on, budget)
-    dummy = running_mean
-
-    def run_fused(config):
-        _gemm_bn_gelu_relu_eval_kernel[_gemm_grid(M, N, config)](
-            x, weight, bias if bias is not None else dummy, gamma if gamma is not None else dummy,
-            beta if beta is not None else dummy, running_mean, running_var, out,
-            M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            eps, HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-            APPROX_TANH=approximate == "tanh", PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
-        return out
+    run_fused = eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, precision, out)
 
     def run_unfused():
         return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)

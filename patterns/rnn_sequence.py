@@ -45,7 +45,8 @@ def _grid_barrier(sync_ptr, target, GRID_SYNC: tl.constexpr):
 def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, sync_ptr, T, B, H,
                            stride_pt, stride_pb, stride_ph, stride_wn, stride_wk, stride_ht, stride_hb, stride_hh,
                            PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr):
+                           BLOCK_K: tl.constexpr, GRID_SYNC: tl.constexpr, RESIDENT: tl.constexpr,
+                           K_SPLIT: tl.constexpr):
     """hs[t + 1] = tanh(p[t] + hs[t] @ W^T) for t = 0..T-1; hs[0] holds h0 on entry.
 
     The steps depend on each other, so every program walks all of them; program i computes
@@ -53,28 +54,34 @@ def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, sync_ptr, T, B, H,
     at a grid barrier (GRID_SYNC: all P programs must be resident at once, so the launcher
     keeps P <= multiprocessors) before anyone reads h_{t+1}. RESIDENT (one tile per program,
     BLOCK_K >= H): the program's slice of W is loaded once and kept in registers, and the
-    next step's p tile is loaded before the barrier (it does not depend on h)."""
+    next step's p tile is loaded before the barrier (it does not depend on h); streamed W
+    (large H) ignores K_SPLIT."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_b = tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
     if RESIDENT:
+        # W's slice as K_SPLIT chunks of the reduction: one batched dot runs the chunks'
+        # accumulation chains side by side (one long chain of dependent MMAs per step is what
+        # bounds a step here), then the chunks are summed
+        KC: tl.constexpr = BLOCK_K // K_SPLIT
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_ok, k_ok = offs_n < H, offs_k < H
+        offs_k = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]  # [S, 1, KC]
+        n_ok = offs_n < H
         mask = b_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w_k = tl.reshape(offs_k, (K_SPLIT, KC, 1))
+        w = tl.load(w_ptr + offs_n[None, None, :] * stride_wn + w_k * stride_wk,
+                    mask=(w_k < H) & n_ok[None, None, :], other=0.0)  # [S, KC, N]
         p_tile = p_ptr + offs_b[:, None] * stride_pb + offs_n[None, :] * stride_ph
-        h_tile = hs_ptr + offs_b[:, None] * stride_hb
+        h_tile = hs_ptr + offs_b[None, :, None] * stride_hb + offs_k * stride_hh  # [S, B, KC]
+        h_ok = b_ok[None, :, None] & (offs_k < H)
+        out_tile = hs_ptr + offs_b[:, None] * stride_hb + offs_n[None, :] * stride_hh
         p_next = tl.load(p_tile, mask=mask, other=0.0).to(tl.float32)
         for t in range(0, T):
             # h_t was written by other programs: read it from L2 (".cg"), never a stale L1 line
-            h = tl.load(h_tile + t * stride_ht + offs_k[None, :] * stride_hh,
-                        mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
-            acc = tl.dot(h, w, p_next, input_precision=PRECISION)
-            tl.store(h_tile + (t + 1) * stride_ht + offs_n[None, :] * stride_hh,
-                     tanh(acc).to(hs_ptr.dtype.element_ty), mask=mask)
+            h = tl.load(h_tile + t * stride_ht, mask=h_ok, other=0.0, cache_modifier=".cg")
+            acc = tl.sum(tl.dot(h, w, input_precision=PRECISION), axis=0) + p_next
+            tl.store(out_tile + (t + 1) * stride_ht, tanh(acc).to(hs_ptr.dtype.element_ty), mask=mask)
             # (after the last step this reloads step 0: one harmless extra load, no branch)
             p_next = tl.load(p_tile + ((t + 1) % T) * stride_pt, mask=mask, other=0.0).to(tl.float32)
             _grid_barrier(sync_ptr, (t + 1) * num_programs, GRID_SYNC)
@@ -130,8 +137,9 @@ def launch(p, w_h, hs, precision, config, profile) -> None:
     programs = max(1, min(tiles, profile.multiprocessors)) if kwargs["GRID_SYNC"] else 1
     resident = kwargs.get("RESIDENT", False) and programs == tiles and H <= config.get("RESIDENT_MAX_K", 0)
     kwargs["RESIDENT"] = resident
-    if resident:
-        kwargs["BLOCK_K"] = max(16, triton.next_power_of_2(H))
+    kwargs.setdefault("K_SPLIT", 1)
+    if resident:  # chunks of at least 16 (tl.dot's minimum)
+        kwargs["BLOCK_K"] = max(16 * kwargs["K_SPLIT"], triton.next_power_of_2(H))
     sync = torch.zeros(1, device=p.device, dtype=torch.int32)
     _rnn_recurrence_kernel[(programs,)](
         p, w_h, hs, sync, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),

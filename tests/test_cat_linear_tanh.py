@@ -405,7 +405,7 @@ def test_recurrence_kernel_grid_barrier_path(precision, resident):
     p, h0 = torch.randn(T, B, hidden) * 3, torch.randn(B, hidden)
     w_h = torch.randn(hidden, 2 * hidden)[:, ::2]  # non-contiguous weight
     profile = devices.device_profile(p.device)
-    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GRID_SYNC=True, RESIDENT=resident, RESIDENT_MAX_K=32,
+    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GRID_SYNC=True, RESIDENT=resident, RESIDENT_MAX_K=32, K_SPLIT=2,
                   num_warps=1, num_stages=1)
     hs = torch.full((T + 1, B, hidden), float("nan"))  # poisoned: every row must be written
     hs[0] = h0

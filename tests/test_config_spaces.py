@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import device_params, load_props, profile_named
+from conftest import device_params, load_props, profile_named, props_named
 from fusion_backend import config_spaces as cs
 from fusion_backend.devices import INTERPRETER, from_properties
 
@@ -197,3 +197,12 @@ def test_heuristic_pick_rule(h100, rtx4090, mi300x, m):
         pick = cs.heuristic_pick(space, m)
         fitting = [c for c in space if c["BLOCK_M"] <= max(16, 2 * m)]
         assert pick is (fitting[0] if fitting else min(space, key=lambda c: c["BLOCK_M"]))
+
+
+def test_validate_tma_only_on_hopper_class(h100, rtx4090, mi300x):
+    tma = _gemm(TMA=True)
+    assert cs.validate(h100, cs.GEMM, tma) == []
+    assert _has(cs.validate(rtx4090, cs.GEMM, tma), "TMA", "sm_89")
+    assert _has(cs.validate(mi300x, cs.GEMM, tma), "TMA")
+    a100 = from_properties(props_named("a100-sxm"))
+    assert _has(cs.validate(a100, cs.GEMM, tma), "TMA", "sm_80")

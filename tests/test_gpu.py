@@ -237,3 +237,33 @@ def test_recurrence_kernel_gpu_multi_program(B, H, dtype, precision):
         assert not seq._failed, seq._failed  # the kernel ran (no fallback to torch ops)
         assert torch.isfinite(hs).all()
         assert rel_err(hs, ref) <= allowed_error(dtype, precision, rel_err(eager, ref))
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32x3"), (torch.float32, "tf32"),
+                                             (torch.bfloat16, "ieee")])
+@pytest.mark.parametrize("M,K,N", [(1000, 1000, 999), (37, 100, 75), (4096, 2048, 2048)])
+def test_tma_eval_kernel_gpu(M, K, N, dtype, precision):
+    """Each TMA config of the profile's GEMM space against the fp64 reference, within the
+    error of the same precision class (bf16 with K = 100 has 200-byte rows: not TMA-ready,
+    the pointer kernel runs with the same tiles)."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import config_spaces, devices
+    from patterns._common import kernel_kwargs
+
+    torch.manual_seed(M + K)
+    profile = devices.device_profile(torch.device("cuda"))
+    configs = [c for c in config_spaces.for_dtype(config_spaces.space_for(profile, config_spaces.GEMM), dtype)
+               if c.get("TMA")]
+    if not configs:
+        pytest.skip(f"no TMA configs for {dtype} on profile {profile.name} ({profile.arch})")
+    x = (torch.randn(M, K, device="cuda") * 2).to(dtype)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+    b, gamma, beta, mean = (torch.randn(N, device="cuda").to(dtype) for _ in range(4))
+    var = (torch.rand(N, device="cuda") + 0.5).to(dtype)
+    ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, "none")
+    eager = lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, "none")
+    setting = "highest" if precision == "tf32x3" else "high"
+    for config in configs:
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", precision, out)(kernel_kwargs(config, profile))
+        assert rel_err(out, ref) <= allowed_error(dtype, setting, rel_err(eager, ref)), config

@@ -410,3 +410,29 @@ def test_inplace_write_to_input_alias_after_linear():
     assert torch.equal(x_c, x_e)  # the in-place write itself happened
     # fused or not, the result must be eager's: the Linear saw x before the write
     assert_matches(out, e, r)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_tma_eval_kernel_matches_pointer_kernel(monkeypatch, approximate):
+    """The eval kernel's TMA variant (Hopper configs with TMA=True) under the interpreter:
+    descriptors zero-fill the ragged tiles (37 rows, K = 100, 75 columns), same result as the
+    pointer kernel and the fp64 reference; on the CPU the readiness check (CUDA only) is
+    bypassed so the variant runs at all."""
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    monkeypatch.setattr(lbgr, "tma_ready", lambda t: True)
+    torch.manual_seed(21)
+    x, w = torch.randn(37, 100), torch.randn(75, 100) / 10
+    b, gamma, beta, mean = (torch.randn(75) for _ in range(4))
+    var = torch.rand(75) + 0.5
+    ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, approximate)
+    outs = []
+    for tma in (True, False):
+        out = torch.full((37, 75), float("nan"))
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=1, num_stages=1)
+        lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, approximate, "ieee", out)(
+            dict(config, TMA=True) if tma else config)
+        outs.append(out)
+    eager = lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, approximate)
+    for out in outs:
+        assert_matches(out, eager, ref)

@@ -1,0 +1,85 @@
+"""GEMM main-loop variants of the eval Linear+BN+GELU+ReLU kernel on a GPU: pointer loads vs
+TMA descriptors, per tile config, next to the bare cuBLAS GEMM and the unfused path.
+
+    python benchmarks/gemm_variants.py [--M 16384 --K 4096 --N 4096]
+
+Median do_bench ms and rel. error vs fp64 per variant; prints a table last.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+import patterns.linear_bn_gelu_relu as lbgr
+from fusion_backend import devices
+from patterns._common import kernel_kwargs
+
+
+def g(bm, bn, bk, w, s, tma):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s, **({"TMA": True} if tma else {}))
+
+
+FP32 = [(128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 5), (128, 256, 32, 8, 3),
+        (256, 128, 32, 8, 3)]
+HALF = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
+
+
+def bench(fn):
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", type=int, default=16384)
+    ap.add_argument("--K", type=int, default=4096)
+    ap.add_argument("--N", type=int, default=4096)
+    args = ap.parse_args()
+    M, K, N = args.M, args.K, args.N
+    profile = devices.device_profile(torch.device("cuda"))
+    rows = []
+    for dtype, precision, setting, shapes in ((torch.float32, "tf32x3", "highest", FP32),
+                                              (torch.float32, "tf32", "high", FP32),
+                                              (torch.bfloat16, "ieee", "high", HALF)):
+        torch.set_float32_matmul_precision(setting)
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda").to(dtype)
+        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+        b, gamma, beta = (torch.randn(N, device="cuda").to(dtype) for _ in range(3))
+        mean, var = torch.randn(N, device="cuda").to(dtype), (torch.rand(N, device="cuda") + 0.5).to(dtype)
+        ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, "none")
+        tag = f"{str(dtype)[6:]} {precision}"
+
+        def err(out):
+            return ((out.double() - ref).norm() / ref.norm()).item()
+
+        rows.append((tag, "cuBLAS GEMM alone", bench(lambda: F.linear(x, w)), float("nan")))
+        unfused = lambda: lbgr._unfused_eval(x, w, b, gamma, beta, mean, var, 1e-5, "none", profile)  # noqa: E731
+        rows.append((tag, "unfused (cuBLAS + pointwise)", bench(unfused), err(unfused())))
+        for tma in (False, True):
+            for shape in shapes:
+                config = g(*shape, tma)
+                name = ("TMA " if tma else "ptr ") + "x".join(map(str, shape[:3])) + f" w{shape[3]} s{shape[4]}"
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                run = lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", precision, out)
+                kwargs = kernel_kwargs(config, profile)
+                try:
+                    run(kwargs)
+                    e = err(out)
+                    ms = bench(lambda: run(kwargs))
+                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                    print(tag, name, "failed:", type(exc).__name__, str(exc)[:300], flush=True)
+                    continue
+                print(f"{tag} {name}: {ms:.3f} ms err {e:.2e}", flush=True)
+                rows.append((tag, name, ms, e))
+    print(f"\nM={M} K={K} N={N}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| case | variant | ms | rel err |\n|---|---|---|---|")
+    for tag in dict.fromkeys(r[0] for r in rows):
+        mine = sorted((r for r in rows if r[0] == tag), key=lambda r: r[2])
+        for r in mine[:7]:
+            print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
