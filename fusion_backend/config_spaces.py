@@ -21,7 +21,7 @@ RECURRENCE = "recurrence"  # one program walking all time steps of an RNN (BLOCK
 
 LAUNCH_KEYS = ("num_warps", "num_stages")
 AMD_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
-NOT_META = LAUNCH_KEYS + AMD_KEYS + ("dtypes",)
+NOT_META = LAUNCH_KEYS + AMD_KEYS + ("dtypes", "precisions")
 HALF = ("float16", "bfloat16")
 
 
@@ -51,6 +51,13 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(128, 128, 64, 8, 3, dtypes=HALF),
             _g(128, 256, 64, 8, 3, dtypes=HALF),
             _g(64, 128, 64, 4, 4, dtypes=HALF),
+            # Hopper+: tiles brought in by the TMA engine (eval kernel of linear_bn_gelu_relu;
+            # dropped from the space elsewhere). H100 16384x4096->4096: 3xTF32 128x64 6.74 ms
+            # (pointer loads 6.87), TF32 128x256 1.73 (1.97), bf16 128x256 0.94 (1.04).
+            _g(128, 64, 32, 4, 4, TMA=True),
+            _g(128, 256, 32, 8, 3, TMA=True),
+            _g(128, 256, 64, 8, 3, TMA=True, dtypes=HALF),
+            _g(128, 128, 64, 8, 4, TMA=True, dtypes=HALF),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
         # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.
@@ -92,17 +99,24 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
         # GRID_SYNC: the programs split the hidden columns and meet at a grid barrier after
         # each step (they must all be resident: the interpreter runs programs one after
         # another, so there one program walks all columns). RESIDENT: W's slice stays in
-        # registers when H <= RESIDENT_MAX_K.
-        "nvidia": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
-                        num_warps=4, num_stages=1)],
+        # registers when H <= RESIDENT_MAX_K. K_SPLIT: the reduction in that many chunks,
+        # whose chains of MMAs run side by side (pays for 3xTF32's three MMAs per chunk;
+        # H100, T=256 B=8 H=256: tf32x3 0.90 ms with 4 chunks vs 1.27 with 1; tf32 0.67 with 1).
+        # The first entry whose `precisions` holds the dot precision is used.
+        "nvidia": [
+            dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512, K_SPLIT=4,
+                 precisions=("tf32x3",), num_warps=4, num_stages=1),
+            dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512, K_SPLIT=1,
+                 num_warps=4, num_stages=1),
+        ],
         "rtx4090": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
-                         num_warps=4, num_stages=2)],
+                         K_SPLIT=1, num_warps=4, num_stages=2)],
         "amd": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
-                     num_warps=4, num_stages=1)],
-        "interpreter": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GRID_SYNC=False, RESIDENT=False,
+                     K_SPLIT=1, num_warps=4, num_stages=1)],
+        "interpreter": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GRID_SYNC=False, RESIDENT=False, K_SPLIT=1,
                              num_warps=1, num_stages=1)],
         "default": [dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512,
-                         num_warps=4, num_stages=1)],
+                         K_SPLIT=1, num_warps=4, num_stages=1)],
     },
 }
 

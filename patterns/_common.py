@@ -176,10 +176,11 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def space(profile, family, dtype):
+def space(profile, family, dtype, tma=True):
     """The configs for this device, kernel family and input dtype (computed once: launchers
-    call this on their hot path)."""
-    return config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
+    call this on their hot path); tma=False for kernels without a TMA variant."""
+    configs = config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
+    return configs if tma else [c for c in configs if not c.get("TMA")]
 
 
 @functools.lru_cache(maxsize=None)

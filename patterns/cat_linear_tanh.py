@@ -91,7 +91,7 @@ def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, b
 
     key = autotune.make_key(NAME, profile.name, x0.dtype, precision, M, K="+".join(map(str, widths[:len(xs)])), N=N)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
-                  space=lambda: space(profile, config_spaces.GEMM, x0.dtype), m=M, run_fused=run_fused,
+                  space=lambda: space(profile, config_spaces.GEMM, x0.dtype, tma=False), m=M, run_fused=run_fused,
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
 
 

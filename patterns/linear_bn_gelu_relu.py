@@ -300,7 +300,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
         return out, mean.copy_(m), var.copy_(v)
 
     key = autotune.make_key("train:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype), m=M,
+    return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype, tma=False), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
 
 

@@ -10,6 +10,7 @@ Linear (the h2o), that becomes one GEMM over all steps too.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -22,7 +23,7 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import define_op, heuristic_kwargs, hint, log
+from ._common import define_op, hint, kernel_kwargs, log, space
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -117,13 +118,21 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
         return _reference(p, w_h, hs)
     profile = devices.device_profile(p.device)
     try:
-        launch(p, w_h, hs, precision, heuristic_kwargs(profile, config_spaces.RECURRENCE, p.dtype, 1), profile)
+        launch(p, w_h, hs, precision, _config(profile, p.dtype, precision), profile)
     except Exception as exc:  # a kernel that fails to compile must not break the model
         _failed.append(exc)
         log.warning("fusedtriton: %s kernel failed (%s: %s); using the unfused computation",
                     NAME, type(exc).__name__, exc)
         return _reference(p, w_h, hs)
     return hs
+
+
+@functools.lru_cache(maxsize=None)
+def _config(profile, dtype, precision) -> dict:
+    """Launch kwargs of the first recurrence config for this dot precision (memoized)."""
+    configs = space(profile, config_spaces.RECURRENCE, dtype)
+    config = next((c for c in configs if precision in c.get("precisions", (precision,))), configs[0])
+    return kernel_kwargs(config, profile)
 
 
 def launch(p, w_h, hs, precision, config, profile) -> None:

@@ -413,3 +413,17 @@ def test_recurrence_kernel_grid_barrier_path(precision, resident):
     ref = seq._reference(p.double(), w_h.double(), torch.cat([h0.double()[None], torch.empty(T, B, hidden).double()]))
     eager = seq._reference(p, w_h, torch.cat([h0[None], torch.empty(T, B, hidden)]))
     assert rel_err(hs, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))
+
+
+def test_recurrence_config_follows_the_dot_precision():
+    """On the H100 profile 3xTF32 splits the reduction into 4 chunks, TF32 does not (measured:
+    benchmarks/recurrence.py); the interpreter has one config for all."""
+    import patterns.rnn_sequence as seq
+    from conftest import profile_named
+
+    h100 = profile_named("h100-sxm")
+    assert seq._config(h100, torch.float32, "tf32x3")["K_SPLIT"] == 4
+    assert seq._config(h100, torch.float32, "tf32")["K_SPLIT"] == 1
+    assert "precisions" not in seq._config(h100, torch.float32, "tf32x3")  # data, not a kernel argument
+    interp = devices.INTERPRETER
+    assert seq._config(interp, torch.float32, "tf32x3") == seq._config(interp, torch.float32, "ieee")
