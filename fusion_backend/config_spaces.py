@@ -56,7 +56,9 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             # (pointer loads 6.87), TF32 128x256 1.73 (1.97), bf16 128x256 0.94 (1.04).
             _g(128, 64, 32, 4, 4, TMA=True),
             _g(128, 256, 32, 8, 3, TMA=True),
+            _g(128, 256, 32, 8, 4, TMA=True),
             _g(128, 256, 64, 8, 3, TMA=True, dtypes=HALF),
+            _g(128, 256, 64, 8, 4, TMA=True, dtypes=HALF),
             _g(128, 128, 64, 8, 4, TMA=True, dtypes=HALF),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
