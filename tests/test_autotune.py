@@ -82,11 +82,12 @@ def test_picks_fastest_fused_config(tmp_cache):
     assert choice.source == "tuned"
     assert choice.config is SPACE[2]
     assert (choice.fused_ms, choice.unfused_ms) == (0.5, 5.0)
-    assert autotune.stats["benchmarked"] == len(SPACE) + 1  # every config and the unfused path
+    # every config and the unfused path, then the winner and the unfused path twice more
+    assert autotune.stats["benchmarked"] == len(SPACE) + 1 + 2 * autotune.CONFIRM_ROUNDS
     assert autotune.stats["tuned"] == 1
     # a second call is answered from memory
     assert choose(tuner, run_unfused=lambda: 5.0) is choice
-    assert autotune.stats["benchmarked"] == len(SPACE) + 1
+    assert autotune.stats["benchmarked"] == len(SPACE) + 1 + 2 * autotune.CONFIRM_ROUNDS
 
 
 def test_never_slower_than_unfused(tmp_cache):
@@ -96,6 +97,34 @@ def test_never_slower_than_unfused(tmp_cache):
     assert choice.source == "tuned"
     assert (choice.fused_ms, choice.unfused_ms) == (0.5, 0.4)
     assert "unfused" in choice.describe()
+
+
+@pytest.mark.parametrize("unfused_ms,fused_wins", [(0.5 / 0.97 - 1e-6, False), (0.52, True), (0.5, False)])
+def test_fused_must_win_by_the_margin(tmp_cache, unfused_ms, fused_wins):
+    """A tie or a win inside FUSED_MARGIN goes to the unfused path (Inductor)."""
+    assert autotune.FUSED_MARGIN == 0.97
+    choice = choose(Tuner(timer=stub_timer), run_unfused=lambda: unfused_ms)  # best fused: 0.5 ms
+    assert (choice.config is SPACE[2]) == fused_wins, choice.describe()
+
+
+def test_confirmation_rounds_are_interleaved_and_decide(tmp_cache):
+    """The search times the unfused path once, first; the decision uses interleaved
+    re-timings. Here every measurement runs 1% slower than the one before (a GPU heating
+    up): the search's figures (fused 0.5 ms measured 4th, unfused 0.53 measured 1st) differ
+    by less than the margin, the interleaved ones by the true 6%, and fused wins."""
+    count = []
+
+    def drifting_timer(fn):
+        count.append(1)
+        return fn() * (1 + 0.01 * len(count))
+
+    calls = []
+    run_fused = fused_times()
+    choice = choose(Tuner(timer=drifting_timer), run_unfused=lambda: calls.append("u") or 0.53,
+                    run_fused=lambda c: calls.append("f") or run_fused(c))
+    assert calls[-2 * autotune.CONFIRM_ROUNDS:] == ["u", "f"] * autotune.CONFIRM_ROUNDS
+    assert 0.5 * 1.04 > autotune.FUSED_MARGIN * 0.53 * 1.01  # the search alone would not fuse
+    assert choice.config is SPACE[2], choice.describe()
 
 
 def test_failing_candidates_are_not_chosen(tmp_cache):
@@ -131,7 +160,8 @@ def test_respects_time_budget(tmp_cache, monkeypatch):
     last = len(SPACE) - 1  # the fastest config comes last: the budget stops before it
     choice = choose(Tuner(timer=one_second_each), budget_s=2.5, run_fused=fused_times(fastest=last),
                     run_unfused=lambda: 50.0)
-    assert autotune.stats["benchmarked"] == 3  # unfused (t=1), config 0 (t=2), config 1 (t=3 > 2.5): stop
+    # unfused (t=1), config 0 (t=2), config 1 (t=3 > 2.5): stop; then the confirmation rounds
+    assert autotune.stats["benchmarked"] == 3 + 2 * autotune.CONFIRM_ROUNDS
     assert choice.config is SPACE[0]
     assert len(SPACE) > 3
 
@@ -237,7 +267,7 @@ def test_cache_round_trip_across_processes(tmp_cache, tmp_path):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first = run()
-    assert first["source"] == "tuned" and first["benchmarked"] == len(SPACE) + 1
+    assert first["source"] == "tuned" and first["benchmarked"] == len(SPACE) + 1 + 2 * autotune.CONFIRM_ROUNDS
     assert first["file"].startswith(str(tmp_cache)) and os.path.exists(first["file"])
     second = run()
     assert second["source"] == "cache"
