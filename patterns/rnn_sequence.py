@@ -127,6 +127,13 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     return hs
 
 
+def keeps_w_resident(config: dict, block_b: int, H: int) -> bool:
+    """Whether W's slice (and the BLOCK_B x padded-H tile of h) may stay in registers: the
+    config asks for it and H <= RESIDENT_MAX_K, a limit set for batches of up to 16 rows
+    (measured: 16 x 256 on the H100); larger batches get proportionally less."""
+    return bool(config.get("RESIDENT")) and block_b * triton.next_power_of_2(H) <= 16 * config.get("RESIDENT_MAX_K", 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _config(profile, dtype, precision) -> dict:
     """Launch kwargs of the first recurrence config for this dot precision (memoized)."""
@@ -138,13 +145,14 @@ def _config(profile, dtype, precision) -> dict:
 def launch(p, w_h, hs, precision, config, profile) -> None:
     """Run the recurrence kernel with launch kwargs `config` (BLOCK_M is the batch limit, not a
     kernel parameter); one program per hidden tile, at most one per multiprocessor. A config
-    with RESIDENT keeps W in registers where one tile per program covers H and the slice is
-    at most RESIDENT_MAX_K wide; otherwise it streams W through BLOCK_K tiles each step."""
+    with RESIDENT keeps W in registers where one tile per program covers H and H is at most
+    RESIDENT_MAX_K (for batches up to 16); otherwise it streams W through BLOCK_K tiles each step."""
     T, B, H = p.shape
     kwargs = {k: v for k, v in config.items() if k not in ("BLOCK_M", "RESIDENT_MAX_K")}
     tiles = triton.cdiv(H, kwargs["BLOCK_N"])
     programs = max(1, min(tiles, profile.multiprocessors)) if kwargs["GRID_SYNC"] else 1
-    resident = kwargs.get("RESIDENT", False) and programs == tiles and H <= config.get("RESIDENT_MAX_K", 0)
+    block_b = max(16, triton.next_power_of_2(B))
+    resident = programs == tiles and keeps_w_resident(config, block_b, H)
     kwargs["RESIDENT"] = resident
     kwargs.setdefault("K_SPLIT", 1)
     if resident:  # chunks of at least 16 (tl.dot's minimum)
@@ -152,8 +160,7 @@ def launch(p, w_h, hs, precision, config, profile) -> None:
     sync = torch.zeros(1, device=p.device, dtype=torch.int32)
     _rnn_recurrence_kernel[(programs,)](
         p, w_h, hs, sync, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),
-        hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision,
-        BLOCK_B=max(16, triton.next_power_of_2(B)), **kwargs)
+        hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, BLOCK_B=block_b, **kwargs)
 
 
 _failed: list = []

@@ -427,3 +427,13 @@ def test_recurrence_config_follows_the_dot_precision():
     assert "precisions" not in seq._config(h100, torch.float32, "tf32x3")  # data, not a kernel argument
     interp = devices.INTERPRETER
     assert seq._config(interp, torch.float32, "tf32x3") == seq._config(interp, torch.float32, "ieee")
+
+
+@pytest.mark.parametrize("block_b,H,resident", [(16, 256, True), (16, 300, True), (16, 513, False),
+                                                (32, 256, True), (64, 256, False), (64, 100, True)])
+def test_resident_w_limit_scales_with_the_batch(block_b, H, resident):
+    import patterns.rnn_sequence as seq
+
+    config = dict(RESIDENT=True, RESIDENT_MAX_K=512)
+    assert seq.keeps_w_resident(config, block_b, H) == resident
+    assert not seq.keeps_w_resident(dict(config, RESIDENT=False), block_b, H)
