@@ -221,7 +221,7 @@ class RnnSequence(Pattern):
     # before cat_linear_tanh: that pattern decides per step (a single step may be left to
     # cuBLAS), while the whole chain is worth one recurrence
     order = -1
-    experimental = False  # ran on the H100 (tests/test_gpu.py): on by default
+    experimental = False  # ran on the H100 (tests/test_gpu.py, benchmarks/bench.py): on by default
 
     def match(self, node):
         first = _step(node)

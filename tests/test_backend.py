@@ -433,3 +433,22 @@ def test_any_rewrite_failure_compiles_the_untouched_graph(monkeypatch):
         out = torch.compile(model, backend="fusedtriton")(x)
     assert total_fused() == 0
     assert_matches(out, model(x), copy.deepcopy(model).double()(x.double()))
+
+
+def test_experimental_pattern_runs_only_when_named(monkeypatch):
+    """A pattern marked experimental is left out of the default set and runs when
+    options["patterns"] names it; patterns run in (order, name) order."""
+    from fusion_backend import registry
+
+    class Probe(registry.Pattern):
+        name = "zz_probe"
+        order = -5
+        experimental = True
+
+    registry.discover()
+    monkeypatch.setitem(registry._PATTERNS, "zz_probe", Probe())
+    default = [p.name for p in registry.enabled_patterns()]
+    assert "zz_probe" not in default and "rnn_sequence" in default
+    assert default.index("rnn_sequence") < default.index("cat_linear_tanh")  # order -1 before 0
+    named = [p.name for p in registry.enabled_patterns(["cat_linear_tanh", "zz_probe"])]
+    assert named == ["zz_probe", "cat_linear_tanh"]

@@ -199,7 +199,7 @@ def test_rnn_sequence_gpu_seed_sizes(precision):
     m = UnrolledRNN(1024, 256, 128).cuda()
     xs, h0 = torch.randn(256, 8, 1024, device="cuda"), torch.randn(8, 256, device="cuda")
     with torch.no_grad():
-        opts = dict(NO_TUNE, patterns=["cat_linear_tanh", "rnn_sequence"])  # rnn_sequence is opt-in
+        opts = dict(NO_TUNE, patterns=["cat_linear_tanh", "rnn_sequence"])  # named: both on by default too
         out, h = torch.compile(m, backend="fusedtriton", options=opts)(xs, h0)
         e_out, e_h = m(xs, h0)
         r_out, r_h = m.double()(xs.double(), h0.double())
