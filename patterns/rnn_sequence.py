@@ -293,8 +293,8 @@ class RnnSequence(Pattern):
         hoisted = "input projection of all steps: one GEMM"
         if _hoist_output_projection(graph, rows, hs):
             hoisted += "; h2o of all steps: one GEMM"
-        return {"steps": len(chain), "shape": f"{B}x({in_width}+{hidden})->{hidden}", "precision": precision,
-                "hoisted": hoisted}
+        return {"steps": len(chain), "shape": f"{B}x({in_width}+{hidden})->{hidden}",
+                "dtype": str(dtype).replace("torch.", ""), "precision": precision, "hoisted": hoisted}
 
 
 def _whole_of(xs) -> Optional[fx.Node]:
