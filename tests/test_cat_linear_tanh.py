@@ -437,3 +437,42 @@ def test_resident_w_limit_scales_with_the_batch(block_b, H, resident):
     config = dict(RESIDENT=True, RESIDENT_MAX_K=512)
     assert seq.keeps_w_resident(config, block_b, H) == resident
     assert not seq.keeps_w_resident(dict(config, RESIDENT=False), block_b, H)
+
+
+@pytest.mark.parametrize("case", ["fp16", "batch1", "noncontiguous_xs", "large_and_nan"])
+def test_sequence_edge_inputs(case):
+    """The sequence path on inputs a user may pass: fp16, a batch of one, xs that is a strided
+    view, and inputs of +-1e3 with a NaN (tanh saturates to exactly +-1; the NaN spreads
+    through later steps as in eager). Compared with eager and fp64 where finite."""
+    torch.manual_seed(15)
+    steps, batch = 5, (1 if case == "batch1" else B)
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    model = UnrolledRNN().to(dtype)
+    model64 = copy.deepcopy(model).double()
+    xs = torch.randn(steps, batch, 2 * I)[:, :, ::2] if case == "noncontiguous_xs" else torch.randn(steps, batch, I)
+    h0 = torch.randn(batch, H)
+    if case == "large_and_nan":
+        xs = xs * 1e3
+        xs[2, 0, 5] = float("nan")
+    xs, h0 = xs.to(dtype), h0.to(dtype)
+    with torch.no_grad():
+        out, h = torch.compile(model, backend="fusedtriton")(xs, h0)
+        e_out, e_h = model(xs, h0)
+        r_out, r_h = model64(xs.double(), h0.double())
+    assert fusion_backend.counters["rnn_sequence"] == 1
+    for got, eager, ref in ((out, e_out, r_out), (h, e_h, r_h)):
+        assert got.dtype == eager.dtype and got.shape == eager.shape
+        assert torch.equal(torch.isnan(got), torch.isnan(eager))  # NaN exactly where eager has it
+        ok = ~torch.isnan(eager)
+        eager_err = rel_err(eager[ok], ref[ok])
+        assert rel_err(got[ok], ref[ok]) <= tolerance(dtype, "highest", eager_err=eager_err)
+    if case == "large_and_nan":
+        assert (h[1:].abs() <= 1).all()  # rows without the NaN: saturated, never above 1
+
+
+def test_sequence_refused_for_a_batch_over_the_kernel_limit():
+    model = UnrolledRNN()
+    xs, h0 = torch.randn(3, 65, I), torch.randn(65, H)
+    report = fusion_backend.explain(model, xs, h0)
+    assert any(s.pattern == "rnn_sequence" and "batch 65 > 64" in s.reason for s in report.skipped), report
+    assert fusion_backend.counters["rnn_sequence"] == 0
