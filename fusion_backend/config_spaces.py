@@ -176,6 +176,11 @@ def validate(profile, family: str, config: dict) -> List[str]:
             problems.append(f"{k}={v} is not a power of two")
     if family == GEMM and min(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]) < 16:
         problems.append("tl.dot needs blocks of at least 16")
+    if family == RECURRENCE:
+        if config["BLOCK_N"] < 16 or config["BLOCK_K"] < 16:
+            problems.append("tl.dot needs blocks of at least 16")
+        if not _pow2(config.get("K_SPLIT", 1)):
+            problems.append(f"K_SPLIT={config.get('K_SPLIT')} is not a power of two")
     w, s = config["num_warps"], config["num_stages"]
     if not _pow2(w) or w > profile.max_num_warps:
         problems.append(f"num_warps={w} outside powers of two <= {profile.max_num_warps}")

@@ -206,3 +206,11 @@ def test_validate_tma_only_on_hopper_class(h100, rtx4090, mi300x):
     assert _has(cs.validate(mi300x, cs.GEMM, tma), "TMA")
     a100 = from_properties(props_named("a100-sxm"))
     assert _has(cs.validate(a100, cs.GEMM, tma), "TMA", "sm_80")
+
+
+def test_validate_recurrence_rules(h100):
+    good = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512, K_SPLIT=4,
+                num_warps=4, num_stages=1)
+    assert cs.validate(h100, cs.RECURRENCE, good) == []
+    assert _has(cs.validate(h100, cs.RECURRENCE, dict(good, K_SPLIT=3)), "K_SPLIT=3")
+    assert _has(cs.validate(h100, cs.RECURRENCE, dict(good, BLOCK_N=8)), "at least 16")
