@@ -196,7 +196,8 @@ class Tuner:
             return choice if capturing else self.record(key, choice)
 
         path, environment = cache_file(device_name), _environment(device_name)
-        disk_key = f"{key}|src={src_hash}"
+        # a decision made under another rule (margin, confirmation) is not reused
+        disk_key = f"{key}|src={src_hash}|rule=margin{FUSED_MARGIN}x{CONFIRM_ROUNDS}"
         entry = _read(path, environment).get(disk_key)
         # a cached config must still be in the space (spaces change between releases)
         if isinstance(entry, dict) and "config" in entry and (entry["config"] is None or entry["config"] in _jsonable(space)):

@@ -221,6 +221,13 @@ def test_cache_hit_in_a_new_tuner(tmp_cache):
     assert choose(Tuner(timer=stub_timer), device_name="NVIDIA A100-SXM4-80GB").source == "tuned"
 
 
+def test_cached_choice_of_another_decision_rule_is_not_reused(tmp_cache, monkeypatch):
+    assert choose(Tuner(timer=stub_timer)).source == "tuned"
+    assert choose(Tuner(timer=stub_timer)).source == "cache"
+    monkeypatch.setattr(autotune, "FUSED_MARGIN", 0.9)
+    assert choose(Tuner(timer=stub_timer)).source == "tuned"
+
+
 def test_cached_unfused_choice(tmp_cache):
     assert choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1).config is None
     again = choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1)
@@ -347,7 +354,8 @@ def test_concurrent_writers_keep_every_key(tmp_cache):
     with open(_cache_path()) as f:
         data = json.load(f)
     assert data["schema"] == 1
-    expected = {make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=w, N=j) + "|src=src1"
+    rule = f"|rule=margin{autotune.FUSED_MARGIN}x{autotune.CONFIRM_ROUNDS}"
+    expected = {make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=w, N=j) + "|src=src1" + rule
                 for w in range(workers) for j in range(n_keys)}
     assert set(data["entries"]) == expected
     assert not [p.name for p in tmp_cache.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
