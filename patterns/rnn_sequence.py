@@ -11,6 +11,7 @@ Linear (the h2o), that becomes one GEMM over all steps too.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -53,7 +54,7 @@ def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, sync_ptr, T, B, H,
     The steps depend on each other, so every program walks all of them; program i computes
     the hidden columns of tiles i, i + P, ... (P programs). After each step the programs meet
     at a grid barrier (GRID_SYNC: all P programs must be resident at once, so the launcher
-    keeps P <= multiprocessors) before anyone reads h_{t+1}. RESIDENT (one tile per program,
+    keeps P small, see `grid_sync_programs`) before anyone reads h_{t+1}. RESIDENT (one tile per program,
     BLOCK_K >= H): the program's slice of W is loaded once and kept in registers, and the
     next step's p tile is loaded before the barrier (it does not depend on h); streamed W
     (large H) ignores K_SPLIT."""
@@ -127,6 +128,26 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     return hs
 
 
+#: at most this many programs meet at the grid barrier (16 at H = 256, as measured); fewer
+#: programs walk more tiles each, and a cap far below the multiprocessor count keeps them all
+#: resident even when other work holds part of the GPU
+MAX_GRID_PROGRAMS = 32
+
+
+def grid_sync_programs(profile) -> int:
+    """How many programs may wait on each other: all must be resident at once (a program that
+    never gets a multiprocessor would hang the others), so at most MAX_GRID_PROGRAMS and at most
+    the multiprocessors this process may use (MPS can limit it to a percentage)."""
+    usable = profile.multiprocessors
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    if share:
+        try:
+            usable = int(usable * min(100.0, max(0.0, float(share))) / 100)
+        except ValueError:
+            pass
+    return max(1, min(MAX_GRID_PROGRAMS, usable))
+
+
 def keeps_w_resident(config: dict, block_b: int, H: int) -> bool:
     """Whether W's slice (and the BLOCK_B x padded-H tile of h) may stay in registers: the
     config asks for it and H <= RESIDENT_MAX_K, a limit set for batches of up to 16 rows
@@ -144,13 +165,13 @@ def _config(profile, dtype, precision) -> dict:
 
 def launch(p, w_h, hs, precision, config, profile) -> None:
     """Run the recurrence kernel with launch kwargs `config` (BLOCK_M is the batch limit, not a
-    kernel parameter); one program per hidden tile, at most one per multiprocessor. A config
+    kernel parameter); one program per hidden tile, at most `grid_sync_programs`. A config
     with RESIDENT keeps W in registers where one tile per program covers H and H is at most
     RESIDENT_MAX_K (for batches up to 16); otherwise it streams W through BLOCK_K tiles each step."""
     T, B, H = p.shape
     kwargs = {k: v for k, v in config.items() if k not in ("BLOCK_M", "RESIDENT_MAX_K")}
     tiles = triton.cdiv(H, kwargs["BLOCK_N"])
-    programs = max(1, min(tiles, profile.multiprocessors)) if kwargs["GRID_SYNC"] else 1
+    programs = max(1, min(tiles, grid_sync_programs(profile))) if kwargs["GRID_SYNC"] else 1
     block_b = max(16, triton.next_power_of_2(B))
     resident = programs == tiles and keeps_w_resident(config, block_b, H)
     kwargs["RESIDENT"] = resident

@@ -476,3 +476,20 @@ def test_sequence_refused_for_a_batch_over_the_kernel_limit():
     report = fusion_backend.explain(model, xs, h0)
     assert any(s.pattern == "rnn_sequence" and "batch 65 > 64" in s.reason for s in report.skipped), report
     assert fusion_backend.counters["rnn_sequence"] == 0
+
+
+def test_grid_barrier_program_count_stays_resident(monkeypatch):
+    """All programs of the recurrence wait on each other, so their number stays far below what
+    the GPU can hold at once: capped, and scaled down when MPS limits this process."""
+    import patterns.rnn_sequence as seq
+    from conftest import profile_named
+
+    h100 = profile_named("h100-sxm")
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    assert seq.grid_sync_programs(h100) == seq.MAX_GRID_PROGRAMS == 32
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "10")
+    assert seq.grid_sync_programs(h100) == 13  # 10% of 132 multiprocessors
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "0")
+    assert seq.grid_sync_programs(h100) == 1
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "not a number")
+    assert seq.grid_sync_programs(h100) == 32
