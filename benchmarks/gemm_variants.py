@@ -10,24 +10,20 @@ import argparse
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
 
 import patterns.linear_bn_gelu_relu as lbgr
-from fusion_backend import devices
+from bench import bench
+from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs
 
 
 def g(bm, bn, bk, w, s, tma):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s, **({"TMA": True} if tma else {}))
+    return config_spaces._g(bm, bn, bk, w, s, **({"TMA": True} if tma else {}))
 
 
 FP32 = [(128, 64, 32, 4, 4), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 5), (128, 256, 32, 8, 3),
         (256, 128, 32, 8, 3)]
 HALF = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
-
-
-def bench(fn):
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def main():

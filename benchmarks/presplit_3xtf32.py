@@ -14,9 +14,9 @@ import argparse
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 import patterns.linear_bn_gelu_relu as lbgr
+from bench import bench
 from fusion_backend import devices
 from fusion_backend.triton_lib import tile_ids
 from patterns._common import descriptor, kernel_kwargs
@@ -75,10 +75,6 @@ def presplit_eval(x, w_hi, w_lo, b, gamma, beta, mean, var, out, config):
                                 NUM_STAGES=config["num_stages"], BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
                                 num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
-
-
-def bench(fn):
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def main():

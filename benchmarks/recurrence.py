@@ -9,9 +9,9 @@ import argparse
 import itertools
 
 import torch
-import triton.testing
 
 import patterns.rnn_sequence as seq
+from bench import bench
 from fusion_backend import devices
 
 
@@ -33,8 +33,7 @@ def main():
     rows = []
     hs = torch.empty(T + 1, B, H, device="cuda")
     hs[0] = h0
-    torch_loop = triton.testing.do_bench(lambda: seq._reference(p, w_h, hs), warmup=25, rep=100,
-                                         return_mode="median")
+    torch_loop = bench(lambda: seq._reference(p, w_h, hs))
     rows.append(("torch loop (fp32 matmul setting)", torch_loop, float("nan")))
     print(f"torch loop: {torch_loop:.4f} ms", flush=True)
     variants = [dict(BLOCK_N=n, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=1024, num_warps=w,
@@ -48,10 +47,10 @@ def main():
         try:
             out = torch.full((T + 1, B, H), float("nan"), device="cuda")
             out[0] = h0
-            seq.launch(p, w_h, out, precision, config, profile)
+            launch_args = seq.plan(config, profile, B, H)
+            seq.launch(p, w_h, out, precision, *launch_args)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            ms = triton.testing.do_bench(lambda: seq.launch(p, w_h, out, precision, config, profile),
-                                         warmup=25, rep=100, return_mode="median")
+            ms = bench(lambda: seq.launch(p, w_h, out, precision, *launch_args))
         except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is reported
             print(name, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
             continue

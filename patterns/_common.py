@@ -66,8 +66,7 @@ def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
             storages.add(StorageWeakRef(val.untyped_storage()))
     node = first.next
     while node is not last and node.op != "output":
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if (name.endswith("_") and not name.startswith("_")) or name in ("copy_", "setitem"):
+        if writes_in_place(node):
             target = node.args[0] if node.args else None
             val = example_value(target)
             if isinstance(val, torch.Tensor) and StorageWeakRef(val.untyped_storage()) in storages:
@@ -95,11 +94,14 @@ def tensor_problem(nodes, *, device, profile) -> Optional[str]:
 
 def mutated_in_graph(node: fx.Node) -> bool:
     """True if an in-place method or op of the graph writes to `node`."""
-    for user in node.users:
-        target = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-        if target.endswith("_") and not target.startswith("_") and user.args and user.args[0] is node:
-            return True
-    return False
+    return any(writes_in_place(user) and user.args and user.args[0] is node for user in node.users)
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether `node` writes to its first argument: an in-place op or method (`add_`,
+    `copy_`, ...) or an item assignment."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_")) or name == "setitem"
 
 
 _warned = set()

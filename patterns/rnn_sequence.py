@@ -24,7 +24,7 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import define_op, hint, kernel_kwargs, log, space
+from ._common import define_op, hint, kernel_kwargs, log, space, writes_in_place
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -119,7 +119,7 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
         return _reference(p, w_h, hs)
     profile = devices.device_profile(p.device)
     try:
-        launch(p, w_h, hs, precision, _config(profile, p.dtype, precision), profile)
+        launch(p, w_h, hs, precision, *_planned(profile, p.dtype, precision, B, H))
     except Exception as exc:  # a kernel that fails to compile must not break the model
         _failed.append(exc)
         log.warning("fusedtriton: %s kernel failed (%s: %s); using the unfused computation",
@@ -163,25 +163,37 @@ def _config(profile, dtype, precision) -> dict:
     return kernel_kwargs(config, profile)
 
 
-def launch(p, w_h, hs, precision, config, profile) -> None:
-    """Run the recurrence kernel with launch kwargs `config` (BLOCK_M is the batch limit, not a
-    kernel parameter); one program per hidden tile, at most `grid_sync_programs`. A config
+def plan(config: dict, profile, B: int, H: int):
+    """(programs, kernel kwargs) for launch kwargs `config` (BLOCK_M is the batch limit, not a
+    kernel parameter): one program per hidden tile, at most `grid_sync_programs`. A config
     with RESIDENT keeps W in registers where one tile per program covers H and H is at most
     RESIDENT_MAX_K (for batches up to 16); otherwise it streams W through BLOCK_K tiles each step."""
-    T, B, H = p.shape
     kwargs = {k: v for k, v in config.items() if k not in ("BLOCK_M", "RESIDENT_MAX_K")}
     tiles = triton.cdiv(H, kwargs["BLOCK_N"])
     programs = max(1, min(tiles, grid_sync_programs(profile))) if kwargs["GRID_SYNC"] else 1
     block_b = max(16, triton.next_power_of_2(B))
     resident = programs == tiles and keeps_w_resident(config, block_b, H)
-    kwargs["RESIDENT"] = resident
+    kwargs.update(RESIDENT=resident, BLOCK_B=block_b)
     kwargs.setdefault("K_SPLIT", 1)
     if resident:  # chunks of at least 16 (tl.dot's minimum)
         kwargs["BLOCK_K"] = max(16 * kwargs["K_SPLIT"], triton.next_power_of_2(H))
+    return programs, kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _planned(profile, dtype, precision, B, H):
+    """`plan` of this device's config, once per (dtype, precision, B, H): the call path only
+    allocates and launches."""
+    return plan(_config(profile, dtype, precision), profile, B, H)
+
+
+def launch(p, w_h, hs, precision, programs, kwargs) -> None:
+    """One launch of the recurrence kernel (`programs`, `kwargs` from `plan`)."""
+    T, B, H = p.shape
     sync = torch.zeros(1, device=p.device, dtype=torch.int32)
     _rnn_recurrence_kernel[(programs,)](
         p, w_h, hs, sync, T, B, H, p.stride(0), p.stride(1), p.stride(2), w_h.stride(0), w_h.stride(1),
-        hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, BLOCK_B=block_b, **kwargs)
+        hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, **kwargs)
 
 
 _failed: list = []
@@ -399,11 +411,8 @@ def _after(node: fx.Node, anchor: fx.Node) -> list:
 
 
 def _impure_ancestor_after(node: fx.Node, anchor: fx.Node) -> bool:
-    for n in _after(node, anchor):
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if n.op not in ("call_function", "call_method", "get_attr") or name.endswith("_"):
-            return True
-    return False
+    return any(n.op not in ("call_function", "call_method", "get_attr") or writes_in_place(n)
+               for n in _after(node, anchor))
 
 
 def _move_before(node: fx.Node, anchor: fx.Node) -> None:

@@ -409,7 +409,7 @@ def test_recurrence_kernel_grid_barrier_path(precision, resident):
                   num_warps=1, num_stages=1)
     hs = torch.full((T + 1, B, hidden), float("nan"))  # poisoned: every row must be written
     hs[0] = h0
-    seq.launch(p, w_h, hs, precision, config, profile)
+    seq.launch(p, w_h, hs, precision, *seq.plan(config, profile, B, hidden))
     ref = seq._reference(p.double(), w_h.double(), torch.cat([h0.double()[None], torch.empty(T, B, hidden).double()]))
     eager = seq._reference(p, w_h, torch.cat([h0[None], torch.empty(T, B, hidden)]))
     assert rel_err(hs, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))
