@@ -25,6 +25,10 @@ NOT_META = LAUNCH_KEYS + AMD_KEYS + ("dtypes", "precisions")
 HALF = ("float16", "bfloat16")
 
 
+# 3xTF32 with a pre-split operand: TMA tiles, fp32 inputs at the "highest" precision only
+PRESPLIT = dict(TMA=True, PRESPLIT=True, dtypes=("float32",), precisions=("tf32x3",))
+
+
 def _g(bm, bn, bk, w, s, group=8, **kw):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=w, num_stages=s, **kw)
 
@@ -60,6 +64,15 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(128, 256, 64, 8, 3, TMA=True, dtypes=HALF),
             _g(128, 256, 64, 8, 4, TMA=True, dtypes=HALF),
             _g(128, 128, 64, 8, 4, TMA=True, dtypes=HALF),
+            # fp32 "highest" (3xTF32) with one operand split into TF32 head and remainder once
+            # per call, both brought in by TMA (triton_lib.dot_3xtf32). H100: 16384x4096->4096
+            # 128x64 w4 s4 5.11 ms (+0.07 split) vs 6.71 in-kernel tf32x3; RNN i2h
+            # 256x32768->16384 128x128 w8 s3 2.75 ms (+0.04) vs 5.34 cuBLAS fp32.
+            _g(128, 64, 32, 4, 4, **PRESPLIT),
+            _g(128, 64, 32, 4, 3, **PRESPLIT),
+            _g(128, 128, 32, 8, 3, **PRESPLIT),
+            _g(128, 128, 32, 8, 4, **PRESPLIT),
+            _g(64, 128, 32, 4, 4, **PRESPLIT),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
         # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.
@@ -152,10 +165,13 @@ def launch_options(config: dict, profile) -> dict:
 
 
 def smem_bytes(config: dict, family: str, elem_bytes: int) -> int:
-    """Shared-memory estimate: the pipelined A and B tiles of a GEMM, one tile for a pointwise pass."""
+    """Shared-memory estimate: the pipelined A and B tiles of a GEMM (a pre-split operand
+    brings two tiles: head and remainder, of either side), one tile for a pointwise pass."""
     if family == GEMM:
         stages = max(1, config["num_stages"])
-        return stages * (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * elem_bytes
+        bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+        rows = bm + bn + (max(bm, bn) if config.get("PRESPLIT") else 0)
+        return stages * rows * config["BLOCK_K"] * elem_bytes
     return config["BLOCK_M"] * config["BLOCK_N"] * 4  # at most one fp32 layout conversion
 
 
@@ -195,6 +211,10 @@ def validate(profile, family: str, config: dict) -> List[str]:
             problems.append(f"num_stages={s}, AMD rule is {want} for family {family}")
     elif any(k in config for k in AMD_KEYS):
         problems.append("AMD knobs on a non-ROCm profile")
+    if config.get("PRESPLIT") and not (config.get("TMA") and config.get("precisions") == ("tf32x3",)
+                                       and config.get("dtypes") == ("float32",)):
+        problems.append("PRESPLIT is 3xTF32 on fp32 TMA tiles: needs TMA=True, precisions=('tf32x3',), "
+                        "dtypes=('float32',)")
     if config.get("TMA") and not _has_tma(profile):
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)

@@ -82,3 +82,52 @@ def gelu(x, APPROX_TANH: tl.constexpr):
 def relu(x):
     """max(x, 0) that keeps NaN, as torch.relu does."""
     return tl.where(x < 0.0, 0.0, x)
+
+
+# ---------------------------------------------------------------- 3xTF32 with one operand pre-split
+# tl.dot(..., input_precision="tf32x3") splits both operands in registers at every K step; on
+# Hopper the B operand must then go back to shared memory before the MMA, which kept the fp32
+# "highest" GEMM at ~3x the TF32 time. Splitting one operand once per call (a pointwise pass)
+# and bringing head and remainder in by TMA leaves only the register-resident A operand to
+# split in the kernel (H100, 16384x4096->4096: 5.1 ms vs 6.7 ms; benchmarks/presplit_3xtf32.py).
+
+@triton.jit
+def tf32_head(x):
+    """x rounded to the nearest TF32 value (10 mantissa bits; x - head is exact in fp32 and at
+    most half a TF32 ulp, so head and remainder carry 22 bits: rounding, not truncating, keeps
+    the 3xTF32 error below eager's fp32 error). Where rounding would carry into the inf/NaN
+    exponent (|x| within half an ulp of FLT_MAX, or x already inf/NaN) the bits are truncated."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x1000) & 0xFFFFE000
+    head = tl.where((rounded & 0x7F800000) == 0x7F800000, bits & 0xFFFFE000, rounded)
+    return head.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32_split_kernel(src_ptr, hi_ptr, lo_ptr, M, K, stride_m, stride_k, stride_out,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hi = tf32_head(src), lo = src - hi, for a 2-D fp32 tensor of any strides."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    v = tl.load(src_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=ok, other=0.0)
+    hi = tf32_head(v)
+    out = offs_m[:, None] * stride_out + offs_k[None, :]
+    tl.store(hi_ptr + out, hi, mask=ok)
+    tl.store(lo_ptr + out, v - hi, mask=ok)
+
+
+@triton.jit
+def dot_3xtf32(a, b_hi, b_lo, acc):
+    """acc + a @ b in 3xTF32 (about fp32 accuracy) with b given as TF32 head and remainder.
+
+    The three MMAs start from zero and their sum is added to acc in fp32: chained into acc
+    over the whole K loop the small products lost accuracy on the H100 (rel. error 1.5e-5
+    instead of 2.5e-7). NaN in the remainder products (inf - inf in a split) is dropped, as
+    Triton's tf32x3 does: the head product carries the inf or NaN."""
+    a_hi = tf32_head(a)
+    a_lo = a - a_hi
+    t = tl.dot(a_lo, b_hi, input_precision="tf32")
+    t = tl.dot(a_hi, b_lo, t, input_precision="tf32")
+    t = tl.where(t == t, t, 0.0)
+    return acc + tl.dot(a_hi, b_hi, t, input_precision="tf32")

@@ -178,10 +178,13 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def space(profile, family, dtype, tma=True):
+def space(profile, family, dtype, tma=True, precision=None):
     """The configs for this device, kernel family and input dtype (computed once: launchers
-    call this on their hot path); tma=False for kernels without a TMA variant."""
+    call this on their hot path); tma=False for kernels without a TMA variant; with a dot
+    `precision`, the entries meant for other precisions are dropped."""
     configs = config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
+    if precision is not None:
+        configs = [c for c in configs if precision in c.get("precisions", (precision,))]
     return configs if tma else [c for c in configs if not c.get("TMA")]
 
 
@@ -197,6 +200,25 @@ def tma_ready(t: torch.Tensor) -> bool:
     size = t.element_size()
     return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0
             and t.data_ptr() % 16 == 0 and t.is_cuda)
+
+
+def tf32_split(t: torch.Tensor):
+    """(hi, lo) with hi the TF32 head of the 2-D fp32 tensor `t` and lo = t - hi, both exact,
+    for `triton_lib.dot_3xtf32`. Rows are padded to 16 bytes so that both are TMA-ready for
+    any width and any strides of `t`. One pass over `t`, on the device, per call: the
+    operand's values may change between calls (weights in training, in-place updates)."""
+    import triton
+
+    from fusion_backend.triton_lib import tf32_split_kernel
+
+    M, K = t.shape
+    padded = -(-K // 4) * 4
+    buf = torch.empty((2, M, padded), device=t.device, dtype=torch.float32)
+    hi, lo = buf[0, :, :K], buf[1, :, :K]
+    if t.numel():
+        tf32_split_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 128))](
+            t, hi, lo, M, K, t.stride(0), t.stride(1), padded, BLOCK_M=32, BLOCK_K=128, num_warps=4)
+    return hi, lo
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int):

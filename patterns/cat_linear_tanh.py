@@ -16,10 +16,10 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import gemm_segment, tanh, tile_ids
+from fusion_backend.triton_lib import dot_3xtf32, gemm_segment, tanh, tile_ids
 
-from ._common import (cast_to, compute_dtype, define_op, hint, launch, mutated_in_graph, only_user, space, tensor_problem,
-                      tuned_unfused_reason, written_inside)
+from ._common import (cast_to, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
+                      tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -29,8 +29,9 @@ MAX_SEGMENTS = 4
 def _cat_gemm_tanh_kernel(
         a0_ptr, a1_ptr, a2_ptr, a3_ptr, w_ptr, b_ptr, out_ptr, M, N, K0, K1, K2, K3,
         s0m, s0k, s1m, s1k, s2m, s2k, s3m, s3k, stride_wn, stride_wk, stride_om, stride_on,
-        NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,12 +51,80 @@ def _cat_gemm_tanh_kernel(
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y = tanh(acc)
+    if APPLY_TANH:
+        acc = tanh(acc)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
 
 
-_SRC = autotune.source_hash(_cat_gemm_tanh_kernel)
+@triton.jit
+def _wxt_segment(acc, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, K_seg, NUM_STAGES: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (out^T tile) += W[n0:, k_start : k_start + K_seg] @ x_seg[m0:, :]^T in 3xTF32, x_seg
+    given pre-split; W's columns past the segment (the next operand's) are masked to zero."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in tl.range(0, tl.cdiv(K_seg, BLOCK_K), num_stages=NUM_STAGES):
+        w = w_desc.load([n0, k_start + k * BLOCK_K])
+        if not EVEN_K:
+            w = tl.where(offs_k[None, :] < K_seg - k * BLOCK_K, w, 0.0)
+        x_hi = xhi_desc.load([m0, k * BLOCK_K])
+        x_lo = xlo_desc.load([m0, k * BLOCK_K])
+        acc = dot_3xtf32(w, x_hi.T, x_lo.T, acc)
+    return acc
+
+
+@triton.jit
+def _cat_gemm_tanh_presplit_kernel(
+        w_desc, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, out_ptr, M, N, K0, K1, K2, K3, stride_om, stride_on,
+        NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, NUM_STAGES: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """fp32 "highest" for small batches, computed as out^T = W x^T: W, by far the larger
+    operand, is the MMA's A operand and is split into TF32 head and remainder in registers;
+    the cat operands were split once per call (small) and come in by TMA. The batch tiles of
+    one W tile are neighbours in the launch order, so W is read from HBM once."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    pid_n = tl.program_id(0) // num_m
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = _wxt_segment(acc, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K)
+    if NUM_SEGMENTS > 1:
+        acc = _wxt_segment(acc, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K)
+    if NUM_SEGMENTS > 2:
+        acc = _wxt_segment(acc, w_desc, h2, l2, m0, n0, K0 + K1, K2, NUM_STAGES, EVEN_K, BLOCK_K)
+    if NUM_SEGMENTS > 3:
+        acc = _wxt_segment(acc, w_desc, h3, l3, m0, n0, K0 + K1 + K2, K3, NUM_STAGES, EVEN_K, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if APPLY_TANH:
+        acc = tanh(acc)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
+             mask=n_ok[:, None] & (offs_m[None, :] < M))
+
+
+def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
+    """out = tanh(cat(xs) W^T + b) in 3xTF32 with each cat operand split (not concatenated)."""
+    M, N = out.shape
+    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    descs = []
+    for x in xs:
+        descs += [descriptor(part, BM, BK) for part in tf32_split(x)]
+    descs += descs[:2] * (MAX_SEGMENTS - len(xs))
+    widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    meta = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
+    _cat_gemm_tanh_presplit_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+        descriptor(weight, BN, BK), *descs, bias if bias is not None else weight, out, M, N, *widths,
+        out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh,
+        NUM_STAGES=config["num_stages"], EVEN_K=all(w % BK == 0 for w in widths), **meta)
+    return out
+
+
+_SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32)
 
 
 def _unfused(xs, weight, bias):
@@ -63,7 +132,35 @@ def _unfused(xs, weight, bias):
     return torch.tanh_(torch.nn.functional.linear(torch.cat(xs, 1), weight, bias))
 
 
-def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, budget=30.0):
+def runner(xs, weight, bias, precision, out, apply_tanh=True):
+    """run_fused(kwargs): one config's launch of the cell kernel into `out`: the pre-split
+    3xTF32 kernel for a PRESPLIT config where W and the operand widths allow TMA, else the
+    pointer kernel with the same tiles. apply_tanh=False: the plain Linear (cell_h2o)."""
+    x0 = xs[0]
+    M, N = out.shape
+    segs = list(xs) + [x0] * (MAX_SEGMENTS - len(xs))
+    widths = [t.shape[1] for t in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    strides = [s for t in segs for s in t.stride()]
+    # TMA reads W from 16-byte aligned columns: every cat operand but the last must start there
+    presplit_ok = tma_ready(weight) and all(w % 4 == 0 for w in widths[:len(xs) - 1])
+
+    def run_fused(config):
+        if config.get("PRESPLIT"):
+            if precision == "tf32x3" and presplit_ok:
+                return _launch_presplit(xs, weight, bias, out, config, apply_tanh)
+            config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
+        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        _cat_gemm_tanh_kernel[grid](
+            *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
+            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, PRECISION=precision,
+            EVEN_K=all(w % config["BLOCK_K"] == 0 for w in widths), **config)
+        return out
+
+    return run_fused
+
+
+def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name):
     x0 = xs[0]
     M, N = x0.shape[0], weight.shape[0]
     out = torch.empty((M, N), device=x0.device, dtype=x0.dtype)
@@ -71,28 +168,34 @@ def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, b
         return out
     profile = devices.device_profile(x0.device)
     if profile is None:
-        raise RuntimeError(f"fusedtriton::{NAME} has no Triton profile for device {x0.device}; "
+        raise RuntimeError(f"fusedtriton::{name} has no Triton profile for device {x0.device}; "
                            "on CPU set TRITON_INTERPRET=1 before importing triton")
-    segs = list(xs) + [x0] * (MAX_SEGMENTS - len(xs))
-    widths = [t.shape[1] for t in xs] + [0] * (MAX_SEGMENTS - len(xs))
-    strides = [s for t in segs for s in t.stride()]
-
-    def run_fused(config):
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        _cat_gemm_tanh_kernel[grid](
-            *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
-            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, PRECISION=precision,
-            EVEN_K=all(w % config["BLOCK_K"] == 0 for w in widths), **config)
-        return out
 
     def run_unfused():
-        return _unfused(xs, weight, bias)
+        if apply_tanh:
+            return _unfused(xs, weight, bias)
+        return torch.nn.functional.linear(x0, weight, bias)
 
-    key = autotune.make_key(NAME, profile.name, x0.dtype, precision, M, K="+".join(map(str, widths[:len(xs)])), N=N)
+    key = autotune.make_key(name, profile.name, x0.dtype, precision, M, K="+".join(str(t.shape[1]) for t in xs), N=N)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
-                  space=lambda: space(profile, config_spaces.GEMM, x0.dtype, tma=False), m=M, run_fused=run_fused,
+                  space=lambda: _space(profile, x0.dtype, precision), m=M,
+                  run_fused=runner(xs, weight, bias, precision, out, apply_tanh),
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
+
+
+def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, budget=30.0):
+    return _forward(xs, weight, bias, precision, autotune_on, budget, True, NAME)
+
+
+def linear_forward(x, weight, bias, precision, autotune_on=True, budget=30.0):
+    """x W^T + b with the cell's kernels (no tanh): the h2o Linear after a fused cell."""
+    return _forward([x], weight, bias, precision, autotune_on, budget, False, "cell_h2o")
+
+
+def _space(profile, dtype, precision):
+    """The GEMM space without the TMA tiles, which only the pre-split 3xTF32 kernel uses."""
+    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)
+            if not c.get("TMA") or c.get("PRESPLIT")]
 
 
 def _fake(xs, weight, bias, precision, autotune_on, budget):

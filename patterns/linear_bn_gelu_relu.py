@@ -19,10 +19,10 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import gemm_segment, gelu, relu, tile_ids
+from fusion_backend.triton_lib import dot_3xtf32, gemm_segment, gelu, relu, tile_ids
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
-                      only_user, space, tensor_problem, tma_ready, tuned_unfused_reason, written_inside)
+                      only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -62,6 +62,28 @@ def _gemm_bn_gelu_relu_eval_tma_kernel(
         a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
         acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                   stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
+
+
+@triton.jit
+def _gemm_bn_gelu_relu_eval_presplit_kernel(
+        x_desc, whi_desc, wlo_desc, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+        M, N, K, stride_om, stride_on, eps,
+        HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+        APPROX_TANH: tl.constexpr, NUM_STAGES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The TMA eval kernel at fp32 "highest": 3xTF32 with W given as TF32 head and remainder
+    (split once per call), x split in registers."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
+        a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        w_hi = whi_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        w_lo = wlo_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = dot_3xtf32(a, w_hi.T, w_lo.T, acc)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
@@ -166,7 +188,7 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
 
 
 _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, _eval_epilogue,
-                            _gemm_bias_welford_kernel,
+                            _gemm_bn_gelu_relu_eval_presplit_kernel, dot_3xtf32, _gemm_bias_welford_kernel,
                             _merge_welford_kernel, _bn_gelu_relu_kernel)
 
 
@@ -230,7 +252,10 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
 
     def run_fused(config):
         if config.get("TMA"):
-            config = {k: v for k, v in config.items() if k != "TMA"}
+            presplit = config.get("PRESPLIT") and precision == "tf32x3"
+            config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
+            if presplit and tma_ready(x):
+                return launch_presplit(x, weight, tensors, M, N, K, eps, flags, config)
             if tma_ready(x) and tma_ready(weight):
                 _gemm_bn_gelu_relu_eval_tma_kernel[_gemm_grid(M, N, config)](
                     descriptor(x, config["BLOCK_M"], config["BLOCK_K"]),
@@ -243,6 +268,20 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
         return out
 
     return run_fused
+
+
+def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
+    """The 3xTF32 eval kernel: W split into TF32 head and remainder (one pass, 2 x W of
+    scratch), then the GEMM with x split in registers. `tensors` = (bias, gamma, beta,
+    running_mean, running_var, out) as the other eval kernels take them."""
+    w_hi, w_lo = tf32_split(weight)
+    flags = {k: v for k, v in flags.items() if k != "PRECISION"}
+    out = tensors[-1]
+    _gemm_bn_gelu_relu_eval_presplit_kernel[_gemm_grid(M, N, config)](
+        descriptor(x, config["BLOCK_M"], config["BLOCK_K"]), descriptor(w_hi, config["BLOCK_N"], config["BLOCK_K"]),
+        descriptor(w_lo, config["BLOCK_N"], config["BLOCK_K"]), *tensors, M, N, K, out.stride(0), out.stride(1), eps,
+        NUM_STAGES=config["num_stages"], **flags, **config)
+    return out
 
 
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
@@ -259,7 +298,8 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
         return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)
 
     key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype), m=M,
+    return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype, precision=precision),
+                  m=M,
                   run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
                   run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                                    eps, approximate))

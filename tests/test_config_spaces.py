@@ -78,9 +78,25 @@ def test_for_dtype_filters_half_only_entries(h100):
     space = cs.space_for(h100, cs.GEMM)
     fp32 = cs.for_dtype(space, torch.float32)
     half = cs.for_dtype(space, torch.float16)
-    assert all("dtypes" not in c for c in fp32)
-    assert len(half) > len(fp32)
+    assert all("float32" in c.get("dtypes", ("float32",)) for c in fp32)
+    assert any(c.get("dtypes") == cs.HALF for c in half) and not any(c.get("dtypes") == cs.HALF for c in fp32)
     assert all("float16" in c.get("dtypes", ("float16",)) for c in half)
+    assert not any(c.get("PRESPLIT") for c in half)  # 3xTF32 is for fp32 inputs only
+
+
+def test_presplit_entries_only_for_3xtf32(h100):
+    from patterns._common import space
+
+    highest = space(h100, cs.GEMM, torch.float32, precision="tf32x3")
+    high = space(h100, cs.GEMM, torch.float32, precision="tf32")
+    assert any(c.get("PRESPLIT") for c in highest)
+    assert not any(c.get("PRESPLIT") for c in high) and high
+    assert not any(c.get("PRESPLIT") for c in space(h100, cs.GEMM, torch.float32, tma=False))
+    bad = _gemm(TMA=True, PRESPLIT=True, precisions=("tf32",), dtypes=("float32",))
+    assert _has(cs.validate(h100, cs.GEMM, bad), "PRESPLIT")
+    # a pre-split operand brings a second tile per stage into shared memory
+    big = _gemm(BLOCK_M=128, BLOCK_N=256, num_stages=4, **cs.PRESPLIT)
+    assert _has(cs.validate(h100, cs.GEMM, big), "shared memory")
 
 
 def test_space_resolution(h100, mi300x, rtx4090):

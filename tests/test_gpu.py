@@ -121,8 +121,13 @@ def test_cat_linear_tanh_gpu(B, I, H, O, dtype, precision):
         out, new_h = torch.compile(m, backend="fusedtriton", options=NO_TUNE)(x, h)
         _, eager_h = m(x, h)
     assert fusion_backend.counters["cat_linear_tanh"] == 1
+    # h2o runs in the pre-split 3xTF32 kernel family at fp32 "highest", else stays with cuBLAS
+    assert fusion_backend.counters["cell_h2o"] == (dtype == torch.float32 and precision == "highest")
     err, eager_err = rel_err(new_h, ref_h), rel_err(eager_h, ref_h)
     assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
+    ref_out = F.linear(ref_h, sd["h2o.weight"], sd["h2o.bias"])
+    err, eager_err = rel_err(out, ref_out), rel_err(m.h2o(eager_h), ref_out)
+    assert err <= allowed_error(dtype, precision, eager_err), ("h2o", err, eager_err)
 
 
 def test_cat_linear_tanh_gpu_no_overflow():
@@ -267,3 +272,65 @@ def test_tma_eval_kernel_gpu(M, K, N, dtype, precision):
         out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", precision, out)(kernel_kwargs(config, profile))
         assert rel_err(out, ref) <= allowed_error(dtype, setting, rel_err(eager, ref)), config
+
+
+def _presplit_configs(space_fn):
+    from fusion_backend import devices
+
+    profile = devices.device_profile(torch.device("cuda"))
+    configs = [c for c in space_fn(profile) if c.get("PRESPLIT")]
+    if not configs:
+        pytest.skip(f"no pre-split 3xTF32 configs on profile {profile.name} ({profile.arch})")
+    return profile, configs
+
+
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["cell", "h2o"])
+@pytest.mark.parametrize("M,widths,N", [(256, (4096, 4096), 4096), (37, (100, 76), 75), (1, (64, 36), 33)])
+def test_presplit_cell_kernel_gpu(M, widths, N, apply_tanh):
+    """Each pre-split 3xTF32 config of the cell kernel (out^T = W x^T, the cat operands split
+    once per call) against fp64, within fp32 "highest"'s class."""
+    import patterns.cat_linear_tanh as clt
+    from patterns._common import kernel_kwargs
+
+    profile, configs = _presplit_configs(lambda p: clt._space(p, torch.float32, "tf32x3"))
+    torch.set_float32_matmul_precision("highest")
+    torch.manual_seed(M + N)
+    xs = [torch.randn(M, w, device="cuda") * 2 for w in widths]
+    K = sum(widths)
+    w = torch.randn(N, K, device="cuda") / K ** 0.5
+    b = torch.randn(N, device="cuda")
+    y64 = F.linear(torch.cat(xs, 1).double(), w.double(), b.double())
+    y32 = F.linear(torch.cat(xs, 1), w, b)
+    ref, eager = (torch.tanh(y64), torch.tanh(y32)) if apply_tanh else (y64, y32)
+    for config in configs:
+        out = torch.full((M, N), float("nan"), device="cuda")
+        clt.runner(xs, w, b, "tf32x3", out, apply_tanh)(kernel_kwargs(config, profile))
+        assert rel_err(out, ref) <= allowed_error(torch.float32, "highest", rel_err(eager, ref)), config
+
+
+def test_presplit_eval_kernel_nan_inf_gpu():
+    """inf and NaN in x: the same non-finite positions as eager (cuBLAS fp32), the rest within
+    fp32 "highest"'s class, for each pre-split config of the eval kernel."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import config_spaces
+    from patterns._common import kernel_kwargs, space
+
+    profile, configs = _presplit_configs(
+        lambda p: space(p, config_spaces.GEMM, torch.float32, precision="tf32x3"))
+    torch.set_float32_matmul_precision("highest")
+    torch.manual_seed(9)
+    M, K, N = 1000, 1000, 999
+    x = torch.randn(M, K, device="cuda") * 1e4
+    x[3, 7], x[10, 2] = float("inf"), float("nan")
+    w = torch.randn(N, K, device="cuda") / K ** 0.5
+    b, gamma, beta, mean = (torch.randn(N, device="cuda") for _ in range(4))
+    var = torch.rand(N, device="cuda") + 0.5
+    eager = lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, "none")
+    ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, "none")
+    finite = torch.isfinite(eager)
+    for config in configs:
+        out = torch.empty(M, N, device="cuda")
+        lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", "tf32x3", out)(kernel_kwargs(config, profile))
+        assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf()), config
+        assert rel_err(out[finite], ref[finite]) <= allowed_error(
+            torch.float32, "highest", rel_err(eager[finite], ref[finite])), config

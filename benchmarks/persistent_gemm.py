@@ -1,0 +1,123 @@
+"""Experiment for the eval Linear+BN+GELU+ReLU kernel: a persistent TMA main loop (one program
+per multiprocessor walking output tiles) against the one-tile-per-program TMA kernel and cuBLAS.
+
+Variants: plain persistent loop; `flatten=True` (the tile and K loops software-pipelined as
+one, so the next tile's loads overlap the epilogue); `warp_specialize=True` where the Triton
+build accepts it on this GPU (loads and MMAs in separate warp groups). Not used by the package.
+
+    python benchmarks/persistent_gemm.py [--M 16384 --K 4096 --N 4096]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import patterns.linear_bn_gelu_relu as lbgr
+from bench import bench
+from fusion_backend import config_spaces, devices
+from patterns._common import descriptor, kernel_kwargs
+
+
+@triton.jit
+def _persistent_eval_kernel(x_desc, w_desc, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                            M, N, K, stride_om, stride_on, eps, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                            FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr):
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        first_m = (tile // per_group) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_size
+        pid_n = (tile % per_group) // group_size
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, k_tiles, num_stages=NUM_STAGES):
+            a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        lbgr._eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                            stride_om, stride_on, eps, True, True, True, False)
+
+
+def persistent_eval(x, w, b, gamma, beta, mean, var, out, precision, config, flatten, ws):
+    M, K = x.shape
+    N = w.shape[0]
+    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count,
+                   triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    _persistent_eval_kernel[(programs,)](
+        descriptor(x, BM, BK), descriptor(w, BN, BK), b, gamma, beta, mean, var, out, M, N, K,
+        out.stride(0), out.stride(1), 1e-5, PRECISION=precision, NUM_PROGRAMS=programs, FLATTEN=flatten,
+        WARP_SPECIALIZE=ws, NUM_STAGES=config["num_stages"], BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return out
+
+
+FP32 = [(128, 256, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4)]
+HALF = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", type=int, default=16384)
+    ap.add_argument("--K", type=int, default=4096)
+    ap.add_argument("--N", type=int, default=4096)
+    args = ap.parse_args()
+    M, K, N = args.M, args.K, args.N
+    profile = devices.device_profile(torch.device("cuda"))
+    rows = []
+    for dtype, precision, setting, shapes in ((torch.float32, "tf32", "high", FP32),
+                                              (torch.bfloat16, "ieee", "high", HALF),
+                                              (torch.float32, "tf32x3", "highest", FP32[1:])):
+        torch.set_float32_matmul_precision(setting)
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device="cuda").to(dtype)
+        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+        b, gamma, beta = (torch.randn(N, device="cuda").to(dtype) for _ in range(3))
+        mean, var = torch.randn(N, device="cuda").to(dtype), (torch.rand(N, device="cuda") + 0.5).to(dtype)
+        ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, "none")
+        tag = f"{str(dtype)[6:]} {precision}"
+
+        def err(out):
+            return ((out.double() - ref).norm() / ref.norm()).item()
+
+        rows.append((tag, "cuBLAS GEMM alone", bench(lambda: F.linear(x, w)), float("nan")))
+        out = torch.empty(M, N, device="cuda", dtype=dtype)
+        for shape in shapes:
+            config = config_spaces._g(*shape, TMA=True)
+            run = lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", precision, out)
+            kwargs = kernel_kwargs(config, profile)
+            variants = [("one tile/program", lambda: run(kwargs))]
+            for flatten, ws in ((False, False), (True, False), (False, True), (True, True)):
+                variants.append((f"persistent flatten={int(flatten)} ws={int(ws)}",
+                                 lambda f=flatten, s=ws: persistent_eval(x, w, b, gamma, beta, mean, var, out,
+                                                                         precision, config, f, s)))
+            for vname, fn in variants:
+                name = f"{vname} " + "x".join(map(str, shape[:3])) + f" w{shape[3]} s{shape[4]}"
+                try:
+                    out.fill_(float("nan"))
+                    fn()
+                    e = err(out)
+                    ms = bench(fn)
+                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                    print(tag, name, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+                    continue
+                print(f"{tag} {name}: {ms:.3f} ms err {e:.2e}", flush=True)
+                rows.append((tag, name, ms, e))
+    print(f"\nM={M} K={K} N={N}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| case | variant | ms | rel err |\n|---|---|---|---|")
+    for tag in dict.fromkeys(r[0] for r in rows):
+        for r in sorted((r for r in rows if r[0] == tag), key=lambda r: r[2])[:6]:
+            print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""3xTF32 with one operand pre-split (`triton_lib.dot_3xtf32`, the fp32 "highest" kernels of
+the GPU profiles) and pattern `cell_h2o`, on the CPU under Triton's interpreter.
+
+The GPU chooses these kernels through PRESPLIT configs, which the interpreter profile's
+space does not have (TMA needs CUDA tensors there), so the kernels are launched directly
+here with small tiles; tests/test_gpu.py runs them through the tuner on large shapes.
+"""
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusion_backend
+import patterns.cat_linear_tanh as clt
+import patterns.linear_bn_gelu_relu as lbgr
+from fusion_backend import devices
+from patterns._common import tf32_split
+from test_cat_linear_tanh import B, H, I, O, RNNCell, compile_
+from tolerances import assert_matches, grad_close, rel_err, tolerance
+
+pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
+
+TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=1, num_stages=2, TMA=True, PRESPLIT=True)
+
+
+def padded_weight(n, k):
+    """An (n, k) weight whose rows are 16-byte aligned for any k (a view of a wider buffer)."""
+    return (torch.randn(n, -(-k // 4) * 4 + 4) / k ** 0.5)[:, :k]
+
+
+# ----------------------------------------------------------------------------- the split
+
+def test_tf32_split_exact_for_any_layout():
+    torch.manual_seed(0)
+    t = torch.randn(75, 37) * 1e3
+    t[0, 0], t[1, 1], t[2, 2], t[3, 3] = float("inf"), float("nan"), 1e-40, -0.0
+    view = t.t()  # non-contiguous, odd width
+    hi, lo = tf32_split(view)
+    assert hi.shape == lo.shape == view.shape
+    assert hi.stride(1) == 1 and hi.stride(0) % 4 == 0  # 16-byte rows: TMA-ready
+    finite = torch.isfinite(view)
+    assert torch.equal((hi + lo)[finite], view[finite])  # exact
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()  # the head is a TF32 value
+    normal = finite & (view.abs() >= torch.finfo(torch.float32).tiny)  # a denormal has fewer head bits
+    assert (lo.abs() <= hi.abs() * 2.0 ** -11)[normal].all()  # rounded: at most half the head's last bit
+    big = torch.tensor([[3.4028235e38, -3.4028235e38, 3.4e38, float("-inf")]])
+    b_hi, b_lo = tf32_split(big)
+    assert torch.isfinite(b_hi[0, :3]).all() and torch.equal(b_hi[0, :3] + b_lo[0, :3], big[0, :3])
+    assert hi[0, 0] == float("inf") and hi[1, 1].isnan()
+    e_hi, e_lo = tf32_split(torch.empty(0, 5))
+    assert e_hi.shape == e_lo.shape == (0, 5)
+
+
+# ----------------------------------------------------------------------------- Linear+BN+GELU+ReLU, eval
+
+@pytest.mark.parametrize("affine,bias,approximate", [(True, True, "none"), (False, False, "tanh")])
+def test_eval_presplit_kernel_matches_fp64(affine, bias, approximate):
+    torch.manual_seed(1)
+    M, K, N = 37, 100, 75
+    x = torch.randn(M, K) * 3
+    w = torch.randn(N, K) / K ** 0.5
+    b = torch.randn(N) if bias else None
+    gamma, beta = (torch.randn(N), torch.randn(N)) if affine else (None, None)
+    mean, var = torch.randn(N), torch.rand(N) + 0.5
+    out = torch.full((M, N), float("nan"))
+    dummy = mean
+    tensors = (b if bias else dummy, gamma if affine else dummy, beta if affine else dummy, mean, var, out)
+    flags = dict(HAS_BIAS=bias, HAS_GAMMA=affine, HAS_BETA=affine, APPROX_TANH=approximate == "tanh",
+                 PRECISION="tf32x3")
+    config = {k: v for k, v in TILES.items() if k not in ("TMA", "PRESPLIT")}
+    lbgr.launch_presplit(x, w, tensors, M, N, K, 1e-5, flags, config)
+    args64 = [None if t is None else t.double() for t in (x, w, b, gamma, beta, mean, var)]
+    ref = lbgr._reference(*args64, 1e-5, approximate)
+    eager = lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, approximate)
+    assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))
+
+
+def test_eval_presplit_kernel_nan_inf_and_large_inputs():
+    """inf - inf in a split must not turn a row into NaN: the head product carries the inf."""
+    torch.manual_seed(2)
+    M, K, N = 19, 36, 23
+    x = torch.randn(M, K) * 1e4
+    x[3, 7], x[5, 1] = float("inf"), float("nan")
+    w = torch.randn(N, K) / K ** 0.5
+    b, gamma, beta, mean = (torch.randn(N) for _ in range(4))
+    var = torch.rand(N) + 0.5
+    out = torch.empty(M, N)
+    flags = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True, APPROX_TANH=False, PRECISION="tf32x3")
+    config = {k: v for k, v in TILES.items() if k not in ("TMA", "PRESPLIT")}
+    lbgr.launch_presplit(x, w, (b, gamma, beta, mean, var, out), M, N, K, 1e-5, flags, config)
+    # elementwise fp64 reference: a CPU BLAS turns a row with an inf into NaN through its padding
+    y = (x.double()[:, None, :] * w.double()[None]).sum(-1) + b.double()
+    ref = F.relu(F.gelu(F.batch_norm(y, mean.double(), var.double(), gamma.double(), beta.double(), False, 0.0,
+                                     1e-5)))
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert out[3].isinf().any() and out[5].isnan().all()
+    finite = torch.isfinite(ref)
+    assert rel_err(out[finite], ref[finite]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- the RNN cell kernel
+
+@pytest.mark.parametrize("widths,N,M,bias,apply_tanh", [
+    ((36, 23), 29, 5, True, True),       # odd last width: W rows padded, as a view may be
+    ((16, 40, 9), 33, 19, False, True),  # 3-way cat, no bias
+    ((60,), 40, 1, True, False),         # one operand, batch of one, no tanh (cell_h2o)
+])
+def test_cell_presplit_kernel_matches_fp64(widths, N, M, bias, apply_tanh):
+    torch.manual_seed(sum(widths) + N)
+    xs = [(torch.rand(M, w) * 2 - 1) * 1e3 for w in widths]  # saturating tanh
+    xs[0] = xs[0].t().contiguous().t()  # column-major: split from its strides
+    w = padded_weight(N, sum(widths))
+    b = torch.randn(N) if bias else None
+    out = torch.full((M, N), float("nan"))
+    clt._launch_presplit(xs, w, b, out, TILES, apply_tanh)
+    y64 = F.linear(torch.cat(xs, 1).double(), w.double(), None if b is None else b.double())
+    y32 = F.linear(torch.cat(xs, 1), w, b)
+    ref, eager = (torch.tanh(y64), torch.tanh(y32)) if apply_tanh else (y64, y32)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))
+    if apply_tanh:
+        assert out.abs().max() <= 1 and torch.equal(out[eager.abs() == 1], eager[eager.abs() == 1])
+
+
+def test_cell_presplit_needs_aligned_operand_starts():
+    """W is read by TMA from each cat operand's first column: with a width that is not a
+    multiple of 4 before the last operand, the PRESPLIT config runs the pointer kernel."""
+    torch.manual_seed(3)
+    xs = [torch.randn(5, 37), torch.randn(5, 23)]
+    w = padded_weight(29, 60)
+    out = torch.empty(5, 29)
+    clt.runner(xs, w, None, "tf32x3", out)(TILES)  # tma_ready is False on CPU tensors anyway
+    ref = torch.tanh(F.linear(torch.cat(xs, 1).double(), w.double()))
+    assert rel_err(out, ref) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- pattern cell_h2o
+
+@pytest.fixture
+def tf32x3_profile(monkeypatch):
+    """The interpreter profile as a tensor-core GPU sees fp32 at "highest": dots in 3xTF32."""
+    profile = dataclasses.replace(devices.INTERPRETER, fp32_highest="tf32x3", dot_precisions=("ieee", "tf32x3"))
+    real = devices.device_profile
+    monkeypatch.setattr(devices, "device_profile",
+                        lambda device=None: profile if torch.device(device or "cpu").type == "cpu" else real(device))
+    return profile
+
+
+def test_cell_h2o_fused_after_the_cell_with_gradients(tf32x3_profile):
+    torch.manual_seed(4)
+    model = RNNCell()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, h = torch.randn(B, I) * 2, torch.randn(B, H)
+    g_out, g_hidden = torch.randn(B, O), torch.randn(B, H)
+    grads = []
+    for m, dtype, fn in ((model, torch.float32, compile_(model)), (eager, torch.float32, eager),
+                         (ref, torch.float64, ref)):
+        xi = x.detach().clone().to(dtype).requires_grad_(True)
+        out, hidden = fn(xi, h.to(dtype))
+        ((out * g_out.to(dtype)).sum() + (hidden * g_hidden.to(dtype)).sum()).backward()
+        grads.append({"out": out.detach(), "x": xi.grad, "W_h2o": m.h2o.weight.grad, "b_h2o": m.h2o.bias.grad,
+                      "W_i2h": m.i2h.weight.grad})
+    assert fusion_backend.counters["cat_linear_tanh"] == 1 and fusion_backend.counters["cell_h2o"] == 1
+    got, want, ref64 = grads
+    assert_matches(got["out"], want["out"], ref64["out"], "output")
+    for name in ("x", "W_h2o", "b_h2o", "W_i2h"):
+        torch.testing.assert_close(got[name], want[name], **grad_close(want[name]),
+                                   msg=lambda msg: f"grad {name} vs eager: {msg}")
+
+
+def test_cell_h2o_left_to_inductor_without_3xtf32():
+    torch.manual_seed(5)
+    model = RNNCell()
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, x, h)
+    sites = [s for s in report.skipped if s.pattern == "cell_h2o"]
+    assert len(sites) == 1 and "3xTF32" in sites[0].reason, str(report)
+    assert [s.pattern for s in report.fused] == ["cat_linear_tanh"]
