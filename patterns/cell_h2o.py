@@ -5,7 +5,7 @@ hidden state of the batch fits on chip; at the KernelBench size (B 256, H 16384:
 does not, and h2o is one more GEMM. What can win is the GEMM itself: at fp32 "highest" the
 cell's pre-split 3xTF32 kernel (patterns/cat_linear_tanh.py, run without tanh) against the
 cuBLAS fp32 GEMM eager and Inductor use (H100, 256x16384->8192: 0.67 ms vs 1.41 ms,
-benchmarks/skinny_3xtf32.py). At other precisions cuBLAS runs it at the GEMM floor, so the
+benchmarks/presplit_3xtf32.py). At other precisions cuBLAS runs it at the GEMM floor, so the
 site is left alone; on a GPU the tuner also re-times the fused choice against cuBLAS.
 """
 from __future__ import annotations
