@@ -129,22 +129,32 @@ def tf32_split_kernel(src_ptr, hi_ptr, lo_ptr, M, K, stride_m, stride_k, stride_
 
 
 @triton.jit
-def dot_3xtf32(a, b_hi, b_lo, acc, small):
+def dot_3xtf32(a, b_hi, b_lo, acc, small, seed):
     """(acc, small) after adding a @ b in 3xTF32 (about fp32 accuracy), b given as TF32 head
     and remainder (rounded to nearest by `tf32_split_kernel`), a split here (`tf32_round`).
-    Finish with `finish_3xtf32(acc, small)`.
+    Start with acc = small = zeros and `seed = opaque_zeros(...)`; finish with
+    `finish_3xtf32(acc, small)`.
 
-    The head product starts from zero at each K step and is added to acc in fp32: chained
-    in the MMA over the whole K loop it lost accuracy on the H100 (rel. error 1.5e-5 instead
-    of 1.4e-7). The two remainder products are 2^-11 smaller and chain into `small`, whose
-    own rounding is then negligible; NaN there (inf - inf in a split, inf * 0 in a cross
+    The MMA's own fp32 accumulation loses bits over a long chain (H100: all three products
+    chained over K = 4096: rel. error 1.5e-5; the head products alone: 5e-6), so the head
+    product starts fresh at each K step and is added to acc in fp32 (1.4e-7). It starts from
+    `seed`, zeros the compiler cannot see as zeros, else it folds `acc + dot(a, b, 0)` back
+    into one chain. The remainder products are 2^-11 smaller and chain into `small`, where
+    the MMA's rounding is negligible; NaN there (inf - inf in a split, inf * 0 in a cross
     term) is dropped once at the end, as Triton's tf32x3 drops it per dot: the head product
-    carries the inf or NaN. (Masking every K step cost ~10% on the H100.)"""
+    carries the inf or NaN. (Masking at every K step: ~10% slower on the H100.)"""
     a_hi = tf32_round(a)
     a_lo = a - a_hi
     small = tl.dot(a_lo, b_hi, small, input_precision="tf32")
     small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
-    return acc + tl.dot(a_hi, b_hi, input_precision="tf32"), small
+    return acc + tl.dot(a_hi, b_hi, seed, input_precision="tf32"), small
+
+
+@triton.jit
+def opaque_zeros(acc, runtime_value):
+    """Zeros shaped like acc, computed from a runtime scalar (x * 0 is not folded under IEEE
+    rules), for `dot_3xtf32`'s seed."""
+    return tl.zeros_like(acc) * runtime_value.to(tl.float32)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import dot_3xtf32, finish_3xtf32, gemm_segment, tanh, tile_ids
+from fusion_backend.triton_lib import dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, tanh, tile_ids
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -58,7 +58,7 @@ def _cat_gemm_tanh_kernel(
 
 
 @triton.jit
-def _wxt_segment(acc, small, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, K_seg, NUM_STAGES: tl.constexpr,
+def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, K_seg, NUM_STAGES: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc (out^T tile) += W[n0:, k_start : k_start + K_seg] @ x_seg[m0:, :]^T in 3xTF32, x_seg
     given pre-split; W's columns past the segment (the next operand's) are masked to zero."""
@@ -69,7 +69,7 @@ def _wxt_segment(acc, small, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, K_seg,
             w = tl.where(offs_k[None, :] < K_seg - k * BLOCK_K, w, 0.0)
         x_hi = xhi_desc.load([m0, k * BLOCK_K])
         x_lo = xlo_desc.load([m0, k * BLOCK_K])
-        acc, small = dot_3xtf32(w, x_hi.T, x_lo.T, acc, small)
+        acc, small = dot_3xtf32(w, x_hi.T, x_lo.T, acc, small, seed)
     return acc, small
 
 
@@ -90,13 +90,14 @@ def _cat_gemm_tanh_presplit_kernel(
     n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     small = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc, small = _wxt_segment(acc, small, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K)
+    seed = opaque_zeros(acc, N)
+    acc, small = _wxt_segment(acc, small, seed, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K)
     if NUM_SEGMENTS > 1:
-        acc, small = _wxt_segment(acc, small, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K)
+        acc, small = _wxt_segment(acc, small, seed, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K)
     if NUM_SEGMENTS > 2:
-        acc, small = _wxt_segment(acc, small, w_desc, h2, l2, m0, n0, K0 + K1, K2, NUM_STAGES, EVEN_K, BLOCK_K)
+        acc, small = _wxt_segment(acc, small, seed, w_desc, h2, l2, m0, n0, K0 + K1, K2, NUM_STAGES, EVEN_K, BLOCK_K)
     if NUM_SEGMENTS > 3:
-        acc, small = _wxt_segment(acc, small, w_desc, h3, l3, m0, n0, K0 + K1 + K2, K3, NUM_STAGES, EVEN_K,
+        acc, small = _wxt_segment(acc, small, seed, w_desc, h3, l3, m0, n0, K0 + K1 + K2, K3, NUM_STAGES, EVEN_K,
                                   BLOCK_K)
     acc = finish_3xtf32(acc, small)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -128,7 +129,7 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
 
 
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,
-                            finish_3xtf32)
+                            finish_3xtf32, opaque_zeros)
 
 
 def _unfused(xs, weight, bias):

@@ -19,7 +19,7 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import dot_3xtf32, finish_3xtf32, gemm_segment, gelu, relu, tile_ids
+from fusion_backend.triton_lib import dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, gelu, relu, tile_ids
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
                       only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -80,11 +80,12 @@ def _gemm_bn_gelu_relu_eval_presplit_kernel(
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     small = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    seed = opaque_zeros(acc, K)
     for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=NUM_STAGES):
         a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         w_hi = whi_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
         w_lo = wlo_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-        acc, small = dot_3xtf32(a, w_hi.T, w_lo.T, acc, small)
+        acc, small = dot_3xtf32(a, w_hi.T, w_lo.T, acc, small, seed)
     acc = finish_3xtf32(acc, small)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,7 +191,7 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
 
 
 _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, _eval_epilogue,
-                            _gemm_bn_gelu_relu_eval_presplit_kernel, dot_3xtf32, finish_3xtf32,
+                            _gemm_bn_gelu_relu_eval_presplit_kernel, dot_3xtf32, finish_3xtf32, opaque_zeros,
                             _gemm_bias_welford_kernel,
                             _merge_welford_kernel, _bn_gelu_relu_kernel)
 
