@@ -8,7 +8,8 @@ RNN cell kernel (out^T = W x^T, the cat operands pre-split; with and without tan
 Median do_bench ms and rel. error vs fp64 per variant, split pass included; a table last.
 History (H100, this script's first versions): the three MMAs chained into one accumulator
 over all of K: 4.6 ms but error 1.5e-5; heads truncated instead of rounded: 5.1-6.0 ms,
-error 1.7-2.5e-7 (3.2e-6 on a cancelling CPU case); NaN masked every K step: ~10% slower.
+error 1.7-2.5e-7 (3.2e-6 on a cancelling CPU case); NaN masked every K step: ~10% slower;
+`acc + dot(a, b, 0)` left for the compiler to fold into one chain: 4.8 ms, error 5e-6.
 """
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,9 @@ from bench import bench
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs, space, tf32_split
 
-EXTRA = [config_spaces._g(128, 64, 32, 8, 4, **config_spaces.PRESPLIT),
-         config_spaces._g(64, 128, 32, 4, 3, **config_spaces.PRESPLIT),
-         config_spaces._g(128, 128, 32, 8, 2, **config_spaces.PRESPLIT)]
+EXTRA = [config_spaces._g(128, 64, 32, 4, 4, **config_spaces.PRESPLIT),
+         config_spaces._g(64, 128, 32, 4, 4, **config_spaces.PRESPLIT),
+         config_spaces._g(128, 64, 64, 4, 2, **config_spaces.PRESPLIT)]
 
 
 def name_of(c):

@@ -65,14 +65,14 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(128, 256, 64, 8, 4, TMA=True, dtypes=HALF),
             _g(128, 128, 64, 8, 4, TMA=True, dtypes=HALF),
             # fp32 "highest" (3xTF32) with one operand split into TF32 head and remainder once
-            # per call, both brought in by TMA (triton_lib.dot_3xtf32). H100: 16384x4096->4096
-            # 128x64 w4 s4 5.11 ms (+0.07 split) vs 6.71 in-kernel tf32x3; RNN i2h
-            # 256x32768->16384 128x128 w8 s3 2.75 ms (+0.04) vs 5.34 cuBLAS fp32.
-            _g(128, 64, 32, 4, 4, **PRESPLIT),
+            # per call, both brought in by TMA (triton_lib.dot_3xtf32). H100, kernel + split
+            # pass (benchmarks/presplit_3xtf32.py): 16384x4096->4096 eval 5.55-5.85 ms vs 6.93
+            # in-kernel tf32x3 (64x128 w4 s3 best); RNN i2h 256x(16384+16384)->16384 2.70-2.88
+            # vs 5.27 cuBLAS fp32 (128x64 w4 s3 best); h2o 256x16384->8192 0.67-0.72 vs 1.37.
             _g(128, 64, 32, 4, 3, **PRESPLIT),
+            _g(64, 128, 32, 4, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 4, **PRESPLIT),
-            _g(64, 128, 32, 4, 4, **PRESPLIT),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
         # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.

@@ -89,7 +89,7 @@ def relu(x):
 # Hopper the B operand must then go back to shared memory before the MMA, which kept the fp32
 # "highest" GEMM at ~3x the TF32 time. Splitting one operand once per call (a pointwise pass)
 # and bringing head and remainder in by TMA leaves only the register-resident A operand to
-# split in the kernel (H100, 16384x4096->4096: 5.1 ms vs 6.7 ms; benchmarks/presplit_3xtf32.py).
+# split in the kernel (H100, 16384x4096->4096: 5.6-5.9 ms vs 6.9 ms; benchmarks/presplit_3xtf32.py).
 
 @triton.jit
 def tf32_head(x):
