@@ -75,7 +75,6 @@ def main():
     rows.append((tag, "in-kernel tf32x3, TMA 128x64x32 w4 s4", bench(lambda: run(tf32x3)), err(out, ref)))
     rows.append((tag, "split pass over W (included below)", bench(lambda: tf32_split(w)), float("nan")))
     sweep(rows, tag, lambda: lbgr.eval_runner(*args, "tf32x3", out), out, ref, configs, profile)
-    del x, w, out
 
     for tag, (M, widths, N, act) in {"cell i2h 256x(16384+16384)->16384 +tanh": (256, (16384, 16384), 16384, True),
                                      "h2o 256x16384->8192": (256, (16384,), 8192, False)}.items():
@@ -95,7 +94,6 @@ def main():
                      float("nan")))
         out = torch.empty(M, N, device="cuda")
         sweep(rows, tag, lambda: clt.runner(xs, w, b, "tf32x3", out, act), out, ref, configs, profile)
-        del xs, w, out
     print(f"\nfp32 'highest', {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("| GEMM | variant | ms | rel err |\n|---|---|---|---|")
     for r in rows:
