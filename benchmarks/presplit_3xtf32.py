@@ -23,7 +23,7 @@ from patterns._common import kernel_kwargs, space, tf32_split
 
 EXTRA = [config_spaces._g(128, 64, 32, 4, 4, **config_spaces.PRESPLIT),
          config_spaces._g(64, 128, 32, 4, 4, **config_spaces.PRESPLIT),
-         config_spaces._g(64, 128, 64, 4, 2, **config_spaces.PRESPLIT)]
+         config_spaces._g(128, 64, 64, 4, 2, **config_spaces.PRESPLIT)]
 
 
 def name_of(c):

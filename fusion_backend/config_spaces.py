@@ -73,8 +73,6 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(64, 128, 32, 4, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 4, **PRESPLIT),
-            _g(128, 64, 64, 4, 2, **PRESPLIT),
-            _g(128, 128, 64, 8, 2, **PRESPLIT),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
         # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.
