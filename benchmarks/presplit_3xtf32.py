@@ -21,9 +21,11 @@ from bench import bench
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs, space, tf32_split
 
-EXTRA = [config_spaces._g(128, 64, 32, 4, 4, **config_spaces.PRESPLIT),
-         config_spaces._g(64, 128, 32, 4, 4, **config_spaces.PRESPLIT),
-         config_spaces._g(128, 64, 64, 4, 2, **config_spaces.PRESPLIT)]
+EXTRA = [config_spaces._g(256, 64, 32, 8, 3, **config_spaces.PRESPLIT),
+         config_spaces._g(256, 64, 32, 8, 2, **config_spaces.PRESPLIT),
+         config_spaces._g(256, 128, 32, 8, 2, **config_spaces.PRESPLIT),
+         config_spaces._g(128, 64, 32, 4, 2, **config_spaces.PRESPLIT),
+         config_spaces._g(128, 32, 32, 4, 3, **config_spaces.PRESPLIT)]
 
 
 def name_of(c):
