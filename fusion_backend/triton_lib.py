@@ -104,14 +104,19 @@ def tf32_head(x):
 
 
 @triton.jit
-def tf32_round(x):
-    """`tf32_head` for the operand split inside the GEMM loop, with only the NaN guard: the
-    full guard cost 5-10% there (H100, 16384x4096->4096). Differs from tf32_head only for
-    |x| within half a TF32 ulp of FLT_MAX (>= 3.4026e38), which rounds to inf here.
-    Truncating instead (one op) measured 2-4% faster but doubles the remainder, and with it
-    3xTF32's error where a sum cancels (a CPU test with |x| ~ 1e3: 3.2e-6 vs eager's 3.4e-7)."""
-    head = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(x == x, head, x)
+def tf32_round(x, PTX: tl.constexpr):
+    """`tf32_head` for the operand split inside the GEMM loop, where the guard's extra ops cost
+    5-10% (H100). On NVIDIA GPUs (PTX=True) one `cvt.rna.tf32.f32`, what Triton's own tf32x3
+    uses; elsewhere (the interpreter) the bit trick with only the NaN guard. Either way |x|
+    within half a TF32 ulp of FLT_MAX (>= 3.4026e38) may round to inf here. Truncating instead
+    would double the remainder, and with it 3xTF32's error where a sum cancels (a CPU test
+    with |x| ~ 1e3: 3.2e-6 vs eager's 3.4e-7)."""
+    if PTX:
+        return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        head = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return tl.where(x == x, head, x)
 
 
 @triton.jit
@@ -129,11 +134,11 @@ def tf32_split_kernel(src_ptr, hi_ptr, lo_ptr, M, K, stride_m, stride_k, stride_
 
 
 @triton.jit
-def dot_3xtf32(a, b_hi, b_lo, acc, small, seed):
+def dot_3xtf32(a, b_hi, b_lo, acc, small, seed, PTX: tl.constexpr):
     """(acc, small) after adding a @ b in 3xTF32 (about fp32 accuracy), b given as TF32 head
     and remainder (rounded to nearest by `tf32_split_kernel`), a split here (`tf32_round`).
     Start with acc = small = zeros and `seed = opaque_zeros(...)`; finish with
-    `finish_3xtf32(acc, small)`.
+    `finish_3xtf32(acc, small)`. PTX: see `tf32_round` (`ptx_cvt(tensor)` on the host).
 
     The MMA's own fp32 accumulation loses bits over a long chain (H100: all three products
     chained over K = 4096: rel. error 1.5e-5; the head products alone: 5e-6), so the head
@@ -143,7 +148,7 @@ def dot_3xtf32(a, b_hi, b_lo, acc, small, seed):
     the MMA's rounding is negligible; NaN there (inf - inf in a split, inf * 0 in a cross
     term) is dropped once at the end, as Triton's tf32x3 drops it per dot: the head product
     carries the inf or NaN. (Masking at every K step: ~10% slower on the H100.)"""
-    a_hi = tf32_round(a)
+    a_hi = tf32_round(a, PTX)
     a_lo = a - a_hi
     small = tl.dot(a_lo, b_hi, small, input_precision="tf32")
     small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
@@ -160,3 +165,10 @@ def opaque_zeros(acc, runtime_value):
 @triton.jit
 def finish_3xtf32(acc, small):
     return acc + tl.where(small == small, small, 0.0)
+
+
+def ptx_cvt(t) -> bool:
+    """Whether kernels on `t`'s device may use PTX inline asm (NVIDIA; not ROCm, not the interpreter)."""
+    import torch
+
+    return t.is_cuda and torch.version.hip is None

@@ -16,7 +16,8 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, tanh, tile_ids
+from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt, tanh,
+                                       tile_ids)
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -59,7 +60,7 @@ def _cat_gemm_tanh_kernel(
 
 @triton.jit
 def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, K_seg, NUM_STAGES: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, PTX: tl.constexpr):
     """acc (out^T tile) += W[n0:, k_start : k_start + K_seg] @ x_seg[m0:, :]^T in 3xTF32, x_seg
     given pre-split; W's columns past the segment (the next operand's) are masked to zero."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -69,7 +70,7 @@ def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, 
             w = tl.where(offs_k[None, :] < K_seg - k * BLOCK_K, w, 0.0)
         x_hi = xhi_desc.load([m0, k * BLOCK_K])
         x_lo = xlo_desc.load([m0, k * BLOCK_K])
-        acc, small = dot_3xtf32(w, x_hi.T, x_lo.T, acc, small, seed)
+        acc, small = dot_3xtf32(w, x_hi.T, x_lo.T, acc, small, seed, PTX)
     return acc, small
 
 
@@ -77,7 +78,7 @@ def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, 
 def _cat_gemm_tanh_presplit_kernel(
         w_desc, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, out_ptr, M, N, K0, K1, K2, K3, stride_om, stride_on,
         NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, NUM_STAGES: tl.constexpr,
-        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """fp32 "highest" for small batches, computed as out^T = W x^T: W, by far the larger
     operand, is the MMA's A operand and is split into TF32 head and remainder in registers;
@@ -91,14 +92,14 @@ def _cat_gemm_tanh_presplit_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     small = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     seed = opaque_zeros(acc, N)
-    acc, small = _wxt_segment(acc, small, seed, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K)
+    acc, small = _wxt_segment(acc, small, seed, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
     if NUM_SEGMENTS > 1:
-        acc, small = _wxt_segment(acc, small, seed, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K)
+        acc, small = _wxt_segment(acc, small, seed, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
     if NUM_SEGMENTS > 2:
-        acc, small = _wxt_segment(acc, small, seed, w_desc, h2, l2, m0, n0, K0 + K1, K2, NUM_STAGES, EVEN_K, BLOCK_K)
+        acc, small = _wxt_segment(acc, small, seed, w_desc, h2, l2, m0, n0, K0 + K1, K2, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
     if NUM_SEGMENTS > 3:
         acc, small = _wxt_segment(acc, small, seed, w_desc, h3, l3, m0, n0, K0 + K1 + K2, K3, NUM_STAGES, EVEN_K,
-                                  BLOCK_K)
+                                  BLOCK_K, PTX)
     acc = finish_3xtf32(acc, small)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -124,7 +125,7 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     _cat_gemm_tanh_presplit_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
         descriptor(weight, BN, BK), *descs, bias if bias is not None else weight, out, M, N, *widths,
         out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh,
-        NUM_STAGES=config["num_stages"], EVEN_K=all(w % BK == 0 for w in widths), **meta)
+        NUM_STAGES=config["num_stages"], EVEN_K=all(w % BK == 0 for w in widths), PTX=ptx_cvt(weight), **meta)
     return out
 
 

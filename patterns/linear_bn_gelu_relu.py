@@ -19,7 +19,8 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, gelu, relu, tile_ids
+from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, opaque_zeros, ptx_cvt, relu,
+                                       tile_ids)
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
                       only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -73,7 +74,7 @@ def _gemm_bn_gelu_relu_eval_presplit_kernel(
         x_desc, whi_desc, wlo_desc, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
         M, N, K, stride_om, stride_on, eps,
         HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-        APPROX_TANH: tl.constexpr, NUM_STAGES: tl.constexpr,
+        APPROX_TANH: tl.constexpr, PTX: tl.constexpr, NUM_STAGES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The TMA eval kernel at fp32 "highest": 3xTF32 with W given as TF32 head and remainder
     (split once per call), x split in registers."""
@@ -85,7 +86,7 @@ def _gemm_bn_gelu_relu_eval_presplit_kernel(
         a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
         w_hi = whi_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
         w_lo = wlo_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-        acc, small = dot_3xtf32(a, w_hi.T, w_lo.T, acc, small, seed)
+        acc, small = dot_3xtf32(a, w_hi.T, w_lo.T, acc, small, seed, PTX)
     acc = finish_3xtf32(acc, small)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -284,7 +285,7 @@ def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
     _gemm_bn_gelu_relu_eval_presplit_kernel[_gemm_grid(M, N, config)](
         descriptor(x, config["BLOCK_M"], config["BLOCK_K"]), descriptor(w_hi, config["BLOCK_N"], config["BLOCK_K"]),
         descriptor(w_lo, config["BLOCK_N"], config["BLOCK_K"]), *tensors, M, N, K, out.stride(0), out.stride(1), eps,
-        NUM_STAGES=config["num_stages"], **flags, **config)
+        PTX=ptx_cvt(x), NUM_STAGES=config["num_stages"], **flags, **config)
     return out
 
 
