@@ -68,7 +68,8 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             # per call, both brought in by TMA (triton_lib.dot_3xtf32). H100, kernel + split
             # pass (benchmarks/presplit_3xtf32.py): 16384x4096->4096 eval 5.55-5.85 ms vs 6.93
             # in-kernel tf32x3 (64x128 w4 s3 best); RNN i2h 256x(16384+16384)->16384 2.70-2.88
-            # vs 5.27 cuBLAS fp32 (128x64 w4 s3 best); h2o 256x16384->8192 0.67-0.72 vs 1.37.
+            # vs 5.27 cuBLAS fp32 (128x64 w4 s3 best); h2o 256x16384->8192 0.67-0.72 vs 1.37
+            # (bit-trick head; with cvt.rna the tuner measured 5.65 / 2.62 / 0.61 ms).
             _g(128, 64, 32, 4, 3, **PRESPLIT),
             _g(64, 128, 32, 4, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 3, **PRESPLIT),
