@@ -40,6 +40,20 @@ def bench(fn):
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def eval_block_inputs(M, K, N, dtype, device="cuda"):
+    """Seeded random inputs of the Linear+BN+GELU+ReLU eval block, (x, w, b, gamma, beta,
+    running_mean, running_var), and its fp64 reference output; for the kernel sweeps."""
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) / K ** 0.5).to(dtype)
+    b, gamma, beta, mean = (torch.randn(N, device=device).to(dtype) for _ in range(4))
+    var = (torch.rand(N, device=device) + 0.5).to(dtype)
+    args = (x, w, b, gamma, beta, mean, var)
+    return args, lbgr._reference(*(t.double() for t in args), 1e-5, "none")
+
+
 def rel_err(out, ref):
     return (out.double() - ref).norm().item() / ref.norm().item()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import bench
+from bench import bench, eval_block_inputs, rel_err
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs
 
@@ -39,16 +39,11 @@ def main():
                                               (torch.float32, "tf32", "high", FP32),
                                               (torch.bfloat16, "ieee", "high", HALF)):
         torch.set_float32_matmul_precision(setting)
-        torch.manual_seed(0)
-        x = torch.randn(M, K, device="cuda").to(dtype)
-        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
-        b, gamma, beta = (torch.randn(N, device="cuda").to(dtype) for _ in range(3))
-        mean, var = torch.randn(N, device="cuda").to(dtype), (torch.rand(N, device="cuda") + 0.5).to(dtype)
-        ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, "none")
+        (x, w, b, gamma, beta, mean, var), ref = eval_block_inputs(M, K, N, dtype)
         tag = f"{str(dtype)[6:]} {precision}"
 
         def err(out):
-            return ((out.double() - ref).norm() / ref.norm()).item()
+            return rel_err(out, ref)
 
         rows.append((tag, "cuBLAS GEMM alone", bench(lambda: F.linear(x, w)), float("nan")))
         unfused = lambda: lbgr._unfused_eval(x, w, b, gamma, beta, mean, var, 1e-5, "none", profile)  # noqa: E731

@@ -17,7 +17,7 @@ import triton
 
 import patterns.cat_linear_tanh as clt
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import bench
+from bench import bench, eval_block_inputs
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs, space, tf32_split
 
@@ -62,12 +62,9 @@ def main():
 
     M, K, N = 16384, 4096, 4096
     tag = f"LBGR eval {M}x{K}->{N}"
-    x = torch.randn(M, K, device="cuda")
-    w = torch.randn(N, K, device="cuda") / K ** 0.5
-    b, gamma, beta, mean = (torch.randn(N, device="cuda") for _ in range(4))
-    var = torch.rand(N, device="cuda") + 0.5
-    args = (x, w, b, gamma, beta, mean, var, 1e-5, "none")
-    ref = lbgr._reference(*(t.double() for t in args[:7]), 1e-5, "none")
+    tensors, ref = eval_block_inputs(M, K, N, torch.float32)
+    w = tensors[1]
+    args = (*tensors, 1e-5, "none")
     rows.append((tag, "eager (cuBLAS fp32 + torch ops)", bench(lambda: lbgr._reference(*args)),
                  err(lbgr._reference(*args), ref)))
     out = torch.empty(M, N, device="cuda")
