@@ -40,6 +40,15 @@ def bench(fn):
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def mkn_args(description=None):
+    """--M --K --N of a kernel sweep (default: the KernelBench MLP block 16384x4096->4096)."""
+    ap = argparse.ArgumentParser(description=description)
+    for name, default in (("--M", 16384), ("--K", 4096), ("--N", 4096)):
+        ap.add_argument(name, type=int, default=default)
+    args = ap.parse_args()
+    return args.M, args.K, args.N
+
+
 def eval_block_inputs(M, K, N, dtype, device="cuda"):
     """Seeded random inputs of the Linear+BN+GELU+ReLU eval block, (x, w, b, gamma, beta,
     running_mean, running_var), and its fp64 reference output; for the kernel sweeps."""

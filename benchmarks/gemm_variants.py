@@ -5,14 +5,12 @@ TMA descriptors, per tile config, next to the bare cuBLAS GEMM and the unfused p
 
 Median do_bench ms and rel. error vs fp64 per variant; prints a table last.
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 import triton
 
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import bench, eval_block_inputs, rel_err
+from bench import bench, eval_block_inputs, mkn_args, rel_err
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs
 
@@ -27,12 +25,7 @@ HALF = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--M", type=int, default=16384)
-    ap.add_argument("--K", type=int, default=4096)
-    ap.add_argument("--N", type=int, default=4096)
-    args = ap.parse_args()
-    M, K, N = args.M, args.K, args.N
+    M, K, N = mkn_args(__doc__)
     profile = devices.device_profile(torch.device("cuda"))
     rows = []
     for dtype, precision, setting, shapes in ((torch.float32, "tf32x3", "highest", FP32),
