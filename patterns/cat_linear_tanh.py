@@ -91,7 +91,7 @@ def _cat_gemm_tanh_presplit_kernel(
     n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     small = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    seed = opaque_zeros(acc, N)
+    seed = opaque_zeros(acc, K0 + K1 + K2 + K3)  # not N: Triton specializes an int arg equal to 1
     acc, small = _wxt_segment(acc, small, seed, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
     if NUM_SEGMENTS > 1:
         acc, small = _wxt_segment(acc, small, seed, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
