@@ -180,3 +180,66 @@ def test_cell_h2o_left_to_inductor_without_3xtf32():
     sites = [s for s in report.skipped if s.pattern == "cell_h2o"]
     assert len(sites) == 1 and "3xTF32" in sites[0].reason, str(report)
     assert [s.pattern for s in report.fused] == ["cat_linear_tanh"]
+
+
+# ----------------------------------------------------------------------------- compiled for Hopper
+
+_COMPILE_FOR_HOPPER = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import patterns.cat_linear_tanh as clt
+import patterns.linear_bn_gelu_relu as lbgr
+
+kernel, sig, const = json.loads(sys.argv[1])
+fn = {"eval": lbgr._gemm_bn_gelu_relu_eval_presplit_kernel, "cell": clt._cat_gemm_tanh_presplit_kernel}[kernel]
+sig.update({k: "constexpr" for k in const})
+compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, num_stages=const["NUM_STAGES"]))
+print(json.dumps([compiled.asm["ttgir"], compiled.asm["ptx"]]))
+"""
+
+
+@pytest.mark.parametrize("kernel", ["eval", "cell"])
+def test_hopper_code_keeps_the_head_product_off_the_accumulator_chain(kernel):
+    """On the GPU the MMA's own accumulation over all of K lost accuracy (5e-6 instead of 1.4e-7
+    at K = 4096), so the head product must start from the opaque seed at each K step, not from
+    the running sum (the compiler folds `acc + dot(a, b, zeros)` into one chain when it can see
+    the zeros), and the in-loop split must use cvt.rna.tf32.f32. Compiled here for sm_90 by
+    Triton's own compiler (no GPU needed), in a subprocess: this process runs the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    f32, bm, bn, bk = "*fp32", 128, 64, 32
+    if kernel == "eval":
+        sig = {"x_desc": f"tensordesc<fp32[{bm}, {bk}]>", "whi_desc": f"tensordesc<fp32[{bn}, {bk}]>",
+               "wlo_desc": f"tensordesc<fp32[{bn}, {bk}]>", **{n: f32 for n in (
+                   "b_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "out_ptr")},
+               **{n: "i32" for n in ("M", "N", "K", "stride_om", "stride_on")}, "eps": "fp32"}
+        const = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True, APPROX_TANH=False, PTX=True, NUM_STAGES=3,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        segments = 1
+    else:
+        sig = {"w_desc": f"tensordesc<fp32[{bn}, {bk}]>",
+               **{f"{p}{i}": f"tensordesc<fp32[{bm}, {bk}]>" for i in range(4) for p in "hl"},
+               "b_ptr": f32, "out_ptr": f32, **{n: "i32" for n in ("M", "K0", "K1", "K2", "K3", "stride_om",
+                                                                     "stride_on")}}
+        # N == 1 as Triton specializes it: the seed must not depend on N
+        const = dict(N=1, NUM_SEGMENTS=2, HAS_BIAS=True, APPLY_TANH=True, NUM_STAGES=3, EVEN_K=True, PTX=True,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        segments = 2
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, json.dumps([kernel, sig, const])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ttgir, ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+    assert len(dots) == 3 * segments, dots
+    c_operands = [line.split("warp_group_dot ")[1].split(" {")[0].split(", ")[2] for line in dots]
+    assert sum("seed" in c for c in c_operands) == segments, c_operands  # one fresh head product per K loop
+    assert "cvt.rna.tf32.f32" in ptx
