@@ -243,3 +243,18 @@ def test_hopper_code_keeps_the_head_product_off_the_accumulator_chain(kernel):
     c_operands = [line.split("warp_group_dot ")[1].split(" {")[0].split(", ")[2] for line in dots]
     assert sum("seed" in c for c in c_operands) == segments, c_operands  # one fresh head product per K loop
     assert "cvt.rna.tf32.f32" in ptx
+
+
+@pytest.mark.parametrize("batch", [1, 0])
+def test_cell_h2o_batch_of_one_and_empty(tf32x3_profile, batch):
+    torch.manual_seed(6)
+    model = RNNCell()
+    eager = copy.deepcopy(model)
+    x, h = torch.randn(batch, I), torch.randn(batch, H)
+    with torch.no_grad():
+        out, hidden = compile_(model)(x, h)
+        e_out, e_hidden = eager(x, h)
+    assert out.shape == e_out.shape == (batch, O) and hidden.shape == (batch, H)
+    if batch:
+        assert fusion_backend.counters["cell_h2o"] == 1
+        torch.testing.assert_close(out, e_out, rtol=1e-5, atol=1e-5)
