@@ -67,6 +67,32 @@ def rel_err(out, ref):
     return (out.double() - ref).norm().item() / ref.norm().item()
 
 
+def try_variant(rows, tag, name, fn, out, ref):
+    """A kernel sweep's step: run `fn` (it writes `out`) once against `ref`, time it, append
+    (tag, name, ms, error) to rows; a variant that fails to compile is reported and skipped."""
+    try:
+        out.fill_(float("nan"))
+        fn()
+        err = rel_err(out, ref)
+        ms = bench(fn)
+    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+        print(tag, name, "failed:", type(exc).__name__, str(exc)[:300], flush=True)
+        return
+    print(f"{tag} {name}: {ms:.3f} ms err {err:.2e}", flush=True)
+    rows.append((tag, name, ms, err))
+
+
+def print_variants(rows, title, top=None):
+    """The sweep's table: per tag, the fastest `top` rows (all by default)."""
+    import triton
+
+    print(f"\n{title}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| case | variant | ms | rel err |\n|---|---|---|---|")
+    for tag in dict.fromkeys(r[0] for r in rows):
+        for r in sorted((r for r in rows if r[0] == tag), key=lambda r: r[2])[:top]:
+            print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2e} |")
+
+
 def first(out):
     return out[0] if isinstance(out, tuple) else out
 

@@ -7,10 +7,9 @@ Median do_bench ms and rel. error vs fp64 per variant; prints a table last.
 """
 import torch
 import torch.nn.functional as F
-import triton
 
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import bench, eval_block_inputs, mkn_args, rel_err
+from bench import bench, eval_block_inputs, mkn_args, print_variants, rel_err, try_variant
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs
 
@@ -34,36 +33,18 @@ def main():
         torch.set_float32_matmul_precision(setting)
         (x, w, b, gamma, beta, mean, var), ref = eval_block_inputs(M, K, N, dtype)
         tag = f"{str(dtype)[6:]} {precision}"
-
-        def err(out):
-            return rel_err(out, ref)
-
         rows.append((tag, "cuBLAS GEMM alone", bench(lambda: F.linear(x, w)), float("nan")))
         unfused = lambda: lbgr._unfused_eval(x, w, b, gamma, beta, mean, var, 1e-5, "none", profile)  # noqa: E731
-        rows.append((tag, "unfused (cuBLAS + pointwise)", bench(unfused), err(unfused())))
+        rows.append((tag, "unfused (cuBLAS + pointwise)", bench(unfused), rel_err(unfused(), ref)))
         for tma in (False, True):
             for shape in shapes:
                 config = g(*shape, tma)
                 name = ("TMA " if tma else "ptr ") + "x".join(map(str, shape[:3])) + f" w{shape[3]} s{shape[4]}"
-                out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                out = torch.empty((M, N), device="cuda", dtype=dtype)
                 run = lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", precision, out)
                 kwargs = kernel_kwargs(config, profile)
-                try:
-                    run(kwargs)
-                    e = err(out)
-                    ms = bench(lambda: run(kwargs))
-                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
-                    print(tag, name, "failed:", type(exc).__name__, str(exc)[:300], flush=True)
-                    continue
-                print(f"{tag} {name}: {ms:.3f} ms err {e:.2e}", flush=True)
-                rows.append((tag, name, ms, e))
-    print(f"\nM={M} K={K} N={N}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("| case | variant | ms | rel err |\n|---|---|---|---|")
-    for tag in dict.fromkeys(r[0] for r in rows):
-        mine = sorted((r for r in rows if r[0] == tag), key=lambda r: r[2])
-        for r in mine[:7]:
-            print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2e} |")
-
+                try_variant(rows, tag, name, lambda: run(kwargs), out, ref)
+    print_variants(rows, f"M={M} K={K} N={N}", top=7)
 
 if __name__ == "__main__":
     main()

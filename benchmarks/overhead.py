@@ -2,23 +2,16 @@
 compiled model, and the op called directly, side by side with Inductor."""
 import cProfile
 import pstats
-import time
 
 import torch
 
 import fusion_backend
 from fusion_backend.models import MLPBlock
+from patterns._common import per_call_ms
 
 
-def per_call_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+def per_call_us(fn):
+    return per_call_ms(fn, calls=300) * 1e3
 
 
 torch.set_float32_matmul_precision("high")

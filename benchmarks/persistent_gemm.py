@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import bench, eval_block_inputs, mkn_args, rel_err
+from bench import bench, eval_block_inputs, mkn_args, print_variants, try_variant
 from fusion_backend import config_spaces, devices
 from patterns._common import descriptor, kernel_kwargs
 
@@ -73,10 +73,6 @@ def main():
         torch.set_float32_matmul_precision(setting)
         (x, w, b, gamma, beta, mean, var), ref = eval_block_inputs(M, K, N, dtype)
         tag = f"{str(dtype)[6:]} {precision}"
-
-        def err(out):
-            return rel_err(out, ref)
-
         rows.append((tag, "cuBLAS GEMM alone", bench(lambda: F.linear(x, w)), float("nan")))
         out = torch.empty(M, N, device="cuda", dtype=dtype)
         for shape in shapes:
@@ -90,22 +86,8 @@ def main():
                                                                          precision, config, f, s)))
             for vname, fn in variants:
                 name = f"{vname} " + "x".join(map(str, shape[:3])) + f" w{shape[3]} s{shape[4]}"
-                try:
-                    out.fill_(float("nan"))
-                    fn()
-                    e = err(out)
-                    ms = bench(fn)
-                except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
-                    print(tag, name, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
-                    continue
-                print(f"{tag} {name}: {ms:.3f} ms err {e:.2e}", flush=True)
-                rows.append((tag, name, ms, e))
-    print(f"\nM={M} K={K} N={N}, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("| case | variant | ms | rel err |\n|---|---|---|---|")
-    for tag in dict.fromkeys(r[0] for r in rows):
-        for r in sorted((r for r in rows if r[0] == tag), key=lambda r: r[2])[:6]:
-            print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2e} |")
-
+                try_variant(rows, tag, name, fn, out, ref)
+    print_variants(rows, f"M={M} K={K} N={N}", top=6)
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 Imported only when a pattern module is (at first compile), never by `import fusion_backend`.
 Nothing here needs libdevice, so the same code runs under TRITON_INTERPRET=1.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -169,6 +170,4 @@ def finish_3xtf32(acc, small):
 
 def ptx_cvt(t) -> bool:
     """Whether kernels on `t`'s device may use PTX inline asm (NVIDIA; not ROCm, not the interpreter)."""
-    import torch
-
     return t.is_cuda and torch.version.hip is None

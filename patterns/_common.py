@@ -139,7 +139,7 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
         return run_reference()
 
 
-def _per_call_ms(fn, calls=20) -> float:
+def per_call_ms(fn, calls=20) -> float:
     """Wall time per call of back-to-back calls: max(host, GPU) time, what a loop sees."""
     for _ in range(3):
         fn()
@@ -170,7 +170,7 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
             return f"unfused path is faster here ({choice.describe()}): left to Inductor"
         if ctx.options.cudagraphs:
             return None
-        fused_ms, unfused_ms = _per_call_ms(call_op), _per_call_ms(call_unfused)
+        fused_ms, unfused_ms = per_call_ms(call_op), per_call_ms(call_unfused)
     if fused_ms > unfused_ms:
         return (f"launch-bound here: fused op {fused_ms:.4f} ms/call vs unfused {unfused_ms:.4f} ms/call, host "
                 "time included (mode='reduce-overhead' removes it): left to Inductor")

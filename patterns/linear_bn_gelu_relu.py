@@ -252,15 +252,16 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
     dummy = running_mean
     tensors = (bias if bias is not None else dummy, gamma if gamma is not None else dummy,
                beta if beta is not None else dummy, running_mean, running_var, out)
-    flags = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                 APPROX_TANH=approximate == "tanh", PRECISION=precision)
+    split_flags = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                       APPROX_TANH=approximate == "tanh")  # the pre-split kernel is 3xTF32 by construction
+    flags = dict(split_flags, PRECISION=precision)
 
     def run_fused(config):
         if config.get("TMA"):
             presplit = config.get("PRESPLIT") and precision == "tf32x3"
             config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
             if presplit and tma_ready(x):
-                return launch_presplit(x, weight, tensors, M, N, K, eps, flags, config)
+                return launch_presplit(x, weight, tensors, M, N, K, eps, split_flags, config)
             if tma_ready(x) and tma_ready(weight):
                 _gemm_bn_gelu_relu_eval_tma_kernel[_gemm_grid(M, N, config)](
                     descriptor(x, config["BLOCK_M"], config["BLOCK_K"]),
@@ -278,9 +279,9 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
 def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
     """The 3xTF32 eval kernel: W split into TF32 head and remainder (one pass, 2 x W of
     scratch), then the GEMM with x split in registers. `tensors` = (bias, gamma, beta,
-    running_mean, running_var, out) as the other eval kernels take them."""
+    running_mean, running_var, out) as the other eval kernels take them; `flags` their
+    HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH."""
     w_hi, w_lo = tf32_split(weight)
-    flags = {k: v for k, v in flags.items() if k != "PRECISION"}
     out = tensors[-1]
     _gemm_bn_gelu_relu_eval_presplit_kernel[_gemm_grid(M, N, config)](
         descriptor(x, config["BLOCK_M"], config["BLOCK_K"]), descriptor(w_hi, config["BLOCK_N"], config["BLOCK_K"]),

@@ -17,8 +17,8 @@ import patterns.cat_linear_tanh as clt
 import patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend import devices
 from patterns._common import tf32_split
-from test_cat_linear_tanh import B, H, I, O, RNNCell, compile_
-from tolerances import assert_matches, grad_close, rel_err, tolerance
+from test_cat_linear_tanh import B, H, I, O, RNNCell, assert_grads_close, cell_grads, compile_
+from tolerances import assert_matches, rel_err, tolerance
 
 pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
                                 reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
@@ -68,8 +68,7 @@ def test_eval_presplit_kernel_matches_fp64(affine, bias, approximate):
     out = torch.full((M, N), float("nan"))
     dummy = mean
     tensors = (b if bias else dummy, gamma if affine else dummy, beta if affine else dummy, mean, var, out)
-    flags = dict(HAS_BIAS=bias, HAS_GAMMA=affine, HAS_BETA=affine, APPROX_TANH=approximate == "tanh",
-                 PRECISION="tf32x3")
+    flags = dict(HAS_BIAS=bias, HAS_GAMMA=affine, HAS_BETA=affine, APPROX_TANH=approximate == "tanh")
     config = {k: v for k, v in TILES.items() if k not in ("TMA", "PRESPLIT")}
     lbgr.launch_presplit(x, w, tensors, M, N, K, 1e-5, flags, config)
     args64 = [None if t is None else t.double() for t in (x, w, b, gamma, beta, mean, var)]
@@ -88,7 +87,7 @@ def test_eval_presplit_kernel_nan_inf_and_large_inputs():
     b, gamma, beta, mean = (torch.randn(N) for _ in range(4))
     var = torch.rand(N) + 0.5
     out = torch.empty(M, N)
-    flags = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True, APPROX_TANH=False, PRECISION="tf32x3")
+    flags = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True, APPROX_TANH=False)
     config = {k: v for k, v in TILES.items() if k not in ("TMA", "PRESPLIT")}
     lbgr.launch_presplit(x, w, (b, gamma, beta, mean, var, out), M, N, K, 1e-5, flags, config)
     # elementwise fp64 reference: a CPU BLAS turns a row with an inf into NaN through its padding
@@ -151,24 +150,10 @@ def tf32x3_profile(monkeypatch):
 
 def test_cell_h2o_fused_after_the_cell_with_gradients(tf32x3_profile):
     torch.manual_seed(4)
-    model = RNNCell()
-    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
-    x, h = torch.randn(B, I) * 2, torch.randn(B, H)
-    g_out, g_hidden = torch.randn(B, O), torch.randn(B, H)
-    grads = []
-    for m, dtype, fn in ((model, torch.float32, compile_(model)), (eager, torch.float32, eager),
-                         (ref, torch.float64, ref)):
-        xi = x.detach().clone().to(dtype).requires_grad_(True)
-        out, hidden = fn(xi, h.to(dtype))
-        ((out * g_out.to(dtype)).sum() + (hidden * g_hidden.to(dtype)).sum()).backward()
-        grads.append({"out": out.detach(), "x": xi.grad, "W_h2o": m.h2o.weight.grad, "b_h2o": m.h2o.bias.grad,
-                      "W_i2h": m.i2h.weight.grad})
+    got, want, ref64 = cell_grads(RNNCell(), torch.randn(B, I) * 2, torch.randn(B, H))
     assert fusion_backend.counters["cat_linear_tanh"] == 1 and fusion_backend.counters["cell_h2o"] == 1
-    got, want, ref64 = grads
     assert_matches(got["out"], want["out"], ref64["out"], "output")
-    for name in ("x", "W_h2o", "b_h2o", "W_i2h"):
-        torch.testing.assert_close(got[name], want[name], **grad_close(want[name]),
-                                   msg=lambda msg: f"grad {name} vs eager: {msg}")
+    assert_grads_close(got, want, ref64, ("x", "h", "W_h2o", "b_h2o", "W", "b"))
 
 
 def test_cell_h2o_left_to_inductor_without_3xtf32():
