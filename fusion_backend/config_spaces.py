@@ -29,6 +29,15 @@ HALF = ("float16", "bfloat16")
 PRESPLIT = dict(TMA=True, PRESPLIT=True, dtypes=("float32",), precisions=("tf32x3",))
 
 
+# small batches (RNN cells): out^T = W x^T with TMA tiles spanning the batch (BLOCK_M) and
+# BLOCK_N rows of W, K shared among SPLIT_K programs per tile; TF32/fp16/bf16 (not 3xTF32)
+WXT = dict(TMA=True, WXT=True, precisions=("tf32", "ieee"))
+
+
+def _w(bm, bn, bk, w, s, split_k, **kw):
+    return _g(bm, bn, bk, w, s, SPLIT_K=split_k, **WXT, **kw)
+
+
 def _g(bm, bn, bk, w, s, group=8, **kw):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=w, num_stages=s, **kw)
 
@@ -74,6 +83,23 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(64, 128, 32, 4, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 4, **PRESPLIT),
+            # W x^T for small batches (the RNN cell at TF32/fp16/bf16, bound by reading W).
+            # H100 (benchmarks/cell_wxt.py), TF32 i2h 256x(16384+16384)->16384: 256x128x32 s4
+            # 0.865 ms (cuBLAS + cat + tanh 0.86, one read of W 0.70); h2o 256x16384->8192:
+            # split 2 0.228 (cuBLAS 0.232-0.239); bf16 i2h 256x128x64 s4 0.432 (0.438), h2o
+            # 256x64x64 s5 0.122 (0.123). 64-row tiles: batches far below 256 (an MMA over 256
+            # rows of zero padding would cost more than the read of W).
+            _w(256, 128, 32, 8, 4, 1),
+            _w(256, 128, 32, 8, 4, 2),
+            _w(256, 64, 32, 4, 5, 1),
+            _w(128, 128, 32, 4, 4, 1),
+            _w(64, 128, 32, 4, 4, 1),
+            _w(64, 128, 32, 4, 4, 4),
+            _w(256, 128, 64, 8, 4, 1, dtypes=HALF),
+            _w(128, 128, 64, 4, 3, 1, dtypes=HALF),
+            _w(256, 64, 64, 4, 5, 1, dtypes=HALF),
+            _w(256, 128, 64, 8, 3, 2, dtypes=HALF),
+            _w(64, 128, 64, 4, 4, 4, dtypes=HALF),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
         # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.
@@ -216,6 +242,10 @@ def validate(profile, family: str, config: dict) -> List[str]:
                                        and config.get("dtypes") == ("float32",)):
         problems.append("PRESPLIT is 3xTF32 on fp32 TMA tiles: needs TMA=True, precisions=('tf32x3',), "
                         "dtypes=('float32',)")
+    if config.get("WXT") and not (config.get("TMA") and "tf32x3" not in config.get("precisions", ("tf32x3",))
+                                  and _pow2(config.get("SPLIT_K", 0))):
+        problems.append("WXT tiles are TMA=True, a power-of-two SPLIT_K, and not for 3xTF32 (precisions without "
+                        "'tf32x3')")
     if config.get("TMA") and not _has_tma(profile):
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)

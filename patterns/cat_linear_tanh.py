@@ -59,15 +59,26 @@ def _cat_gemm_tanh_kernel(
 
 
 @triton.jit
-def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, K_seg, NUM_STAGES: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, PTX: tl.constexpr):
-    """acc (out^T tile) += W[n0:, k_start : k_start + K_seg] @ x_seg[m0:, :]^T in 3xTF32, x_seg
-    given pre-split; W's columns past the segment (the next operand's) are masked to zero."""
-    offs_k = tl.arange(0, BLOCK_K)
+def _store_cell_tile(acc, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr,
+                     APPLY_TANH: tl.constexpr):
+    """Bias, tanh and the store of an out^T tile (rows: output features, columns: batch)."""
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if APPLY_TANH:
+        acc = tanh(acc)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_m[None, :] < M))
+
+
+@triton.jit
+def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, K_seg, NUM_STAGES: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PTX: tl.constexpr):
+    """acc (out^T tile) += W_seg[n0:, :] @ x_seg[m0:, :]^T in 3xTF32, x_seg given pre-split.
+    W_seg is the segment's own column range of W (`_segment_descriptors`): the K tail reads
+    zeros from TMA, not the next operand's columns, so no tile needs masking in registers."""
     for k in tl.range(0, tl.cdiv(K_seg, BLOCK_K), num_stages=NUM_STAGES):
-        w = w_desc.load([n0, k_start + k * BLOCK_K])
-        if not EVEN_K:
-            w = tl.where(offs_k[None, :] < K_seg - k * BLOCK_K, w, 0.0)
+        w = w_desc.load([n0, k * BLOCK_K])
         x_hi = xhi_desc.load([m0, k * BLOCK_K])
         x_lo = xlo_desc.load([m0, k * BLOCK_K])
         acc, small = dot_3xtf32(w, x_hi.T, x_lo.T, acc, small, seed, PTX)
@@ -76,9 +87,9 @@ def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, k_start, 
 
 @triton.jit
 def _cat_gemm_tanh_presplit_kernel(
-        w_desc, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, out_ptr, M, N, K0, K1, K2, K3, stride_om, stride_on,
+        w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, out_ptr, M, N, K0, K1, K2, K3, stride_om, stride_on,
         NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr, NUM_STAGES: tl.constexpr,
-        EVEN_K: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """fp32 "highest" for small batches, computed as out^T = W x^T: W, by far the larger
     operand, is the MMA's A operand and is split into TF32 head and remainder in registers;
@@ -92,24 +103,105 @@ def _cat_gemm_tanh_presplit_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     small = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     seed = opaque_zeros(acc, K0 + K1 + K2 + K3)  # not N: Triton specializes an int arg equal to 1
-    acc, small = _wxt_segment(acc, small, seed, w_desc, h0, l0, m0, n0, 0, K0, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
+    acc, small = _wxt_segment(acc, small, seed, w0, h0, l0, m0, n0, K0, NUM_STAGES, BLOCK_K, PTX)
     if NUM_SEGMENTS > 1:
-        acc, small = _wxt_segment(acc, small, seed, w_desc, h1, l1, m0, n0, K0, K1, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
+        acc, small = _wxt_segment(acc, small, seed, w1, h1, l1, m0, n0, K1, NUM_STAGES, BLOCK_K, PTX)
     if NUM_SEGMENTS > 2:
-        acc, small = _wxt_segment(acc, small, seed, w_desc, h2, l2, m0, n0, K0 + K1, K2, NUM_STAGES, EVEN_K, BLOCK_K, PTX)
+        acc, small = _wxt_segment(acc, small, seed, w2, h2, l2, m0, n0, K2, NUM_STAGES, BLOCK_K, PTX)
     if NUM_SEGMENTS > 3:
-        acc, small = _wxt_segment(acc, small, seed, w_desc, h3, l3, m0, n0, K0 + K1 + K2, K3, NUM_STAGES, EVEN_K,
-                                  BLOCK_K, PTX)
-    acc = finish_3xtf32(acc, small)
+        acc, small = _wxt_segment(acc, small, seed, w3, h3, l3, m0, n0, K3, NUM_STAGES, BLOCK_K, PTX)
+    _store_cell_tile(finish_3xtf32(acc, small), b_ptr, out_ptr, n0 + tl.arange(0, BLOCK_N),
+                     m0 + tl.arange(0, BLOCK_M), M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
+
+
+@triton.jit
+def _wxt_split_segment(acc, w_desc, x_desc, m0, n0, K_seg, split, PRECISION: tl.constexpr,
+                       NUM_STAGES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (out^T tile) += W_seg[n0:, blocks] @ x_seg[m0:, blocks]^T over this split's share
+    of the segment's K blocks (W_seg: the segment's columns of W, as in `_wxt_segment`)."""
+    num_k = tl.cdiv(K_seg, BLOCK_K)
+    for k in tl.range(split * num_k // SPLIT_K, (split + 1) * num_k // SPLIT_K, num_stages=NUM_STAGES):
+        w = w_desc.load([n0, k * BLOCK_K])
+        x = x_desc.load([m0, k * BLOCK_K])
+        acc = tl.dot(w, x.T, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _cat_gemm_tanh_wxt_kernel(
+        w0, w1, w2, w3, x0, x1, x2, x3, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K0, K1, K2, K3, stride_om,
+        stride_on, NUM_SEGMENTS: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_TANH: tl.constexpr,
+        PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Small batches (the cell's M is 8..256 while K and N are large) at TF32/fp16/bf16: the
+    GEMM is bound by reading W once from HBM. Computed as out^T = W x^T so W is the MMA's A
+    operand, both brought in by TMA; a tile spans the batch, so W tiles are read once.
+    SPLIT_K > 1: the K blocks of every segment are shared among SPLIT_K programs per tile
+    (N / BLOCK_N tiles alone would leave multiprocessors idle); each stores its fp32 partial,
+    and the last to arrive at the tile's counter sums the partials in split order (the
+    result does not depend on which program finishes last) and applies bias and tanh."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    tiles = num_m * tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0) % tiles
+    split = tl.program_id(0) // tiles
+    m0 = (tile % num_m) * BLOCK_M
+    n0 = (tile // num_m) * BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = _wxt_split_segment(acc, w0, x0, m0, n0, K0, split, PRECISION, NUM_STAGES, SPLIT_K, BLOCK_K)
+    if NUM_SEGMENTS > 1:
+        acc = _wxt_split_segment(acc, w1, x1, m0, n0, K1, split, PRECISION, NUM_STAGES, SPLIT_K, BLOCK_K)
+    if NUM_SEGMENTS > 2:
+        acc = _wxt_split_segment(acc, w2, x2, m0, n0, K2, split, PRECISION, NUM_STAGES, SPLIT_K, BLOCK_K)
+    if NUM_SEGMENTS > 3:
+        acc = _wxt_split_segment(acc, w3, x3, m0, n0, K3, split, PRECISION, NUM_STAGES, SPLIT_K, BLOCK_K)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    n_ok = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    if APPLY_TANH:
-        acc = tanh(acc)
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc,
-             mask=n_ok[:, None] & (offs_m[None, :] < M))
+    if SPLIT_K == 1:
+        _store_cell_tile(acc, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
+    else:
+        # partials: (SPLIT_K, tiles, BLOCK_N, BLOCK_M) fp32, one dense block per program
+        block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tile_size = BLOCK_N * BLOCK_M
+        tl.store(part_ptr + (split * tiles + tile).to(tl.int64) * tile_size + block, acc)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + (s * tiles + tile).to(tl.int64) * tile_size + block, cache_modifier=".cg")
+            _store_cell_tile(total, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
+
+
+def _segment_descriptors(weight, widths, rows, cols):
+    """TMA descriptors of each cat operand's column range of W (its start must be 16-byte
+    aligned), padded to MAX_SEGMENTS with the first (never read)."""
+    descs, start = [], 0
+    for width in widths:
+        descs.append(descriptor(weight[:, start:start + width], rows, cols))
+        start += width
+    return descs + descs[:1] * (MAX_SEGMENTS - len(widths))
+
+
+def _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh=True):
+    """out = tanh(cat(xs) W^T + b) by `_cat_gemm_tanh_wxt_kernel` (all of W and xs TMA-ready)."""
+    M, N = out.shape
+    BM, BN, BK, split_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
+    descs = [descriptor(x, BM, BK) for x in xs]
+    descs += descs[:1] * (MAX_SEGMENTS - len(xs))
+    widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    if split_k > 1:
+        partials = torch.empty((split_k, tiles, BN, BM), device=out.device, dtype=torch.float32)
+        counters = torch.zeros(tiles, device=out.device, dtype=torch.int32)
+    else:
+        partials = counters = out
+    meta = {k: v for k, v in config.items() if k not in ("TMA", "WXT")}
+    _cat_gemm_tanh_wxt_kernel[(tiles * split_k,)](
+        *_segment_descriptors(weight, widths[:len(xs)], BN, BK), *descs, bias if bias is not None else weight, out,
+        partials, counters, M, N, *widths, out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs),
+        HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, PRECISION=precision, NUM_STAGES=config["num_stages"],
+        **meta)
+    return out
 
 
 def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
@@ -123,14 +215,15 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
     meta = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
     _cat_gemm_tanh_presplit_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
-        descriptor(weight, BN, BK), *descs, bias if bias is not None else weight, out, M, N, *widths,
-        out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh,
-        NUM_STAGES=config["num_stages"], EVEN_K=all(w % BK == 0 for w in widths), PTX=ptx_cvt(weight), **meta)
+        *_segment_descriptors(weight, widths[:len(xs)], BN, BK), *descs, bias if bias is not None else weight, out,
+        M, N, *widths, out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh,
+        NUM_STAGES=config["num_stages"], PTX=ptx_cvt(weight), **meta)
     return out
 
 
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,
-                            finish_3xtf32, opaque_zeros)
+                            finish_3xtf32, opaque_zeros, _cat_gemm_tanh_wxt_kernel, _wxt_split_segment,
+                            _store_cell_tile, _segment_descriptors)
 
 
 def _unfused(xs, weight, bias):
@@ -148,13 +241,19 @@ def runner(xs, weight, bias, precision, out, apply_tanh=True):
     widths = [t.shape[1] for t in xs] + [0] * (MAX_SEGMENTS - len(xs))
     strides = [s for t in segs for s in t.stride()]
     # TMA reads W from 16-byte aligned columns: every cat operand but the last must start there
-    presplit_ok = tma_ready(weight) and all(w % 4 == 0 for w in widths[:len(xs) - 1])
+    starts_aligned = all(w * weight.element_size() % 16 == 0 for w in widths[:len(xs) - 1])
+    presplit_ok = tma_ready(weight) and starts_aligned
+    wxt_ok = presplit_ok and all(tma_ready(x) for x in xs)
 
     def run_fused(config):
         if config.get("PRESPLIT"):
             if precision == "tf32x3" and presplit_ok:
                 return _launch_presplit(xs, weight, bias, out, config, apply_tanh)
             config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
+        if config.get("WXT"):
+            if precision != "tf32x3" and wxt_ok:
+                return _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh)
+            config = {k: v for k, v in config.items() if k not in ("TMA", "WXT", "SPLIT_K")}
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         _cat_gemm_tanh_kernel[grid](
             *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
@@ -199,9 +298,10 @@ def linear_forward(x, weight, bias, precision, autotune_on=True, budget=30.0):
 
 
 def _space(profile, dtype, precision):
-    """The GEMM space without the TMA tiles, which only the pre-split 3xTF32 kernel uses."""
+    """The GEMM space without the eval kernel's TMA tiles: the cell takes the pre-split 3xTF32
+    tiles and the W x^T tiles (WXT)."""
     return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)
-            if not c.get("TMA") or c.get("PRESPLIT")]
+            if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
 
 
 def _fake(xs, weight, bias, precision, autotune_on, budget):

@@ -2,11 +2,13 @@
 
 Keeping the hidden tile on chip and fusing h2o into the cell kernel only pays when the
 hidden state of the batch fits on chip; at the KernelBench size (B 256, H 16384: 16 MB) it
-does not, and h2o is one more GEMM. What can win is the GEMM itself: at fp32 "highest" the
-cell's pre-split 3xTF32 kernel (patterns/cat_linear_tanh.py, run without tanh) against the
-cuBLAS fp32 GEMM eager and Inductor use (H100, 256x16384->8192: 0.67 ms vs 1.41 ms,
-benchmarks/presplit_3xtf32.py). At other precisions cuBLAS runs it at the GEMM floor, so the
-site is left alone; on a GPU the tuner also re-times the fused choice against cuBLAS.
+does not, and h2o is one more GEMM. What can win is the GEMM itself, with the cell's kernels
+run without tanh (patterns/cat_linear_tanh.py): at fp32 "highest" the pre-split 3xTF32 kernel
+against the cuBLAS fp32 GEMM eager and Inductor use (H100, 256x16384->8192: 0.67 ms vs 1.41 ms,
+benchmarks/presplit_3xtf32.py), at TF32/bf16 the W x^T tiles with split-K against a GEMM that
+only has to read W (benchmarks/cell_wxt.py). The tuner times the fused choice against cuBLAS
+at compile time and leaves the site to Inductor when cuBLAS wins; profiles without those
+kernels leave it alone.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
 from ._common import define_op, hint, mutated_in_graph, tensor_problem, tuned_unfused_reason
+from .cat_linear_tanh import _space as cell_space
 from .cat_linear_tanh import cat_linear_tanh, linear_forward
 
 NAME = "cell_h2o"
@@ -65,13 +68,17 @@ class CellH2O(Pattern):
         return _Match(node)
 
     def check(self, m: _Match, ctx) -> Optional[str]:
-        out_val = example_value(m.linear)
-        if out_val is None or out_val.dtype != torch.float32 or example_value(m.hidden).dtype != torch.float32:
-            return "h2o is not an fp32 Linear: cuBLAS runs fp16/bf16 at the GEMM floor; left to Inductor"
-        precision = ctx.dot_precision(torch.float32)
-        if precision != "tf32x3":
-            return (f"fp32 dot precision is {precision!r} here: only 3xTF32 (fp32 'highest' on tensor-core GPUs) "
-                    "has a kernel faster than cuBLAS for a plain Linear; left to Inductor")
+        out_val, hidden_val = example_value(m.linear), example_value(m.hidden)
+        params = [example_value(n) for n in (m.weight, m.bias) if isinstance(n, fx.Node)]
+        if out_val is None or any(v is None or v.dtype != hidden_val.dtype for v in [out_val] + params):
+            return "h2o's weights or output differ in dtype from the hidden state (autocast): left to Inductor"
+        dtype = out_val.dtype
+        precision = ctx.dot_precision(dtype)
+        # 3xTF32 on tensor cores against cuBLAS's fp32 FMA GEMM; else only the W x^T tiles
+        if precision != "tf32x3" and not any(c.get("WXT") for c in cell_space(ctx.profile, dtype, precision)):
+            return (f"profile {ctx.profile.name} has no kernel for a plain Linear that can beat cuBLAS at "
+                    f"{str(dtype).replace('torch.', '')} / {precision!r} (3xTF32 at fp32 'highest', or the "
+                    "W x^T tiles of Hopper-class GPUs): left to Inductor")
         problem = tensor_problem([m.weight, m.bias], device=ctx.device, profile=ctx.profile)
         if problem:
             return problem
@@ -88,9 +95,10 @@ class CellH2O(Pattern):
     def _site(m: _Match, ctx) -> dict:
         M, K = (hint(s) for s in example_value(m.hidden).shape)
         N = hint(example_value(m.weight).shape[0])
-        precision = ctx.dot_precision(torch.float32)
-        return {"shape": f"{M}x{K}->{N}", "dtype": "float32", "precision": precision,
-                "key": autotune.make_key(NAME, ctx.profile.name, torch.float32, precision, M, K=str(K), N=N)}
+        dtype = example_value(m.linear).dtype
+        precision = ctx.dot_precision(dtype)
+        return {"shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
+                "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K=str(K), N=N)}
 
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph

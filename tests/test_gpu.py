@@ -121,8 +121,15 @@ def test_cat_linear_tanh_gpu(B, I, H, O, dtype, precision):
         out, new_h = torch.compile(m, backend="fusedtriton", options=NO_TUNE)(x, h)
         _, eager_h = m(x, h)
     assert fusion_backend.counters["cat_linear_tanh"] == 1
-    # h2o runs in the pre-split 3xTF32 kernel family at fp32 "highest", else stays with cuBLAS
-    assert fusion_backend.counters["cell_h2o"] == (dtype == torch.float32 and precision == "highest")
+    # h2o runs in the cell's kernels at 3xTF32 and where the profile has the W x^T tiles
+    # (TF32/fp16/bf16); untuned here, so the fusing is not left to a timing
+    import patterns.cat_linear_tanh as clt
+    from fusion_backend import devices
+
+    profile = devices.device_profile(torch.device("cuda"))
+    dot = profile.dot_precision(dtype, precision)
+    has_kernel = dot == "tf32x3" or any(c.get("WXT") for c in clt._space(profile, dtype, dot))
+    assert fusion_backend.counters["cell_h2o"] == has_kernel
     err, eager_err = rel_err(new_h, ref_h), rel_err(eager_h, ref_h)
     assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
     ref_out = F.linear(ref_h, sd["h2o.weight"], sd["h2o.bias"])
@@ -258,7 +265,7 @@ def test_tma_eval_kernel_gpu(M, K, N, dtype, precision):
     torch.manual_seed(M + K)
     profile = devices.device_profile(torch.device("cuda"))
     configs = [c for c in config_spaces.for_dtype(config_spaces.space_for(profile, config_spaces.GEMM), dtype)
-               if c.get("TMA")]
+               if c.get("TMA") and not c.get("WXT")]  # WXT: the cell's kernel (test_wxt_cell_kernel_gpu)
     if not configs:
         pytest.skip(f"no TMA configs for {dtype} on profile {profile.name} ({profile.arch})")
     x = (torch.randn(M, K, device="cuda") * 2).to(dtype)
@@ -334,3 +341,37 @@ def test_presplit_eval_kernel_nan_inf_gpu():
         assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf()), config
         assert rel_err(out[finite], ref[finite]) <= allowed_error(
             torch.float32, "highest", rel_err(eager[finite], ref[finite])), config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tf32", "bf16"])
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["cell", "h2o"])
+@pytest.mark.parametrize("M,widths,N", [(256, (4096, 4096), 4096), (37, (100, 76), 75), (1, (64, 40), 33)])
+def test_wxt_cell_kernel_gpu(M, widths, N, apply_tanh, dtype):
+    """Each W x^T config of the cell kernel (TF32 / bf16, split-K) against fp64, with an inf
+    and a NaN in the batch: eager's non-finite positions, the rest within the class."""
+    import patterns.cat_linear_tanh as clt
+    from fusion_backend import devices
+    from patterns._common import kernel_kwargs
+
+    profile = devices.device_profile(torch.device("cuda"))
+    precision = profile.dot_precision(dtype, "high")
+    configs = [c for c in clt._space(profile, dtype, precision) if c.get("WXT")]
+    if not configs:
+        pytest.skip(f"no W x^T configs on profile {profile.name} ({profile.arch})")
+    torch.manual_seed(M + N)
+    xs = [(torch.randn(M, w, device="cuda") * 2).to(dtype) for w in widths]
+    if M > 1:
+        xs[0][M // 2, 3], xs[1][M - 1, 5] = float("inf"), float("nan")
+    K = sum(widths)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda").to(dtype)
+    y64 = F.linear(torch.cat(xs, 1).double(), w.double(), b.double())
+    with torch.no_grad():
+        y = F.linear(torch.cat(xs, 1), w, b)
+    ref, eager = (torch.tanh(y64), torch.tanh(y)) if apply_tanh else (y64, y)
+    finite = torch.isfinite(eager)
+    for config in configs:
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        clt.runner(xs, w, b, precision, out, apply_tanh)(kernel_kwargs(config, profile))
+        assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf()), config
+        assert rel_err(out[finite], ref[finite]) <= allowed_error(dtype, "high"), config
