@@ -375,3 +375,81 @@ def test_wxt_cell_kernel_gpu(M, widths, N, apply_tanh, dtype):
         clt.runner(xs, w, b, precision, out, apply_tanh)(kernel_kwargs(config, profile))
         assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf()), config
         assert rel_err(out[finite], ref[finite]) <= allowed_error(dtype, "high"), config
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_rnn_sequence_gpu_bptt(precision):
+    """Gradients through the fused sequence (the recurrence's BPTT) on the GPU, against eager
+    and fp64, at the issue's widths over 24 steps."""
+    import copy
+
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(7)
+    model = UnrolledRNN(1024, 256, 128).cuda()
+    eager, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    xs, h0 = torch.randn(24, 8, 1024, device="cuda"), torch.randn(8, 256, device="cuda")
+    out, h = torch.compile(model, backend="fusedtriton", options=NO_TUNE)(xs, h0)
+    assert fusion_backend.counters["rnn_sequence"] == 1
+    e_out, e_h = eager(xs, h0)
+    r_out, r_h = model64(xs.double(), h0.double())
+    (out.square().sum() + h.sum()).backward()
+    (e_out.square().sum() + e_h.sum()).backward()
+    (r_out.square().sum() + r_h.sum()).backward()
+    assert rel_err(out, r_out) <= allowed_error(torch.float32, precision, rel_err(e_out, r_out))
+    for (name, p), (_, q), (_, r) in zip(model.named_parameters(), eager.named_parameters(),
+                                         model64.named_parameters()):
+        assert rel_err(p.grad, r.grad) <= allowed_error(torch.float32, precision, rel_err(q.grad, r.grad)), name
+
+
+class _BlockThenCell(torch.nn.Module):
+    """An MLP block feeding an RNN cell: one site of each pattern."""
+
+    def __init__(self, k=257, n=192, h=96):
+        super().__init__()
+        self.block = MLPBlock(k, n)
+        self.i2h = torch.nn.Linear(n + h, h)
+
+    def forward(self, x, h):
+        return torch.tanh(self.i2h(torch.cat((self.block(x), h), 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_autocast_gpu(dtype, train):
+    """Under CUDA autocast both sites compute in the autocast dtype from fp32 parameters, as
+    eager does: outputs in that dtype within its class of fp64, fp32 gradients of the
+    parameters, running statistics (train) as eager's."""
+    import copy
+
+    torch.manual_seed(41)
+    model = _BlockThenCell().cuda().train(train)
+    with torch.no_grad():
+        model.block.batch_norm.running_mean.normal_(0, 0.5)
+        model.block.batch_norm.running_var.uniform_(0.5, 2.0)
+        model.block.batch_norm.weight.uniform_(0.5, 1.5)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, h = torch.randn(300, 257, device="cuda"), torch.randn(300, 96, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out = torch.compile(model, backend="fusedtriton", options=NO_TUNE)(x, h)
+        e = eager(x, h)
+    r = ref(x.double(), h.double())
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1 and fusion_backend.counters["cat_linear_tanh"] == 1
+    assert out.dtype == e.dtype == dtype
+    assert rel_err(out, r) <= allowed_error(dtype)
+    out.float().square().sum().backward()
+    e.float().square().sum().backward()
+    r.square().sum().backward()
+    for (name, p), (_, q), (_, p64) in zip(model.named_parameters(), eager.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        if train and name == "block.gemm.bias":
+            # exactly zero in front of a training-mode BatchNorm: eager's and ours are rounding
+            # noise, so compare sizes (a wrong BatchNorm backward gives a gradient of O(1))
+            assert p.grad.norm() <= 4 * q.grad.norm() + 1e-6, (name, p.grad.norm().item(), q.grad.norm().item())
+            continue
+        err, eager_err = rel_err(p.grad, p64.grad), rel_err(q.grad, p64.grad)
+        assert err <= max(allowed_error(dtype), 2 * eager_err), (name, err, eager_err)
+    if train:
+        for (name, b_ours), (_, b_eager) in zip(model.named_buffers(), eager.named_buffers()):
+            assert b_ours.dtype == b_eager.dtype, name
+            torch.testing.assert_close(b_ours.float(), b_eager.float(), rtol=2e-3, atol=1e-3,
+                                       msg=lambda m, name=name: f"{name}: {m}")
