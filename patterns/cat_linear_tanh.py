@@ -283,7 +283,7 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
 
     key = autotune.make_key(name, profile.name, x0.dtype, precision, M, K="+".join(str(t.shape[1]) for t in xs), N=N)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
-                  space=lambda: _space(profile, x0.dtype, precision), m=M,
+                  space=lambda: cell_space(profile, x0.dtype, precision), m=M,
                   run_fused=runner(xs, weight, bias, precision, out, apply_tanh),
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
 
@@ -297,7 +297,7 @@ def linear_forward(x, weight, bias, precision, autotune_on=True, budget=30.0):
     return _forward([x], weight, bias, precision, autotune_on, budget, False, "cell_h2o")
 
 
-def _space(profile, dtype, precision):
+def cell_space(profile, dtype, precision):
     """The GEMM space without the eval kernel's TMA tiles: the cell takes the pre-split 3xTF32
     tiles and the W x^T tiles (WXT)."""
     return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)

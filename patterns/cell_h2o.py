@@ -22,8 +22,7 @@ from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
 from ._common import define_op, hint, mutated_in_graph, tensor_problem, tuned_unfused_reason
-from .cat_linear_tanh import _space as cell_space
-from .cat_linear_tanh import cat_linear_tanh, linear_forward
+from .cat_linear_tanh import cat_linear_tanh, cell_space, linear_forward
 
 NAME = "cell_h2o"
 

@@ -290,7 +290,7 @@ def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
     return out
 
 
-def _eval_space(profile, dtype, precision):
+def eval_space(profile, dtype, precision):
     """The GEMM space without the cell's W x^T tiles (a different kernel layout)."""
     return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
 
@@ -309,7 +309,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
         return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)
 
     key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=lambda: _eval_space(profile, x.dtype, precision), m=M,
+    return launch(key, ctx_args=ctx_args, space=lambda: eval_space(profile, x.dtype, precision), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
                   run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                                    eps, approximate))

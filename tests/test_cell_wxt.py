@@ -120,9 +120,9 @@ def test_wxt_configs_are_in_the_cell_space_only():
     import patterns.linear_bn_gelu_relu as lbgr
 
     profile = profile_named("h100-sxm")
-    assert any(c.get("WXT") for c in clt._space(profile, torch.float32, "tf32"))
-    assert not any(c.get("WXT") for c in clt._space(profile, torch.float32, "tf32x3"))
-    assert not any(c.get("WXT") for c in lbgr._eval_space(profile, torch.float32, "tf32"))
+    assert any(c.get("WXT") for c in clt.cell_space(profile, torch.float32, "tf32"))
+    assert not any(c.get("WXT") for c in clt.cell_space(profile, torch.float32, "tf32x3"))
+    assert not any(c.get("WXT") for c in lbgr.eval_space(profile, torch.float32, "tf32"))
 
 
 @pytest.mark.parametrize("split_k", [1, 2])

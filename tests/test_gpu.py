@@ -128,7 +128,7 @@ def test_cat_linear_tanh_gpu(B, I, H, O, dtype, precision):
 
     profile = devices.device_profile(torch.device("cuda"))
     dot = profile.dot_precision(dtype, precision)
-    has_kernel = dot == "tf32x3" or any(c.get("WXT") for c in clt._space(profile, dtype, dot))
+    has_kernel = dot == "tf32x3" or any(c.get("WXT") for c in clt.cell_space(profile, dtype, dot))
     assert fusion_backend.counters["cell_h2o"] == has_kernel
     err, eager_err = rel_err(new_h, ref_h), rel_err(eager_h, ref_h)
     assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
@@ -299,7 +299,7 @@ def test_presplit_cell_kernel_gpu(M, widths, N, apply_tanh):
     import patterns.cat_linear_tanh as clt
     from patterns._common import kernel_kwargs
 
-    profile, configs = _presplit_configs(lambda p: clt._space(p, torch.float32, "tf32x3"))
+    profile, configs = _presplit_configs(lambda p: clt.cell_space(p, torch.float32, "tf32x3"))
     torch.set_float32_matmul_precision("highest")
     torch.manual_seed(M + N)
     xs = [torch.randn(M, w, device="cuda") * 2 for w in widths]
@@ -355,7 +355,7 @@ def test_wxt_cell_kernel_gpu(M, widths, N, apply_tanh, dtype):
 
     profile = devices.device_profile(torch.device("cuda"))
     precision = profile.dot_precision(dtype, "high")
-    configs = [c for c in clt._space(profile, dtype, precision) if c.get("WXT")]
+    configs = [c for c in clt.cell_space(profile, dtype, precision) if c.get("WXT")]
     if not configs:
         pytest.skip(f"no W x^T configs on profile {profile.name} ({profile.arch})")
     torch.manual_seed(M + N)

@@ -167,6 +167,24 @@ def test_cell_h2o_left_to_inductor_without_3xtf32():
     assert [s.pattern for s in report.fused] == ["cat_linear_tanh"]
 
 
+def test_cell_h2o_under_autocast_left_to_inductor(tf32x3_profile):
+    """Under autocast the cell computes in fp16 and h2o's fp32 weights are cast by autocast:
+    h2o is left to Inductor with that reason, and the outputs are eager's within fp16's class."""
+    torch.manual_seed(8)
+    model = RNNCell()
+    eager = copy.deepcopy(model)
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        report = fusion_backend.explain(model, x, h)
+        torch._dynamo.reset()
+        out, hidden = compile_(model)(x, h)
+        e_out, e_hidden = eager(x, h)
+    sites = [s for s in report.skipped if s.pattern == "cell_h2o"]
+    assert len(sites) == 1 and "differ in dtype from the hidden state" in sites[0].reason, str(report)
+    assert out.dtype == e_out.dtype == torch.float16
+    assert rel_err(out, e_out) <= tolerance(torch.float16) and rel_err(hidden, e_hidden) <= tolerance(torch.float16)
+
+
 # ----------------------------------------------------------------------------- compiled for Hopper
 
 _COMPILE_FOR_HOPPER = """
