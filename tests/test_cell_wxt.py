@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import patterns.cat_linear_tanh as clt
 from fusion_backend import config_spaces, devices
+from patterns._common import kernel_kwargs
 from conftest import profile_named
 from tolerances import rel_err, tolerance
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
 
 
 def tiles(split_k, bm=16, bn=16, bk=16):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=1, num_stages=2, SPLIT_K=split_k,
-                **config_spaces.WXT)
+    """A small WXT config as the launchers get it (`kernel_kwargs`: no dtypes/precisions keys)."""
+    return kernel_kwargs(config_spaces._w(bm, bn, bk, 1, 2, split_k), devices.INTERPRETER)
 
 
 def aligned(rows, cols, dtype=torch.float32, scale=1.0):
