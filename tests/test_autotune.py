@@ -127,6 +127,42 @@ def test_confirmation_rounds_are_interleaved_and_decide(tmp_cache):
     assert choice.config is SPACE[2], choice.describe()
 
 
+def test_close_configs_go_to_an_interleaved_runoff(tmp_cache):
+    """Each config is timed once in the search; those within RUNOFF_SPREAD of the best are
+    timed again with the unfused path, interleaved, and the re-timings pick the winner. Here
+    config 1 wins the search by 3% but config 0 is faster in every re-timing; config 2 (6%
+    off) and the rest are not re-timed."""
+    assert autotune.RUNOFF_SPREAD == 1.05 and autotune.RUNOFF_MAX >= 2
+    search = {0: 1.03, 1: 1.0, 2: 1.06}
+    calls = []
+
+    def run_fused(config):
+        i = SPACE.index(config)
+        calls.append(i)
+        if len(calls) <= len(SPACE) + 1:  # the search (after the unfused path)
+            return search.get(i, 2.0 + i)
+        return {0: 0.95, 1: 1.01}[i]  # the re-timings: only configs 0 and 1 get here
+
+    choice = choose(Tuner(timer=stub_timer), run_fused=run_fused, run_unfused=lambda: calls.append("u") or 5.0)
+    assert choice.config is SPACE[0] and choice.fused_ms == 0.95, choice.describe()
+    assert calls[len(SPACE) + 1:] == ["u", 1, 0] * autotune.CONFIRM_ROUNDS  # fastest first, then the rest
+    assert autotune.stats["benchmarked"] == len(SPACE) + 1 + 3 * autotune.CONFIRM_ROUNDS
+
+
+def test_runoff_without_an_unfused_path(tmp_cache):
+    """No unfused path to compare with: close configs are still re-timed, and decide."""
+    retimed = {0: 0.9, 1: 1.2}
+    seen = []
+
+    def run_fused(config):
+        i = SPACE.index(config)
+        seen.append(i)
+        return (1.02 if i == 0 else 1.0 if i == 1 else 3.0) if len(seen) <= len(SPACE) else retimed[i]
+
+    choice = choose(Tuner(timer=stub_timer), run_fused=run_fused, run_unfused=None)
+    assert choice.config is SPACE[0] and choice.unfused_ms is None
+
+
 def test_failing_candidates_are_not_chosen(tmp_cache):
     def run_fused(config):
         if SPACE.index(config) in (0, 2):
@@ -354,7 +390,7 @@ def test_concurrent_writers_keep_every_key(tmp_cache):
     with open(_cache_path()) as f:
         data = json.load(f)
     assert data["schema"] == 1
-    rule = f"|rule=margin{autotune.FUSED_MARGIN}x{autotune.CONFIRM_ROUNDS}"
+    rule = f"|rule={autotune.rule()}"
     expected = {make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=w, N=j) + "|src=src1" + rule
                 for w in range(workers) for j in range(n_keys)}
     assert set(data["entries"]) == expected
