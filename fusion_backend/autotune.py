@@ -200,7 +200,9 @@ class Tuner:
 
         if profile.name == "interpreter":  # the interpreter cannot benchmark: one fixed config
             return self.record(key, Choice(space[0], "fixed"))
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        # no capture can be under way where CUDA is not initialized (asking would initialize it,
+        # which fails in a process forked from one that uses CUDA)
+        capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
         if not autotune or len(space) == 1 and run_unfused is None or capturing:
             choice = Choice(config_spaces.heuristic_pick(space, m), "heuristic")
             # inside a CUDA graph capture nothing may be timed; do not pin the key
