@@ -35,7 +35,8 @@ def name_of(c):
 def sweep(rows, tag, run_for, out, ref, configs, profile):
     for config in configs:
         run, kwargs = run_for(), kernel_kwargs(config, profile)
-        name = "pre-split " + name_of(config) + ("" if config in EXTRA else " (space)")
+        name = ("gluon " if config.get("GLUON") else "pre-split ") + name_of(config) + (
+            "" if config in EXTRA else " (space)")
         try_variant(rows, tag, name, lambda: run(kwargs), out, ref)
 
 
@@ -60,7 +61,8 @@ def main():
     run(tf32x3)
     rows.append((tag, "in-kernel tf32x3, TMA 128x64x32 w4 s4", bench(lambda: run(tf32x3)), rel_err(out, ref)))
     rows.append((tag, "split pass over W (included below)", bench(lambda: tf32_split(w)), float("nan")))
-    sweep(rows, tag, lambda: lbgr.eval_runner(*args, "tf32x3", out), out, ref, configs, profile)
+    sweep(rows, tag, lambda: lbgr.eval_runner(*args, "tf32x3", out), out, ref,
+          [c for c in configs if not c.get("GLUON")], profile)  # GLUON: the cell's kernel only
 
     for tag, (M, widths, N, act) in {"cell i2h 256x(16384+16384)->16384 +tanh": (256, (16384, 16384), 16384, True),
                                      "h2o 256x16384->8192": (256, (16384,), 8192, False)}.items():

@@ -29,6 +29,11 @@ HALF = ("float16", "bfloat16")
 PRESPLIT = dict(TMA=True, PRESPLIT=True, dtypes=("float32",), precisions=("tf32x3",))
 
 
+# the RNN cell's pre-split 3xTF32 kernel written in Gluon (patterns/_cell_gluon.py): wgmma,
+# so Hopper (sm_90) only; BLOCK_M is the batch tile, BLOCK_N the rows of W
+GLUON = dict(PRESPLIT, GLUON=True)
+
+
 # small batches (RNN cells): out^T = W x^T with TMA tiles spanning the batch (BLOCK_M) and
 # BLOCK_N rows of W, K shared among SPLIT_K programs per tile; TF32/fp16/bf16 (not 3xTF32)
 WXT = dict(TMA=True, WXT=True, precisions=("tf32", "ieee"))
@@ -83,6 +88,13 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(64, 128, 32, 4, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 4, **PRESPLIT),
+            # the cell's kernel with its MMA waits placed by hand (Gluon), H100 (fifth session,
+            # benchmarks/presplit_3xtf32.py; tiles batch x W rows): i2h 2.55 ms at 128x128x32 w8 s3, 2.59 at
+            # 128x64x32 w4 s2, 2.63 at s4 (the tl kernel above: 2.71); h2o 0.62 / 0.65 / 0.64
+            # (0.66); 64-row W tiles with 8 warps, 256-wide batch tiles and BK 16: slower.
+            _g(128, 128, 32, 8, 3, **GLUON),
+            _g(128, 64, 32, 4, 2, **GLUON),
+            _g(128, 64, 32, 4, 4, **GLUON),
             # W x^T for small batches (the RNN cell at TF32/fp16/bf16, bound by reading W).
             # H100 (benchmarks/cell_wxt.py), TF32 i2h 256x(16384+16384)->16384: 256x128x32 s4
             # 0.865 ms (cuBLAS + cat + tanh 0.86, one read of W 0.70); h2o 256x16384->8192:
@@ -246,6 +258,10 @@ def validate(profile, family: str, config: dict) -> List[str]:
                                   and _pow2(config.get("SPLIT_K", 0))):
         problems.append("WXT tiles are TMA=True, a power-of-two SPLIT_K, and not for 3xTF32 (precisions without "
                         "'tf32x3')")
+    if config.get("GLUON") and not (config.get("PRESPLIT") and profile.vendor == "nvidia"
+                                    and profile.arch.rstrip("a") == "sm_90"):
+        problems.append(f"GLUON is the pre-split cell kernel on wgmma: needs PRESPLIT and sm_90, profile arch is "
+                        f"{profile.arch}")
     if config.get("TMA") and not _has_tma(profile):
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)

@@ -204,6 +204,14 @@ def _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh=True):
     return out
 
 
+def _launch_gluon(xs, weight, bias, out, config, apply_tanh=True):
+    """`_launch_presplit`'s kernel written in Gluon (sm_90; raises where Gluon is missing, and
+    the tuner then does not choose it)."""
+    from . import _cell_gluon
+
+    return _cell_gluon.launch(xs, weight, bias, out, config, apply_tanh)
+
+
 def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     """out = tanh(cat(xs) W^T + b) in 3xTF32 with each cat operand split (not concatenated)."""
     M, N = out.shape
@@ -221,9 +229,17 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     return out
 
 
+def _gluon_kernels():
+    try:
+        from . import _cell_gluon
+    except ImportError:  # a Triton without Gluon: those configs fail and are not chosen
+        return ()
+    return _cell_gluon._cell_3xtf32_kernel, _cell_gluon._issue_loads, _cell_gluon._tanh, _cell_gluon.launch
+
+
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,
                             finish_3xtf32, opaque_zeros, _cat_gemm_tanh_wxt_kernel, _wxt_split_segment,
-                            _store_cell_tile, _segment_descriptors)
+                            _store_cell_tile, _segment_descriptors, *_gluon_kernels())
 
 
 def _unfused(xs, weight, bias):
@@ -248,8 +264,10 @@ def runner(xs, weight, bias, precision, out, apply_tanh=True):
     def run_fused(config):
         if config.get("PRESPLIT"):
             if precision == "tf32x3" and presplit_ok:
+                if config.get("GLUON"):
+                    return _launch_gluon(xs, weight, bias, out, config, apply_tanh)
                 return _launch_presplit(xs, weight, bias, out, config, apply_tanh)
-            config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
+            config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT", "GLUON")}
         if config.get("WXT"):
             if precision != "tf32x3" and wxt_ok:
                 return _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh)

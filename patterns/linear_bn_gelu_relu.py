@@ -291,8 +291,9 @@ def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
 
 
 def eval_space(profile, dtype, precision):
-    """The GEMM space without the cell's W x^T tiles (a different kernel layout)."""
-    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
+    """The GEMM space without the cell's own kernels (W x^T tiles, the Gluon cell kernel)."""
+    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)
+            if not (c.get("WXT") or c.get("GLUON"))]
 
 
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,

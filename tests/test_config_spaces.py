@@ -224,6 +224,21 @@ def test_validate_tma_only_on_hopper_class(h100, rtx4090, mi300x):
     assert _has(cs.validate(a100, cs.GEMM, tma), "TMA", "sm_80")
 
 
+def test_gluon_cell_kernel_only_on_sm90(h100):
+    """The Gluon cell kernel issues wgmma: Hopper (sm_90) only, and only as a pre-split
+    3xTF32 config; the H100 space has such tiles, the A100 space and a Blackwell-class
+    profile do not."""
+    gluon = _gemm(**cs.GLUON)
+    assert cs.validate(h100, cs.GEMM, gluon) == []
+    assert any(c.get("GLUON") for c in cs.space_for(h100, cs.GEMM))
+    a100 = from_properties(props_named("a100-sxm"))
+    assert not any(c.get("GLUON") for c in cs.space_for(a100, cs.GEMM))
+    blackwell = from_properties(dict(props_named("h100-sxm"), major=10, minor=0, name="NVIDIA B200"))
+    assert _has(cs.validate(blackwell, cs.GEMM, gluon), "GLUON", "sm_100")
+    assert not any(c.get("GLUON") for c in cs.space_for(blackwell, cs.GEMM))
+    assert _has(cs.validate(h100, cs.GEMM, _gemm(TMA=True, GLUON=True)), "GLUON", "PRESPLIT")
+
+
 def test_validate_recurrence_rules(h100):
     good = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512, K_SPLIT=4,
                 num_warps=4, num_stages=1)

@@ -265,7 +265,7 @@ def test_tma_eval_kernel_gpu(M, K, N, dtype, precision):
     torch.manual_seed(M + K)
     profile = devices.device_profile(torch.device("cuda"))
     configs = [c for c in config_spaces.for_dtype(config_spaces.space_for(profile, config_spaces.GEMM), dtype)
-               if c.get("TMA") and not c.get("WXT")]  # WXT: the cell's kernel (test_wxt_cell_kernel_gpu)
+               if c.get("TMA") and not (c.get("WXT") or c.get("GLUON"))]  # the cell's own kernels: tested below
     if not configs:
         pytest.skip(f"no TMA configs for {dtype} on profile {profile.name} ({profile.arch})")
     x = (torch.randn(M, K, device="cuda") * 2).to(dtype)
@@ -323,7 +323,7 @@ def test_presplit_eval_kernel_nan_inf_gpu():
     from patterns._common import kernel_kwargs, space
 
     profile, configs = _presplit_configs(
-        lambda p: space(p, config_spaces.GEMM, torch.float32, precision="tf32x3"))
+        lambda p: lbgr.eval_space(p, torch.float32, "tf32x3"))
     torch.set_float32_matmul_precision("highest")
     torch.manual_seed(9)
     M, K, N = 1000, 1000, 999
@@ -338,6 +338,36 @@ def test_presplit_eval_kernel_nan_inf_gpu():
     for config in configs:
         out = torch.empty(M, N, device="cuda")
         lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", "tf32x3", out)(kernel_kwargs(config, profile))
+        assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf()), config
+        assert rel_err(out[finite], ref[finite]) <= allowed_error(
+            torch.float32, "highest", rel_err(eager[finite], ref[finite])), config
+
+
+@pytest.mark.parametrize("apply_tanh", [True, False], ids=["cell", "h2o"])
+def test_presplit_cell_kernel_nan_inf_large_gpu(apply_tanh):
+    """inf and NaN in the hidden state, |x| up to 1e4, odd widths (3-way cat) and a non-contiguous
+    operand: the same non-finite positions as eager (cuBLAS fp32), the rest within fp32
+    "highest"'s class, for each pre-split 3xTF32 config of the cell (tl and Gluon kernels)."""
+    import patterns.cat_linear_tanh as clt
+    from patterns._common import kernel_kwargs
+
+    profile, configs = _presplit_configs(lambda p: clt.cell_space(p, torch.float32, "tf32x3"))
+    torch.set_float32_matmul_precision("highest")
+    torch.manual_seed(11)
+    M, widths, N = 131, (300, 260, 52), 517
+    xs = [torch.randn(M, w, device="cuda") * 1e4 for w in widths]
+    xs[1] = torch.randn(widths[1], M, device="cuda").t()  # column-major: split from its strides
+    xs[1][3, 7], xs[1][10, 2] = float("inf"), float("nan")
+    w = torch.randn(N, sum(widths), device="cuda") / sum(widths) ** 0.5
+    b = torch.randn(N, device="cuda")
+    y32 = F.linear(torch.cat(xs, 1), w, b)
+    y64 = F.linear(torch.cat(xs, 1).double(), w.double(), b.double())
+    eager, ref = (torch.tanh(y32), torch.tanh(y64)) if apply_tanh else (y32, y64)
+    finite = torch.isfinite(eager)
+    assert (~finite).any() and finite.any()
+    for config in configs:
+        out = torch.full((M, N), 0.5, device="cuda")
+        clt.runner(xs, w, b, "tf32x3", out, apply_tanh)(kernel_kwargs(config, profile))
         assert torch.equal(out.isnan(), eager.isnan()) and torch.equal(out.isinf(), eager.isinf()), config
         assert rel_err(out[finite], ref[finite]) <= allowed_error(
             torch.float32, "highest", rel_err(eager[finite], ref[finite])), config

@@ -136,6 +136,18 @@ def test_cell_presplit_needs_aligned_operand_starts():
     assert rel_err(out, ref) <= 1e-6
 
 
+def test_cell_gluon_config_falls_back_to_the_pointer_kernel_where_tma_cannot_read():
+    """A Gluon config (sm_90 only; Gluon does not run under the interpreter) on tensors TMA
+    cannot read runs the pointer kernel with the same tiles, without the routing keys."""
+    torch.manual_seed(4)
+    xs = [torch.randn(7, 36), torch.randn(7, 20)]
+    w = padded_weight(19, 56)
+    b = torch.randn(19)
+    out = torch.full((7, 19), float("nan"))
+    clt.runner(xs, w, b, "tf32x3", out)(dict(TILES, GLUON=True))
+    assert rel_err(out, torch.tanh(F.linear(torch.cat(xs, 1).double(), w.double(), b.double()))) <= 1e-6
+
+
 # ----------------------------------------------------------------------------- pattern cell_h2o
 
 @pytest.fixture
@@ -221,6 +233,56 @@ def compile_for_hopper(kernel, sig, const):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+_COMPILE_GLUON_FOR_HOPPER = """
+import json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+try:
+    from triton.experimental.gluon._runtime import GluonASTSource
+except ImportError:
+    from triton.experimental.gluon import GluonASTSource
+import patterns._cell_gluon as cg
+
+BM, BN, BK, stages, warps, segments = json.loads(sys.argv[1])
+w_desc, x_desc = cg._descriptor(torch.empty(1024, 512), BN, BK), cg._descriptor(torch.empty(256, 512), BM, BK)
+mangle = lambda d: f"tensordesc<fp32[{','.join(map(str, d.block_shape))}],{d.layout!r}>"
+sig = {**{f"w{i}": mangle(w_desc) for i in range(4)}, **{f"{p}{i}": mangle(x_desc) for i in range(4) for p in "hl"},
+       "b_ptr": "*fp32", "out_ptr": "*fp32",
+       **{n: "i32" for n in ("M", "N", "K0", "K1", "K2", "K3", "stride_om", "stride_on")}}
+const = dict(NUM_SEGMENTS=segments, HAS_BIAS=True, APPLY_TANH=True, NUM_STAGES=stages, num_warps=warps)
+sig.update({k: "constexpr" for k in const})
+compiled = triton.compile(GluonASTSource(cg._cell_3xtf32_kernel, sig, const, {}), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "default_dot_input_precision": "tf32"})
+print(json.dumps(compiled.asm["ptx"]))
+"""
+
+
+@pytest.mark.parametrize("tiles", [(128, 128, 32, 3, 8, 2), (128, 64, 32, 2, 4, 1), (128, 64, 32, 4, 4, 4)])
+def test_gluon_cell_kernel_waits_for_the_head_product_only(tiles):
+    """The Gluon cell kernel (GPU-only: compiled here for sm_90 by Triton's own compiler) issues
+    the three products of a K step as MMAs (BLOCK_K / 8 instructions each) with TF32 inputs and
+    a round-to-nearest split, and in its loop waits only until at most the two remainder MMAs
+    are in flight (`wait_group 2`); the one full wait is after the loop."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _COMPILE_GLUON_FOR_HOPPER, json.dumps(tiles)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    block_k = tiles[2]
+    assert ptx.count("wgmma.mma_async") == 3 * block_k // 8
+    assert all(".tf32.tf32" in line for line in ptx.splitlines() if "wgmma.mma_async" in line)
+    assert ptx.count("cvt.rna.tf32.f32") > 0
+    waits = [line.split("aligned")[1].strip(" ;") for line in ptx.splitlines() if "wgmma.wait_group" in line]
+    assert waits == ["2", "0"], waits
 
 
 @pytest.mark.parametrize("kernel", ["eval", "cell"])

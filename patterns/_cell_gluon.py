@@ -1,0 +1,193 @@
+"""The RNN cell's fp32 "highest" kernel (3xTF32, out^T = W x^T) in Gluon, for Hopper (sm_90).
+
+Same math as `cat_linear_tanh._cat_gemm_tanh_presplit_kernel` (W split in registers, the cat
+operands pre-split and brought in by TMA, the head product started fresh at each K step and
+added to an fp32 sum), but with the waits for the tensor cores placed by hand. Triton's `tl`
+pipeliner waits for every MMA of a K step twice per step (the remainder products chain inside
+the step, the head product is added right away); here the step issues the head product, then
+the two remainder products into their chain, and waits only until the head product is done
+(`warpgroup_mma_wait(2)`: MMAs complete in issue order), so the remainder products keep the
+tensor cores busy while the head is added and the next W tile is split. H100, KernelBench
+cell (`python benchmarks/presplit_3xtf32.py`, its "gluon" rows): i2h 2.55 ms vs 2.71 (`tl`),
+h2o 0.62 vs 0.66, the same error.
+
+Gluon kernels do not run under the interpreter: on CPU the `tl` kernels are what is tested,
+this one is compiled for sm_90 there (tests/test_presplit_3xtf32.py) and run on the GPU tests.
+"""
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._common import tf32_split
+
+# the TMA load was renamed in Triton 3.8 (3.9 keeps the old name as a stub that raises)
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+MAX_SEGMENTS = 4
+
+
+@gluon.constexpr_function
+def _acc_layout(rows, cols, num_warps):
+    """wgmma accumulator layout of a (rows x cols) tile: warps stacked along the rows (16 a
+    warp), the widest instruction N that divides the columns."""
+    warps_m = num_warps
+    while warps_m > 1 and rows < 16 * warps_m:
+        warps_m //= 2
+    warps_n = num_warps // warps_m
+    n = 256
+    while n > cols // warps_n or cols % n != 0:
+        n -= 8
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n], instr_shape=[16, n, 8])
+
+
+@gluon.jit
+def _tf32_round(x):
+    """`triton_lib.tf32_round` (PTX): x rounded to the nearest TF32 value."""
+    return gl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _tanh(x):
+    """`triton_lib.tanh` (Gluon cannot call `tl` functions): no overflow, exact +-1."""
+    ax = gl.abs(x)
+    e = gl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    xs = gl.where(ax < 0.3, x, 0.0)
+    x2 = xs * xs
+    p = -1382.0 / 155925.0
+    p = p * x2 + 62.0 / 2835.0
+    p = p * x2 - 17.0 / 315.0
+    p = p * x2 + 2.0 / 15.0
+    p = p * x2 - 1.0 / 3.0
+    small = xs + xs * x2 * p
+    return gl.where(ax < 0.3, small, gl.where(x < 0, -big, big))
+
+
+@gluon.jit
+def _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs, l_bufs,
+                 bars, n0, m0, NUM_STAGES: gl.constexpr, NUM_SEGMENTS: gl.constexpr):
+    """TMA loads of K step j of all segments (segment s ends at step e_s) into stage j %
+    NUM_STAGES; nothing past the last step. Returns j + 1."""
+    BK: gl.constexpr = w0.block_type.shape[1]
+    pred = j < total
+    st = j % NUM_STAGES
+    bar = bars.index(st)
+    mbarrier.expect(bar, w0.block_type.nbytes + 2 * h0.block_type.nbytes, pred=pred)
+    if j < e0:
+        _tma_load(w0, [n0, j * BK], bar, w_bufs.index(st), pred)
+        _tma_load(h0, [m0, j * BK], bar, h_bufs.index(st), pred)
+        _tma_load(l0, [m0, j * BK], bar, l_bufs.index(st), pred)
+    elif NUM_SEGMENTS == 2 or j < e1:
+        _tma_load(w1, [n0, (j - e0) * BK], bar, w_bufs.index(st), pred)
+        _tma_load(h1, [m0, (j - e0) * BK], bar, h_bufs.index(st), pred)
+        _tma_load(l1, [m0, (j - e0) * BK], bar, l_bufs.index(st), pred)
+    elif NUM_SEGMENTS == 3 or j < e2:
+        _tma_load(w2, [n0, (j - e1) * BK], bar, w_bufs.index(st), pred)
+        _tma_load(h2, [m0, (j - e1) * BK], bar, h_bufs.index(st), pred)
+        _tma_load(l2, [m0, (j - e1) * BK], bar, l_bufs.index(st), pred)
+    else:
+        _tma_load(w3, [n0, (j - e2) * BK], bar, w_bufs.index(st), pred)
+        _tma_load(h3, [m0, (j - e2) * BK], bar, h_bufs.index(st), pred)
+        _tma_load(l3, [m0, (j - e2) * BK], bar, l_bufs.index(st), pred)
+    return j + 1
+
+
+@gluon.jit
+def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, out_ptr, M, N, K0, K1, K2, K3,
+                        stride_om, stride_on, NUM_SEGMENTS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        APPLY_TANH: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """out = [tanh](cat(x_s) W^T + b) as out^T tiles (BN rows of W x BM batch rows); w_s: TMA
+    descriptors of W's column range of cat operand s, h_s / l_s: of its TF32 head and remainder.
+    One pipeline over the K steps of all segments (their tails read zeros from TMA)."""
+    BN: gl.constexpr = w0.block_type.shape[0]
+    BK: gl.constexpr = w0.block_type.shape[1]
+    BM: gl.constexpr = h0.block_type.shape[0]
+    acc_layout: gl.constexpr = _acc_layout(BN, BM, num_warps)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=1)
+
+    w_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BN, BK], w0.layout)
+    h_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BM, BK], h0.layout)
+    l_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BM, BK], l0.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    # the batch tiles of one W tile are neighbours in launch order: W is read from HBM once
+    num_m = gl.cdiv(M, BM)
+    m0 = (gl.program_id(0) % num_m) * BM
+    n0 = (gl.program_id(0) // num_m) * BN
+    e0 = gl.cdiv(K0, BK)
+    e1 = e0 + gl.cdiv(K1, BK)
+    e2 = e1 + gl.cdiv(K2, BK)
+    total = e2 + gl.cdiv(K3, BK)
+
+    j = 0
+    for _ in gl.static_range(NUM_STAGES - 1):
+        j = _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs,
+                         l_bufs, bars, n0, m0, NUM_STAGES, NUM_SEGMENTS)
+    acc = gl.zeros([BN, BM], gl.float32, acc_layout)
+    small = gl.zeros([BN, BM], gl.float32, acc_layout)
+    head = gl.zeros([BN, BM], gl.float32, acc_layout)
+    for c in range(total):
+        st = c % NUM_STAGES
+        mbarrier.wait(bars.index(st), (c // NUM_STAGES) & 1)
+        w = w_bufs.index(st).load(a_layout)
+        w_hi = _tf32_round(w)
+        w_lo = w - w_hi
+        x_hi = h_bufs.index(st).permute((1, 0))
+        x_lo = l_bufs.index(st).permute((1, 0))
+        head = warpgroup_mma(w_hi, x_hi, head, use_acc=False, is_async=True)
+        small = warpgroup_mma(w_lo, x_hi, small, is_async=True)
+        small = warpgroup_mma(w_hi, x_lo, small, is_async=True)
+        # this step's head product (and every MMA issued before it) is done; the two remainder
+        # products run on. `small` passes through untouched: only the next MMA reads it.
+        head, small, w_hi, w_lo = warpgroup_mma_wait(2, deps=(head, small, w_hi, w_lo))
+        acc = acc + head
+        # step c - 1 is done with its stage: load step c - 1 + NUM_STAGES into it
+        j = _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs,
+                         l_bufs, bars, n0, m0, NUM_STAGES, NUM_SEGMENTS)
+    small = warpgroup_mma_wait(0, deps=(small,))
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # NaN in the remainders only (inf - inf in a split, inf * 0): the head carries inf / NaN
+    acc = acc + gl.where(small == small, small, 0.0)
+    offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
+    offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc = acc + gl.expand_dims(gl.load(b_ptr + offs_n, mask=n_ok, other=0.0), 1)
+    if APPLY_TANH:
+        acc = _tanh(acc)
+    ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1) * stride_on
+    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(n_ok, 1) & gl.expand_dims(offs_m < M, 0))
+
+
+def _descriptor(t, rows, cols):
+    return TensorDescriptor.from_tensor(t, [rows, cols], gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32))
+
+
+def launch(xs, weight, bias, out, config, apply_tanh=True):
+    """out = [tanh](cat(xs) W^T + b) in 3xTF32 by `_cell_3xtf32_kernel`: W TMA-ready with every
+    cat operand but the last starting on a 16-byte boundary (as `cat_linear_tanh.runner` checks);
+    each cat operand is split once per call (`tf32_split`), never concatenated."""
+    M, N = out.shape
+    BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    w_descs, x_descs, start = [], [], 0
+    for x in xs:
+        w_descs.append(_descriptor(weight[:, start:start + x.shape[1]], BN, BK))
+        start += x.shape[1]
+        x_descs += [_descriptor(part, BM, BK) for part in tf32_split(x)]
+    pad = MAX_SEGMENTS - len(xs)
+    widths = [x.shape[1] for x in xs] + [0] * pad
+    _cell_3xtf32_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+        *w_descs, *w_descs[:1] * pad, *x_descs, *x_descs[:2] * pad, bias if bias is not None else weight, out,
+        M, N, *widths, out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None,
+        APPLY_TANH=apply_tanh, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
+        # Triton 3.6's Gluon does not take a precision literal in warpgroup_mma
+        default_dot_input_precision="tf32")
+    return out
