@@ -88,10 +88,11 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(64, 128, 32, 4, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 3, **PRESPLIT),
             _g(128, 128, 32, 8, 4, **PRESPLIT),
-            # the cell's kernel with its MMA waits placed by hand (Gluon), H100 (fifth session,
-            # benchmarks/presplit_3xtf32.py; tiles batch x W rows): i2h 2.55 ms at 128x128x32 w8 s3, 2.59 at
-            # 128x64x32 w4 s2, 2.63 at s4 (the tl kernel above: 2.71); h2o 0.62 / 0.65 / 0.64
-            # (0.66); 64-row W tiles with 8 warps, 256-wide batch tiles and BK 16: slower.
+            # the cell's kernel with its MMA waits placed by hand (Gluon), H100, fifth session
+            # (tiles batch x W rows; two runs, the second benchmarks/presplit_3xtf32.py): i2h
+            # 2.55 / 2.68 ms at 128x128x32 w8 s3, 2.59 / 2.69 at 128x64x32 w4 s2, 2.63 / 2.77 at
+            # s4 (the tl kernel's best: 2.71 / 2.83); h2o 0.62-0.63 / 0.65-0.66 / 0.64 (0.65-0.66).
+            # Slower: 64-row W tiles with 8 warps, 256-wide batch tiles, BK 16.
             _g(128, 128, 32, 8, 3, **GLUON),
             _g(128, 64, 32, 4, 2, **GLUON),
             _g(128, 64, 32, 4, 4, **GLUON),

@@ -8,8 +8,9 @@ the step, the head product is added right away); here the step issues the head p
 the two remainder products into their chain, and waits only until the head product is done
 (`warpgroup_mma_wait(2)`: MMAs complete in issue order), so the remainder products keep the
 tensor cores busy while the head is added and the next W tile is split. H100, KernelBench
-cell (`python benchmarks/presplit_3xtf32.py`, its "gluon" rows): i2h 2.55 ms vs 2.71 (`tl`),
-h2o 0.62 vs 0.66, the same error.
+cell (`python benchmarks/presplit_3xtf32.py`, its "gluon" rows; two runs): i2h 2.55-2.68 ms
+vs 2.71-2.83 (`tl`), h2o 0.62-0.63 vs 0.65-0.66, the same error; the whole cell 2.96-3.35 ms
+over five runs (3.35-3.56 with the `tl` kernel).
 
 Gluon kernels do not run under the interpreter: on CPU the `tl` kernels are what is tested,
 this one is compiled for sm_90 there (tests/test_presplit_3xtf32.py) and run on the GPU tests.
