@@ -70,6 +70,21 @@ def tanh(x):
 
 
 @triton.jit
+def store_cell_tile(acc, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr,
+                     APPLY_TANH: tl.constexpr):
+    """Bias, tanh and the store of an out^T tile (rows: output features, columns: batch): the
+    RNN cell kernels' epilogue (`tl` and Gluon: a Gluon kernel calls it with its accumulator
+    layout)."""
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if APPLY_TANH:
+        acc = tanh(acc)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_m[None, :] < M))
+
+
+@triton.jit
 def gelu(x, APPROX_TANH: tl.constexpr):
     """GELU as torch computes it: exact (erf) or the tanh form."""
     if APPROX_TANH:

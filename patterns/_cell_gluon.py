@@ -23,6 +23,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from fusion_backend.triton_lib import store_cell_tile, tf32_round
+
 from ._common import tf32_split
 
 # the TMA load was renamed in Triton 3.8 (3.9 keeps the old name as a stub that raises)
@@ -42,30 +44,6 @@ def _acc_layout(rows, cols, num_warps):
     while n > cols // warps_n or cols % n != 0:
         n -= 8
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n], instr_shape=[16, n, 8])
-
-
-@gluon.jit
-def _tf32_round(x):
-    """`triton_lib.tf32_round` (PTX): x rounded to the nearest TF32 value."""
-    return gl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
-def _tanh(x):
-    """`triton_lib.tanh` (Gluon cannot call `tl` functions): no overflow, exact +-1."""
-    ax = gl.abs(x)
-    e = gl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
-    xs = gl.where(ax < 0.3, x, 0.0)
-    x2 = xs * xs
-    p = -1382.0 / 155925.0
-    p = p * x2 + 62.0 / 2835.0
-    p = p * x2 - 17.0 / 315.0
-    p = p * x2 + 2.0 / 15.0
-    p = p * x2 - 1.0 / 3.0
-    small = xs + xs * x2 * p
-    return gl.where(ax < 0.3, small, gl.where(x < 0, -big, big))
 
 
 @gluon.jit
@@ -137,7 +115,7 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
         st = c % NUM_STAGES
         mbarrier.wait(bars.index(st), (c // NUM_STAGES) & 1)
         w = w_bufs.index(st).load(a_layout)
-        w_hi = _tf32_round(w)
+        w_hi = tf32_round(w, True)  # Gluon calls `tl` elementwise functions as they are
         w_lo = w - w_hi
         x_hi = h_bufs.index(st).permute((1, 0))
         x_lo = l_bufs.index(st).permute((1, 0))
@@ -157,15 +135,9 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
 
     # NaN in the remainders only (inf - inf in a split, inf * 0): the head carries inf / NaN
     acc = acc + gl.where(small == small, small, 0.0)
-    offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
-    offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
-    n_ok = offs_n < N
-    if HAS_BIAS:
-        acc = acc + gl.expand_dims(gl.load(b_ptr + offs_n, mask=n_ok, other=0.0), 1)
-    if APPLY_TANH:
-        acc = _tanh(acc)
-    ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1) * stride_on
-    gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(n_ok, 1) & gl.expand_dims(offs_m < M, 0))
+    store_cell_tile(acc, b_ptr, out_ptr, n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout)),
+                    m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout)), M, N, stride_om, stride_on,
+                    HAS_BIAS, APPLY_TANH)
 
 
 def _descriptor(t, rows, cols):

@@ -16,8 +16,8 @@ from torch import fx
 from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
-from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt, tanh,
-                                       tile_ids)
+from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
+                                       store_cell_tile, tanh, tile_ids)
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -59,19 +59,6 @@ def _cat_gemm_tanh_kernel(
 
 
 @triton.jit
-def _store_cell_tile(acc, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr,
-                     APPLY_TANH: tl.constexpr):
-    """Bias, tanh and the store of an out^T tile (rows: output features, columns: batch)."""
-    n_ok = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    if APPLY_TANH:
-        acc = tanh(acc)
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_m[None, :] < M))
-
-
-@triton.jit
 def _wxt_segment(acc, small, seed, w_desc, xhi_desc, xlo_desc, m0, n0, K_seg, NUM_STAGES: tl.constexpr,
                  BLOCK_K: tl.constexpr, PTX: tl.constexpr):
     """acc (out^T tile) += W_seg[n0:, :] @ x_seg[m0:, :]^T in 3xTF32, x_seg given pre-split.
@@ -110,7 +97,7 @@ def _cat_gemm_tanh_presplit_kernel(
         acc, small = _wxt_segment(acc, small, seed, w2, h2, l2, m0, n0, K2, NUM_STAGES, BLOCK_K, PTX)
     if NUM_SEGMENTS > 3:
         acc, small = _wxt_segment(acc, small, seed, w3, h3, l3, m0, n0, K3, NUM_STAGES, BLOCK_K, PTX)
-    _store_cell_tile(finish_3xtf32(acc, small), b_ptr, out_ptr, n0 + tl.arange(0, BLOCK_N),
+    store_cell_tile(finish_3xtf32(acc, small), b_ptr, out_ptr, n0 + tl.arange(0, BLOCK_N),
                      m0 + tl.arange(0, BLOCK_M), M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
 
 
@@ -157,7 +144,7 @@ def _cat_gemm_tanh_wxt_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     if SPLIT_K == 1:
-        _store_cell_tile(acc, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
+        store_cell_tile(acc, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
     else:
         # partials: (SPLIT_K, tiles, BLOCK_N, BLOCK_M) fp32, one dense block per program
         block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -169,7 +156,7 @@ def _cat_gemm_tanh_wxt_kernel(
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(part_ptr + (s * tiles + tile).to(tl.int64) * tile_size + block, cache_modifier=".cg")
-            _store_cell_tile(total, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
+            store_cell_tile(total, b_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, APPLY_TANH)
 
 
 def _segment_descriptors(weight, widths, rows, cols):
@@ -234,12 +221,12 @@ def _gluon_kernels():
         from . import _cell_gluon
     except ImportError:  # a Triton without Gluon: those configs fail and are not chosen
         return ()
-    return _cell_gluon._cell_3xtf32_kernel, _cell_gluon._issue_loads, _cell_gluon._tanh, _cell_gluon.launch
+    return _cell_gluon._cell_3xtf32_kernel, _cell_gluon._issue_loads, _cell_gluon.launch
 
 
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,
                             finish_3xtf32, opaque_zeros, _cat_gemm_tanh_wxt_kernel, _wxt_split_segment,
-                            _store_cell_tile, _segment_descriptors, *_gluon_kernels())
+                            store_cell_tile, _segment_descriptors, *_gluon_kernels())
 
 
 def _unfused(xs, weight, bias):
