@@ -1,7 +1,8 @@
 """fp32 "highest" GEMMs with one operand pre-split for 3xTF32 (triton_lib.dot_3xtf32) on a GPU:
 each pre-split config (the profile's space plus a few more tiles) next to eager's cuBLAS fp32
 and Triton's in-kernel tf32x3, for the Linear+BN+GELU+ReLU eval kernel (W pre-split) and the
-RNN cell kernel (out^T = W x^T, the cat operands pre-split; with and without tanh = h2o).
+RNN cell kernel (out^T = W x^T, the cat operands pre-split; with and without tanh = h2o), the
+cell's in `tl` ("pre-split" rows) and in Gluon ("gluon" rows, sm_90: patterns/_cell_gluon.py).
 
     python benchmarks/presplit_3xtf32.py
 
