@@ -237,6 +237,13 @@ def test_gluon_cell_kernel_only_on_sm90(h100):
     assert _has(cs.validate(blackwell, cs.GEMM, gluon), "GLUON", "sm_100")
     assert not any(c.get("GLUON") for c in cs.space_for(blackwell, cs.GEMM))
     assert _has(cs.validate(h100, cs.GEMM, _gemm(TMA=True, GLUON=True)), "GLUON", "PRESPLIT")
+    # the cell's kernel only: never offered to the MLP block's eval kernel
+    import patterns.cat_linear_tanh as clt
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    assert any(c.get("GLUON") for c in clt.cell_space(h100, torch.float32, "tf32x3"))
+    assert not any(c.get("GLUON") for c in lbgr.eval_space(h100, torch.float32, "tf32x3"))
+    assert not any(c.get("GLUON") for c in clt.cell_space(h100, torch.float32, "tf32"))
 
 
 def test_validate_recurrence_rules(h100):
