@@ -67,11 +67,20 @@ def make_key(family: str, profile_name: str, dtype: torch.dtype, precision: str,
     return f"{family}|{profile_name}|{str(dtype).replace('torch.', '')}|{precision}|M<={bucket(m)}|{rest}"
 
 
-def source_hash(*kernels) -> str:
-    """Hash of the Triton kernels' source: a cached choice is only reused for the same code."""
+def source_hash(*code) -> str:
+    """Hash of the source of Triton kernels (`tl` or Gluon) and plain Python launchers: a cached
+    choice is only reused for the same code. Anything without source is refused: hashing its
+    repr (which holds an address) would give a new key in every process."""
+    import inspect
+
     h = hashlib.sha1()
-    for k in kernels:
-        src = getattr(k, "src", None) or getattr(getattr(k, "fn", None), "src", None) or repr(k)
+    for k in code:
+        src = getattr(k, "src", None) or getattr(getattr(k, "fn", None), "src", None)
+        if src is None:
+            fn = getattr(k, "fn", k)  # the interpreter's kernels wrap the Python function
+            if not inspect.isfunction(fn):
+                raise TypeError(f"source_hash: {k!r} is neither a Triton kernel nor a Python function")
+            src = inspect.getsource(fn)
         h.update(src.encode())
     return h.hexdigest()[:16]
 

@@ -74,6 +74,26 @@ def test_make_key_buckets_m_keeps_k_n():
     assert make_key("gemm", "nvidia", torch.float32, "tf32", 13, N=37, K=100) == key
 
 
+def test_source_hashes_are_the_same_in_every_process():
+    """The disk cache is keyed by the patterns' source hashes: they must not change between
+    processes (a plain Python function hashed by its repr, an address, did for the RNN cell)."""
+    code = ("import patterns.cat_linear_tanh as c, patterns.linear_bn_gelu_relu as l; "
+            "print(c._SRC, l._SRC)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    first, second = (r.stdout.split() for r in runs)
+    assert first == second and len(first) == 2
+
+
+def test_source_hash_refuses_what_has_no_source():
+    assert autotune.source_hash(bucket) == autotune.source_hash(bucket)
+    with pytest.raises(TypeError, match="neither a Triton kernel nor a Python function"):
+        autotune.source_hash(object())
+
+
 # ----------------------------------------------------------------------------- choosing
 
 def test_picks_fastest_fused_config(tmp_cache):
