@@ -304,7 +304,7 @@ def linear_forward(x, weight, bias, precision, autotune_on=True, budget=30.0):
 
 def cell_space(profile, dtype, precision):
     """The GEMM space without the eval kernel's TMA tiles: the cell takes the pre-split 3xTF32
-    tiles and the W x^T tiles (WXT)."""
+    tiles (`tl` and, on sm_90, GLUON) and the W x^T tiles (WXT)."""
     return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)
             if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
 
