@@ -15,6 +15,7 @@ import triton.language as tl
 import patterns.linear_bn_gelu_relu as lbgr
 from bench import bench, eval_block_inputs, mkn_args, print_variants, try_variant
 from fusion_backend import config_spaces, devices
+from fusion_backend.triton_lib import store_eval_tile
 from patterns._common import descriptor, kernel_kwargs
 
 
@@ -41,8 +42,8 @@ def _persistent_eval_kernel(x_desc, w_desc, b_ptr, gamma_ptr, beta_ptr, mean_ptr
             acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        lbgr._eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
-                            stride_om, stride_on, eps, True, True, True, False)
+        store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                        stride_om, stride_on, eps, True, True, True, False)
 
 
 def persistent_eval(x, w, b, gamma, beta, mean, var, out, precision, config, flatten, ws):

@@ -1,8 +1,9 @@
 """fp32 "highest" GEMMs with one operand pre-split for 3xTF32 (triton_lib.dot_3xtf32) on a GPU:
 each pre-split config (the profile's space plus a few more tiles) next to eager's cuBLAS fp32
 and Triton's in-kernel tf32x3, for the Linear+BN+GELU+ReLU eval kernel (W pre-split) and the
-RNN cell kernel (out^T = W x^T, the cat operands pre-split; with and without tanh = h2o), the
-cell's in `tl` ("pre-split" rows) and in Gluon ("gluon" rows, sm_90: patterns/_cell_gluon.py).
+RNN cell kernel (out^T = W x^T, the cat operands pre-split; with and without tanh = h2o), each
+in `tl` ("pre-split" rows) and in Gluon ("gluon" rows, sm_90: patterns/_eval_gluon.py,
+patterns/_cell_gluon.py).
 
     python benchmarks/presplit_3xtf32.py
 
@@ -62,8 +63,7 @@ def main():
     run(tf32x3)
     rows.append((tag, "in-kernel tf32x3, TMA 128x64x32 w4 s4", bench(lambda: run(tf32x3)), rel_err(out, ref)))
     rows.append((tag, "split pass over W (included below)", bench(lambda: tf32_split(w)), float("nan")))
-    sweep(rows, tag, lambda: lbgr.eval_runner(*args, "tf32x3", out), out, ref,
-          [c for c in configs if not c.get("GLUON")], profile)  # GLUON: the cell's kernel only
+    sweep(rows, tag, lambda: lbgr.eval_runner(*args, "tf32x3", out), out, ref, configs, profile)
 
     for tag, (M, widths, N, act) in {"cell i2h 256x(16384+16384)->16384 +tanh": (256, (16384, 16384), 16384, True),
                                      "h2o 256x16384->8192": (256, (16384,), 8192, False)}.items():

@@ -29,8 +29,8 @@ HALF = ("float16", "bfloat16")
 PRESPLIT = dict(TMA=True, PRESPLIT=True, dtypes=("float32",), precisions=("tf32x3",))
 
 
-# the RNN cell's pre-split 3xTF32 kernel written in Gluon (patterns/_cell_gluon.py): wgmma,
-# so Hopper (sm_90) only; BLOCK_M is the batch tile, BLOCK_N the rows of W
+# the pre-split 3xTF32 kernels written in Gluon (patterns/_cell_gluon.py, _eval_gluon.py):
+# wgmma, so Hopper (sm_90) only; BLOCK_M is the tile of x's rows, BLOCK_N of W's rows
 GLUON = dict(PRESPLIT, GLUON=True)
 
 
@@ -92,7 +92,11 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             # (tiles batch x W rows; two runs, the second benchmarks/presplit_3xtf32.py): i2h
             # 2.55 / 2.68 ms at 128x128x32 w8 s3, 2.59 / 2.69 at 128x64x32 w4 s2, 2.63 / 2.77 at
             # s4 (the tl kernel's best: 2.71 / 2.83); h2o 0.62-0.63 / 0.65-0.66 / 0.64 (0.65-0.66).
-            # Slower: 64-row W tiles with 8 warps, 256-wide batch tiles, BK 16.
+            # Slower: 64-row W tiles with 8 warps, 256-wide batch tiles, BK 16. The eval MLP
+            # kernel (patterns/_eval_gluon.py) takes the same tiles, x rows x W rows; sixth
+            # session, 16384x4096->4096, three interleaved rounds (probe, kernel + split pass):
+            # 128x128x32 w8 s3 5.32 / 5.87 / 5.32 ms vs the `tl` kernel's best 5.81-5.97 (128x64
+            # s3) and 5.65-6.30 (64x128 s3); 128x64 w4 s3 6.9-7.4, 64x128 w4 s3 8.3 (not kept).
             _g(128, 128, 32, 8, 3, **GLUON),
             _g(128, 64, 32, 4, 2, **GLUON),
             _g(128, 64, 32, 4, 4, **GLUON),
@@ -261,7 +265,7 @@ def validate(profile, family: str, config: dict) -> List[str]:
                         "'tf32x3')")
     if config.get("GLUON") and not (config.get("PRESPLIT") and profile.vendor == "nvidia"
                                     and profile.arch.rstrip("a") == "sm_90"):
-        problems.append(f"GLUON is the pre-split cell kernel on wgmma: needs PRESPLIT and sm_90, profile arch is "
+        problems.append(f"GLUON is a pre-split 3xTF32 kernel on wgmma: needs PRESPLIT and sm_90, profile arch is "
                         f"{profile.arch}")
     if config.get("TMA") and not _has_tma(profile):
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")

@@ -100,6 +100,27 @@ def relu(x):
     return tl.where(x < 0.0, 0.0, x)
 
 
+@triton.jit
+def store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+                    stride_om, stride_on, eps, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                    HAS_BETA: tl.constexpr, APPROX_TANH: tl.constexpr):
+    """Bias, BatchNorm with running statistics (computed here, nothing folded on the host),
+    GELU, ReLU and the store of an out tile: the eval MLP kernels' epilogue (`tl` and Gluon)."""
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
+    z = (acc - mean[None, :]) * scale[None, :]
+    if HAS_BETA:
+        z += tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = relu(gelu(z, APPROX_TANH))
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
 # ---------------------------------------------------------------- 3xTF32 with one operand pre-split
 # tl.dot(..., input_precision="tf32x3") splits both operands in registers at every K step; on
 # Hopper the B operand must then go back to shared memory before the MMA, which kept the fp32

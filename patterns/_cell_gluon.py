@@ -47,6 +47,25 @@ def _acc_layout(rows, cols, num_warps):
 
 
 @gluon.jit
+def mma_3xtf32_step(a, b_hi, b_lo, acc, head, small):
+    """One K step of 3xTF32 on wgmma: `a` in registers (split here), `b` as TF32 head and
+    remainder tiles in shared memory. Issues the head product (started fresh: the MMA's own
+    accumulation over all of K loses bits), then the two remainder products into their chain,
+    and waits only until the head product is done (MMAs complete in issue order: every MMA
+    issued before it is done too, so the previous step's stage may be refilled); the two
+    remainder products keep the tensor cores busy while the head is added. Returns
+    (acc + head, head, small); after the loop wait for `small` (`warpgroup_mma_wait(0)`)."""
+    a_hi = tf32_round(a, True)  # Gluon calls `tl` elementwise functions as they are
+    a_lo = a - a_hi
+    head = warpgroup_mma(a_hi, b_hi, head, use_acc=False, is_async=True)
+    small = warpgroup_mma(a_lo, b_hi, small, is_async=True)
+    small = warpgroup_mma(a_hi, b_lo, small, is_async=True)
+    # `small` passes through untouched (only the next MMA reads it); a_hi / a_lo stay live
+    head, small, a_hi, a_lo = warpgroup_mma_wait(2, deps=(head, small, a_hi, a_lo))
+    return acc + head, head, small
+
+
+@gluon.jit
 def _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs, l_bufs,
                  bars, n0, m0, NUM_STAGES: gl.constexpr, NUM_SEGMENTS: gl.constexpr):
     """TMA loads of K step j of all segments (segment s ends at step e_s) into stage j %
@@ -114,18 +133,8 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
     for c in range(total):
         st = c % NUM_STAGES
         mbarrier.wait(bars.index(st), (c // NUM_STAGES) & 1)
-        w = w_bufs.index(st).load(a_layout)
-        w_hi = tf32_round(w, True)  # Gluon calls `tl` elementwise functions as they are
-        w_lo = w - w_hi
-        x_hi = h_bufs.index(st).permute((1, 0))
-        x_lo = l_bufs.index(st).permute((1, 0))
-        head = warpgroup_mma(w_hi, x_hi, head, use_acc=False, is_async=True)
-        small = warpgroup_mma(w_lo, x_hi, small, is_async=True)
-        small = warpgroup_mma(w_hi, x_lo, small, is_async=True)
-        # this step's head product (and every MMA issued before it) is done; the two remainder
-        # products run on. `small` passes through untouched: only the next MMA reads it.
-        head, small, w_hi, w_lo = warpgroup_mma_wait(2, deps=(head, small, w_hi, w_lo))
-        acc = acc + head
+        acc, head, small = mma_3xtf32_step(w_bufs.index(st).load(a_layout), h_bufs.index(st).permute((1, 0)),
+                                           l_bufs.index(st).permute((1, 0)), acc, head, small)
         # step c - 1 is done with its stage: load step c - 1 + NUM_STAGES into it
         j = _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs,
                          l_bufs, bars, n0, m0, NUM_STAGES, NUM_SEGMENTS)

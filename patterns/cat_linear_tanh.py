@@ -221,7 +221,8 @@ def _gluon_kernels():
         from . import _cell_gluon
     except ImportError:  # a Triton without Gluon: those configs fail and are not chosen
         return ()
-    return _cell_gluon._cell_3xtf32_kernel, _cell_gluon._issue_loads, _cell_gluon.launch
+    return (_cell_gluon._cell_3xtf32_kernel, _cell_gluon._issue_loads, _cell_gluon.launch,
+            _cell_gluon.mma_3xtf32_step)
 
 
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,

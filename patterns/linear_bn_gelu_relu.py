@@ -20,7 +20,7 @@ from fusion_backend import autotune, config_spaces, devices
 from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, opaque_zeros, ptx_cvt, relu,
-                                       tile_ids)
+                                       store_eval_tile, tile_ids)
 
 from ._common import (cast_to, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
                       only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -43,7 +43,7 @@ def _gemm_bn_gelu_relu_eval_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
                        offs_m % M, offs_n % N, K, BLOCK_K, PRECISION, EVEN_K)
-    _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+    store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
                    stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
 
 
@@ -65,7 +65,7 @@ def _gemm_bn_gelu_relu_eval_tma_kernel(
         acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+    store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
                    stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
 
 
@@ -90,29 +90,8 @@ def _gemm_bn_gelu_relu_eval_presplit_kernel(
     acc = finish_3xtf32(acc, small)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+    store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
                    stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
-
-
-@triton.jit
-def _eval_epilogue(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
-                   stride_om, stride_on, eps, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                   HAS_BETA: tl.constexpr, APPROX_TANH: tl.constexpr):
-    """bias, BatchNorm with running statistics (computed here, nothing folded on the host),
-    GELU, ReLU, one store."""
-    n_ok = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
-    if HAS_GAMMA:
-        scale = scale * tl.load(gamma_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
-    z = (acc - mean[None, :]) * scale[None, :]
-    if HAS_BETA:
-        z += tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y = relu(gelu(z, APPROX_TANH))
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
 
 
 @triton.jit
@@ -191,10 +170,18 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
              r.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, _eval_epilogue,
+def _gluon_kernels():
+    try:
+        from . import _cell_gluon, _eval_gluon
+    except ImportError:  # a Triton without Gluon: those configs fail and are not chosen
+        return ()
+    return _eval_gluon._eval_3xtf32_kernel, _eval_gluon._issue_loads, _eval_gluon.launch, _cell_gluon.mma_3xtf32_step
+
+
+_SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, store_eval_tile,
                             _gemm_bn_gelu_relu_eval_presplit_kernel, dot_3xtf32, finish_3xtf32, opaque_zeros,
                             _gemm_bias_welford_kernel,
-                            _merge_welford_kernel, _bn_gelu_relu_kernel)
+                            _merge_welford_kernel, _bn_gelu_relu_kernel, *_gluon_kernels())
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -259,9 +246,10 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
     def run_fused(config):
         if config.get("TMA"):
             presplit = config.get("PRESPLIT") and precision == "tf32x3"
-            config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
+            gluon = config.get("GLUON")
+            config = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT", "GLUON")}
             if presplit and tma_ready(x):
-                return launch_presplit(x, weight, tensors, M, N, K, eps, split_flags, config)
+                return launch_presplit(x, weight, tensors, M, N, K, eps, split_flags, config, gluon)
             if tma_ready(x) and tma_ready(weight):
                 _gemm_bn_gelu_relu_eval_tma_kernel[_gemm_grid(M, N, config)](
                     descriptor(x, config["BLOCK_M"], config["BLOCK_K"]),
@@ -276,12 +264,17 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
     return run_fused
 
 
-def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
+def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config, gluon=False):
     """The 3xTF32 eval kernel: W split into TF32 head and remainder (one pass, 2 x W of
     scratch), then the GEMM with x split in registers. `tensors` = (bias, gamma, beta,
     running_mean, running_var, out) as the other eval kernels take them; `flags` their
-    HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH."""
+    HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH. gluon=True: the same kernel in Gluon (sm_90;
+    raises where Gluon is missing, and the tuner then does not choose it)."""
     w_hi, w_lo = tf32_split(weight)
+    if gluon:
+        from . import _eval_gluon
+
+        return _eval_gluon.launch(x, w_hi, w_lo, tensors, M, N, K, eps, flags, config)
     out = tensors[-1]
     _gemm_bn_gelu_relu_eval_presplit_kernel[_gemm_grid(M, N, config)](
         descriptor(x, config["BLOCK_M"], config["BLOCK_K"]), descriptor(w_hi, config["BLOCK_N"], config["BLOCK_K"]),
@@ -291,9 +284,8 @@ def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config):
 
 
 def eval_space(profile, dtype, precision):
-    """The GEMM space without the cell's own kernels (W x^T tiles, the Gluon cell kernel)."""
-    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)
-            if not (c.get("WXT") or c.get("GLUON"))]
+    """The GEMM space without the cell's own W x^T tiles."""
+    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
 
 
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,

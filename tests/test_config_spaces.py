@@ -224,10 +224,10 @@ def test_validate_tma_only_on_hopper_class(h100, rtx4090, mi300x):
     assert _has(cs.validate(a100, cs.GEMM, tma), "TMA", "sm_80")
 
 
-def test_gluon_cell_kernel_only_on_sm90(h100):
-    """The Gluon cell kernel issues wgmma: Hopper (sm_90) only, and only as a pre-split
-    3xTF32 config; the H100 space has such tiles, the A100 space and a Blackwell-class
-    profile do not."""
+def test_gluon_kernels_only_on_sm90_at_3xtf32(h100):
+    """The Gluon kernels issue wgmma: Hopper (sm_90) only, and only as pre-split 3xTF32
+    configs; the H100 space has such tiles, the A100 space and a Blackwell-class profile do
+    not. The cell and the MLP block's eval kernel are offered them at "highest" only."""
     gluon = _gemm(**cs.GLUON)
     assert cs.validate(h100, cs.GEMM, gluon) == []
     assert any(c.get("GLUON") for c in cs.space_for(h100, cs.GEMM))
@@ -237,13 +237,13 @@ def test_gluon_cell_kernel_only_on_sm90(h100):
     assert _has(cs.validate(blackwell, cs.GEMM, gluon), "GLUON", "sm_100")
     assert not any(c.get("GLUON") for c in cs.space_for(blackwell, cs.GEMM))
     assert _has(cs.validate(h100, cs.GEMM, _gemm(TMA=True, GLUON=True)), "GLUON", "PRESPLIT")
-    # the cell's kernel only: never offered to the MLP block's eval kernel
     import patterns.cat_linear_tanh as clt
     import patterns.linear_bn_gelu_relu as lbgr
 
-    assert any(c.get("GLUON") for c in clt.cell_space(h100, torch.float32, "tf32x3"))
-    assert not any(c.get("GLUON") for c in lbgr.eval_space(h100, torch.float32, "tf32x3"))
-    assert not any(c.get("GLUON") for c in clt.cell_space(h100, torch.float32, "tf32"))
+    for space in (clt.cell_space, lbgr.eval_space):
+        assert any(c.get("GLUON") for c in space(h100, torch.float32, "tf32x3"))
+        assert not any(c.get("GLUON") for c in space(h100, torch.float32, "tf32"))
+        assert not any(c.get("GLUON") for c in space(h100, torch.bfloat16, "ieee"))
 
 
 def test_validate_recurrence_rules(h100):

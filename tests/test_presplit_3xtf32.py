@@ -148,6 +148,21 @@ def test_cell_gluon_config_falls_back_to_the_pointer_kernel_where_tma_cannot_rea
     assert rel_err(out, torch.tanh(F.linear(torch.cat(xs, 1).double(), w.double(), b.double()))) <= 1e-6
 
 
+def test_eval_gluon_config_falls_back_to_the_pointer_kernel_where_tma_cannot_read():
+    """The MLP block's Gluon config on tensors TMA cannot read (here: CPU tensors) runs the
+    pointer kernel with the same tiles, without the routing keys."""
+    torch.manual_seed(5)
+    M, K, N = 9, 20, 11
+    x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    gamma, beta, mean, var = torch.randn(N), torch.randn(N), torch.randn(N), torch.rand(N) + 0.5
+    out = torch.full((M, N), float("nan"))
+    lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", "tf32x3", out)(dict(TILES, GLUON=True))
+    args64 = [t.double() for t in (x, w, b, gamma, beta, mean, var)]
+    eager = lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, "none")
+    ref = lbgr._reference(*args64, 1e-5, "none")
+    assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))
+
+
 # ----------------------------------------------------------------------------- pattern cell_h2o
 
 @pytest.fixture
@@ -244,26 +259,38 @@ try:
 except ImportError:
     from triton.experimental.gluon import GluonASTSource
 import patterns._cell_gluon as cg
+import patterns._eval_gluon as eg
 
-BM, BN, BK, stages, warps, segments = json.loads(sys.argv[1])
+kernel, (BM, BN, BK, stages, warps, segments) = json.loads(sys.argv[1])
 w_desc, x_desc = cg._descriptor(torch.empty(1024, 512), BN, BK), cg._descriptor(torch.empty(256, 512), BM, BK)
 mangle = lambda d: f"tensordesc<fp32[{','.join(map(str, d.block_shape))}],{d.layout!r}>"
-sig = {**{f"w{i}": mangle(w_desc) for i in range(4)}, **{f"{p}{i}": mangle(x_desc) for i in range(4) for p in "hl"},
-       "b_ptr": "*fp32", "out_ptr": "*fp32",
-       **{n: "i32" for n in ("M", "N", "K0", "K1", "K2", "K3", "stride_om", "stride_on")}}
-const = dict(NUM_SEGMENTS=segments, HAS_BIAS=True, APPLY_TANH=True, NUM_STAGES=stages, num_warps=warps)
+if kernel == "cell":
+    fn = cg._cell_3xtf32_kernel
+    sig = {**{f"w{i}": mangle(w_desc) for i in range(4)}, **{f"{p}{i}": mangle(x_desc) for i in range(4) for p in "hl"},
+           "b_ptr": "*fp32", "out_ptr": "*fp32",
+           **{n: "i32" for n in ("M", "N", "K0", "K1", "K2", "K3", "stride_om", "stride_on")}}
+    const = dict(NUM_SEGMENTS=segments, HAS_BIAS=True, APPLY_TANH=True, NUM_STAGES=stages, num_warps=warps)
+else:
+    fn = eg._eval_3xtf32_kernel
+    sig = {"x_desc": mangle(x_desc), "whi_desc": mangle(w_desc), "wlo_desc": mangle(w_desc),
+           **{n: "*fp32" for n in ("b_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "out_ptr")},
+           **{n: "i32" for n in ("M", "N", "K", "stride_om", "stride_on")}, "eps": "fp32"}
+    const = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True, APPROX_TANH=False, GROUP_M=8, NUM_STAGES=stages,
+                 num_warps=warps)
 sig.update({k: "constexpr" for k in const})
-compiled = triton.compile(GluonASTSource(cg._cell_3xtf32_kernel, sig, const, {}), target=GPUTarget("cuda", 90, 32),
+compiled = triton.compile(GluonASTSource(fn, sig, const, {}), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "default_dot_input_precision": "tf32"})
 print(json.dumps(compiled.asm["ptx"]))
 """
 
 
-@pytest.mark.parametrize("tiles", [(128, 128, 32, 3, 8, 2), (128, 64, 32, 2, 4, 1), (128, 64, 32, 4, 4, 4)])
-def test_gluon_cell_kernel_waits_for_the_head_product_only(tiles):
-    """The Gluon cell kernel (GPU-only: compiled here for sm_90 by Triton's own compiler) issues
+@pytest.mark.parametrize("kernel,tiles", [("cell", (128, 128, 32, 3, 8, 2)), ("cell", (128, 64, 32, 2, 4, 1)),
+                                          ("cell", (128, 64, 32, 4, 4, 4)), ("eval", (64, 128, 32, 3, 4, 1)),
+                                          ("eval", (128, 128, 32, 3, 8, 1))])
+def test_gluon_kernel_waits_for_the_head_product_only(kernel, tiles):
+    """The Gluon kernels (GPU-only: compiled here for sm_90 by Triton's own compiler) issue
     the three products of a K step as MMAs (BLOCK_K / 8 instructions each) with TF32 inputs and
-    a round-to-nearest split, and in its loop waits only until at most the two remainder MMAs
+    a round-to-nearest split, and in their loop wait only until at most the two remainder MMAs
     are in flight (`wait_group 2`); the one full wait is after the loop."""
     import json
     import os
@@ -273,7 +300,7 @@ def test_gluon_cell_kernel_waits_for_the_head_product_only(tiles):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE_GLUON_FOR_HOPPER, json.dumps(tiles)],
+    run = subprocess.run([sys.executable, "-c", _COMPILE_GLUON_FOR_HOPPER, json.dumps([kernel, tiles])],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     ptx = json.loads(run.stdout.strip().splitlines()[-1])
