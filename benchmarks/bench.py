@@ -40,13 +40,40 @@ def bench(fn):
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def mkn_args(description=None):
-    """--M --K --N of a kernel sweep (default: the KernelBench MLP block 16384x4096->4096)."""
-    ap = argparse.ArgumentParser(description=description)
-    for name, default in (("--M", 16384), ("--K", 4096), ("--N", 4096)):
-        ap.add_argument(name, type=int, default=default)
+#: a kernel sweep's --rounds: its fastest variants (and reference rows) re-timed this many
+#: times, interleaved. Single timings of ms-long kernels drift by up to ~10% on the H100
+#: (clocks under sustained tensor-core load), enough to reorder close variants.
+ROUNDS = 0
+_FNS: dict = {}  # (case, variant) -> the callable a sweep timed
+_REFERENCES: set = set()  # (case, variant) of reference rows (cuBLAS, eager): always re-timed
+
+
+def sweep_args(description=None, shape=True):
+    """A kernel sweep's arguments: --rounds, and --M --K --N with shape=True (default: the
+    KernelBench MLP block 16384x4096->4096)."""
+    global ROUNDS
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if shape:
+        for name, default in (("--M", 16384), ("--K", 4096), ("--N", 4096)):
+            ap.add_argument(name, type=int, default=default)
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="re-time the fastest variants of each case this many times, interleaved")
     args = ap.parse_args()
+    ROUNDS = args.rounds
+    return args
+
+
+def mkn_args(description=None):
+    args = sweep_args(description)
     return args.M, args.K, args.N
+
+
+def reference(rows, tag, name, fn, err=float("nan")):
+    """A sweep's reference row (the bare cuBLAS GEMM, eager, the unfused path): timed now and,
+    with --rounds, again in each round."""
+    _FNS[(tag, name)] = fn
+    _REFERENCES.add((tag, name))
+    rows.append((tag, name, bench(fn), err))
 
 
 def eval_block_inputs(M, K, N, dtype, device="cuda"):
@@ -80,6 +107,7 @@ def try_variant(rows, tag, name, fn, out, ref):
         return
     print(f"{tag} {name}: {ms:.3f} ms err {err:.2e}", flush=True)
     rows.append((tag, name, ms, err))
+    _FNS[(tag, name)] = fn
 
 
 def print_variants(rows, title, top=None):
@@ -91,6 +119,26 @@ def print_variants(rows, title, top=None):
     for tag in dict.fromkeys(r[0] for r in rows):
         for r in sorted((r for r in rows if r[0] == tag), key=lambda r: r[2])[:top]:
             print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2e} |")
+    if ROUNDS > 0:
+        _rounds(rows, title)
+
+
+def _rounds(rows, title, fastest=5):
+    """Per case: the reference rows and the `fastest` variants of the sweep, timed ROUNDS
+    times in turn (each round times every one once); sorted by their median."""
+    import statistics
+
+    print(f"\n{title}: {ROUNDS} interleaved rounds, ms\n| case | variant | rounds | median |\n|---|---|---|---|")
+    for tag in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == tag and (tag, r[1]) in _FNS]
+        keys = [(tag, r[1]) for r in mine if (tag, r[1]) in _REFERENCES]
+        keys += [(tag, r[1]) for r in sorted(mine, key=lambda r: r[2]) if (tag, r[1]) not in _REFERENCES][:fastest]
+        times = {k: [] for k in keys}
+        for _ in range(ROUNDS):
+            for k in keys:
+                times[k].append(bench(_FNS[k]))
+        for k, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
+            print(f"| {tag} | {k[1]} | {' / '.join(f'{t:.3f}' for t in ts)} | {statistics.median(ts):.3f} |")
 
 
 def first(out):

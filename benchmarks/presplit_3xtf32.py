@@ -5,9 +5,12 @@ RNN cell kernel (out^T = W x^T, the cat operands pre-split; with and without tan
 in `tl` ("pre-split" rows) and in Gluon ("gluon" rows, sm_90: patterns/_eval_gluon.py,
 patterns/_cell_gluon.py).
 
-    python benchmarks/presplit_3xtf32.py
+    python benchmarks/presplit_3xtf32.py [--rounds 3]
 
-Median do_bench ms and rel. error vs fp64 per variant, split pass included; a table last.
+Median do_bench ms and rel. error vs fp64 per variant, split pass included; a table last (with
+--rounds, the fastest variants and eager again, timed in interleaved rounds: single timings
+of these ms-long kernels vary by ~10% on the H100, e.g. the eval block's Gluon 128x128 tile
+5.81 ms in a sweep, then 5.32 / 5.87 / 5.32 interleaved with the `tl` tiles at 5.81-5.97).
 History (H100, this script's first versions): the three MMAs chained into one accumulator
 over all of K: 4.6 ms but error 1.5e-5; heads truncated instead of rounded: 5.1-6.0 ms,
 error 1.7-2.5e-7 (3.2e-6 on a cancelling CPU case); NaN masked every K step: ~10% slower;
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 
 import patterns.cat_linear_tanh as clt
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import bench, eval_block_inputs, print_variants, rel_err, try_variant
+from bench import bench, eval_block_inputs, print_variants, reference, rel_err, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs, space, tf32_split
 
@@ -43,6 +46,7 @@ def sweep(rows, tag, run_for, out, ref, configs, profile):
 
 
 def main():
+    sweep_args(__doc__, shape=False)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")
     profile = devices.device_profile(torch.device("cuda"))
@@ -55,8 +59,8 @@ def main():
     tensors, ref = eval_block_inputs(M, K, N, torch.float32)
     w = tensors[1]
     args = (*tensors, 1e-5, "none")
-    rows.append((tag, "eager (cuBLAS fp32 + torch ops)", bench(lambda: lbgr._reference(*args)),
-                 rel_err(lbgr._reference(*args), ref)))
+    reference(rows, tag, "eager (cuBLAS fp32 + torch ops)", lambda: lbgr._reference(*args),
+              rel_err(lbgr._reference(*args), ref))
     out = torch.empty(M, N, device="cuda")
     run = lbgr.eval_runner(*args, "tf32x3", out)
     tf32x3 = kernel_kwargs(config_spaces._g(128, 64, 32, 4, 4, TMA=True), profile)
@@ -78,7 +82,7 @@ def main():
             y32 = F.linear(torch.cat(xs, 1), w, b)
             return torch.tanh(y32) if act else y32
 
-        rows.append((tag, "eager (cuBLAS fp32)", bench(eager), rel_err(eager(), ref)))
+        reference(rows, tag, "eager (cuBLAS fp32)", eager, rel_err(eager(), ref))
         rows.append((tag, "split pass over x (included below)", bench(lambda: [tf32_split(t) for t in xs]),
                      float("nan")))
         out = torch.empty(M, N, device="cuda")
