@@ -48,23 +48,25 @@ _FNS: dict = {}  # (case, variant) -> the callable a sweep timed
 _REFERENCES: set = set()  # (case, variant) of reference rows (cuBLAS, eager): always re-timed
 
 
-def sweep_args(description=None, shape=True):
-    """A kernel sweep's arguments: --rounds, and --M --K --N with shape=True (default: the
-    KernelBench MLP block 16384x4096->4096)."""
+def sweep_args(description=None, shape=True, rounds=True):
+    """A kernel sweep's arguments: --M --K --N with shape=True (default: the KernelBench MLP
+    block 16384x4096->4096); --rounds with rounds=True (for sweeps whose callables bind their
+    tensors and config when made: the rounds call them after the sweep)."""
     global ROUNDS
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if shape:
         for name, default in (("--M", 16384), ("--K", 4096), ("--N", 4096)):
             ap.add_argument(name, type=int, default=default)
-    ap.add_argument("--rounds", type=int, default=0,
-                    help="re-time the fastest variants of each case this many times, interleaved")
+    if rounds:
+        ap.add_argument("--rounds", type=int, default=0,
+                        help="re-time the fastest variants of each case this many times, interleaved")
     args = ap.parse_args()
-    ROUNDS = args.rounds
+    ROUNDS = getattr(args, "rounds", 0)
     return args
 
 
 def mkn_args(description=None):
-    args = sweep_args(description)
+    args = sweep_args(description, rounds=False)
     return args.M, args.K, args.N
 
 

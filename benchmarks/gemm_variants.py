@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import eval_block_inputs, mkn_args, print_variants, reference, rel_err, try_variant
+from bench import eval_block_inputs, print_variants, reference, rel_err, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs
 
@@ -31,7 +31,8 @@ HALF = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 
 
 
 def main():
-    M, K, N = mkn_args(__doc__)
+    args = sweep_args(__doc__)
+    M, K, N = args.M, args.K, args.N
     profile = devices.device_profile(torch.device("cuda"))
     rows = []
     for dtype, precision, setting, shapes in ((torch.float32, "tf32x3", "highest", FP32),
@@ -40,8 +41,9 @@ def main():
         torch.set_float32_matmul_precision(setting)
         (x, w, b, gamma, beta, mean, var), ref = eval_block_inputs(M, K, N, dtype)
         tag = f"{str(dtype)[6:]} {precision}"
-        reference(rows, tag, "cuBLAS GEMM alone", lambda: F.linear(x, w))
-        unfused = lambda: lbgr._unfused_eval(x, w, b, gamma, beta, mean, var, 1e-5, "none", profile)  # noqa: E731
+        # every closure binds its tensors now (default arguments): --rounds calls them after the loop
+        reference(rows, tag, "cuBLAS GEMM alone", lambda x=x, w=w: F.linear(x, w))
+        unfused = lambda t=(x, w, b, gamma, beta, mean, var): lbgr._unfused_eval(*t, 1e-5, "none", profile)  # noqa: E731
         reference(rows, tag, "unfused (cuBLAS + pointwise)", unfused, rel_err(unfused(), ref))
         for tma in (False, True):
             for shape in shapes:
@@ -50,7 +52,7 @@ def main():
                 out = torch.empty((M, N), device="cuda", dtype=dtype)
                 run = lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, "none", precision, out)
                 kwargs = kernel_kwargs(config, profile)
-                try_variant(rows, tag, name, lambda: run(kwargs), out, ref)
+                try_variant(rows, tag, name, lambda run=run, kwargs=kwargs: run(kwargs), out, ref)
     print_variants(rows, f"M={M} K={K} N={N}", top=7)
 
 if __name__ == "__main__":

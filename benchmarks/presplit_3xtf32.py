@@ -42,7 +42,7 @@ def sweep(rows, tag, run_for, out, ref, configs, profile):
         run, kwargs = run_for(), kernel_kwargs(config, profile)
         name = ("gluon " if config.get("GLUON") else "pre-split ") + name_of(config) + (
             "" if config in EXTRA else " (space)")
-        try_variant(rows, tag, name, lambda: run(kwargs), out, ref)
+        try_variant(rows, tag, name, lambda run=run, kwargs=kwargs: run(kwargs), out, ref)  # bound now: --rounds
 
 
 def main():
@@ -78,7 +78,7 @@ def main():
         y = F.linear(torch.cat(xs, 1).double(), w.double(), b.double())
         ref = torch.tanh(y) if act else y
 
-        def eager():
+        def eager(xs=xs, w=w, b=b, act=act):  # bound now: --rounds times it after the loop
             y32 = F.linear(torch.cat(xs, 1), w, b)
             return torch.tanh(y32) if act else y32
 
