@@ -94,9 +94,9 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             # s4 (the tl kernel's best: 2.71 / 2.83); h2o 0.62-0.63 / 0.65-0.66 / 0.64 (0.65-0.66).
             # Slower: 64-row W tiles with 8 warps, 256-wide batch tiles, BK 16. The eval MLP
             # kernel (patterns/_eval_gluon.py) takes the same tiles, x rows x W rows; sixth
-            # session, 16384x4096->4096, three interleaved rounds (probe, kernel + split pass):
-            # 128x128x32 w8 s3 5.32 / 5.87 / 5.32 ms vs the `tl` kernel's best 5.81-5.97 (128x64
-            # s3) and 5.65-6.30 (64x128 s3); 128x64 w4 s3 6.9-7.4, 64x128 w4 s3 8.3 (not kept).
+            # session, 16384x4096->4096 (presplit_3xtf32.py --rounds 3, kernel + split pass):
+            # 128x128x32 w8 s3 5.38-5.45 ms vs the `tl` kernel's best 5.75-6.04 (128x64 s3) and
+            # 5.88-5.89 (64x128 s3); in a probe 128x64 w4 s3 6.9-7.4, 64x128 w4 s3 8.3 (not kept).
             _g(128, 128, 32, 8, 3, **GLUON),
             _g(128, 64, 32, 4, 2, **GLUON),
             _g(128, 64, 32, 4, 4, **GLUON),

@@ -7,9 +7,9 @@ product started fresh at each K step), with the K step of the Gluon cell kernel
 (`_cell_gluon.mma_3xtf32_step`): the loop waits only for the head product, so the two
 remainder products overlap the add and the next x tile's split. The epilogue is the `tl`
 kernels' own (`triton_lib.store_eval_tile`: bias, BatchNorm from running statistics, GELU,
-ReLU, one store). H100, 16384x4096->4096 with the split pass, three interleaved rounds: 5.32 /
-5.87 / 5.32 ms at 128x128x32 w8 s3 vs 5.81-5.97 for the best `tl` tile (single timings vary
-by ~10% there: the tuner re-times close configs interleaved before it picks).
+ReLU, one store). H100, 16384x4096->4096 with the split pass (`python
+benchmarks/presplit_3xtf32.py --rounds 3`): 5.38-5.45 ms at 128x128x32 w8 s3 vs 5.75-6.04 for
+the best `tl` tile; in the benchmark the whole block 5.22 / 5.30 ms (`tl`: 5.79-6.01).
 
 Not run under the interpreter: on CPU the `tl` kernels are what is tested, this one is compiled
 for sm_90 there (tests/test_presplit_3xtf32.py) and run by the GPU tests.
