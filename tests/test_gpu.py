@@ -315,6 +315,28 @@ def test_presplit_cell_kernel_gpu(M, widths, N, apply_tanh):
         assert rel_err(out, ref) <= allowed_error(torch.float32, "highest", rel_err(eager, ref)), config
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 64, 33), (33, 100, 75), (300, 4104, 257)])
+def test_presplit_eval_kernel_without_affine_bias_tanh_gpu(M, K, N):
+    """Each pre-split 3xTF32 config of the eval kernel (`tl` and Gluon) on a block without
+    bias and without BatchNorm affine, GELU in its tanh form, batch of one and odd sizes, vs
+    fp64 within fp32 "highest"'s class."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from patterns._common import kernel_kwargs
+
+    profile, configs = _presplit_configs(lambda p: lbgr.eval_space(p, torch.float32, "tf32x3"))
+    torch.set_float32_matmul_precision("highest")
+    torch.manual_seed(M + K + N)
+    x = torch.randn(M, K, device="cuda") * 3
+    w = torch.randn(N, K, device="cuda") / K ** 0.5
+    mean, var = torch.randn(N, device="cuda"), torch.rand(N, device="cuda") + 0.5
+    eager = lbgr._reference(x, w, None, None, None, mean, var, 1e-5, "tanh")
+    ref = lbgr._reference(x.double(), w.double(), None, None, None, mean.double(), var.double(), 1e-5, "tanh")
+    for config in configs:
+        out = torch.full((M, N), float("nan"), device="cuda")
+        lbgr.eval_runner(x, w, None, None, None, mean, var, 1e-5, "tanh", "tf32x3", out)(kernel_kwargs(config, profile))
+        assert rel_err(out, ref) <= allowed_error(torch.float32, "highest", rel_err(eager, ref)), config
+
+
 def test_presplit_eval_kernel_nan_inf_gpu():
     """inf and NaN in x: the same non-finite positions as eager (cuBLAS fp32), the rest within
     fp32 "highest"'s class, for each pre-split config of the eval kernel."""
