@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ def bucket(m: int) -> int:
     return 0 if m <= 0 else 1 << (int(m) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=4096)  # launchers build the key on every call: memoized, a dict lookup
 def make_key(family: str, profile_name: str, dtype: torch.dtype, precision: str, m: int, **dims) -> str:
     rest = "|".join(f"{k}={v}" for k, v in sorted(dims.items()))
     return f"{family}|{profile_name}|{str(dtype).replace('torch.', '')}|{precision}|M<={bucket(m)}|{rest}"

@@ -17,7 +17,6 @@ this one is compiled for sm_90 there (tests/test_presplit_3xtf32.py) and run on 
 """
 from __future__ import annotations
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -25,7 +24,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fusion_backend.triton_lib import store_cell_tile, tf32_round
 
-from ._common import tf32_split
+from ._common import cdiv, tf32_split
 
 # the TMA load was renamed in Triton 3.8 (3.9 keeps the old name as a stub that raises)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -166,7 +165,7 @@ def launch(xs, weight, bias, out, config, apply_tanh=True):
         x_descs += [_descriptor(part, BM, BK) for part in tf32_split(x)]
     pad = MAX_SEGMENTS - len(xs)
     widths = [x.shape[1] for x in xs] + [0] * pad
-    _cell_3xtf32_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+    _cell_3xtf32_kernel[(cdiv(M, BM) * cdiv(N, BN),)](
         *w_descs, *w_descs[:1] * pad, *x_descs, *x_descs[:2] * pad, bias if bias is not None else weight, out,
         M, N, *widths, out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None,
         APPLY_TANH=apply_tanh, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],

@@ -16,7 +16,6 @@ for sm_90 there (tests/test_presplit_3xtf32.py) and run by the GPU tests.
 """
 from __future__ import annotations
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
@@ -24,6 +23,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup
 from fusion_backend.triton_lib import store_eval_tile, tile_ids
 
 from ._cell_gluon import _acc_layout, _descriptor, _tma_load, mma_3xtf32_step
+from ._common import cdiv
 
 
 @gluon.jit
@@ -99,7 +99,7 @@ def launch(x, w_hi, w_lo, tensors, M, N, K, eps, flags, config):
     HAS_BETA, APPROX_TANH, as `linear_bn_gelu_relu.launch_presplit` takes them."""
     BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     out = tensors[-1]
-    _eval_3xtf32_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+    _eval_3xtf32_kernel[(cdiv(M, BM) * cdiv(N, BN),)](
         _descriptor(x, BM, BK), _descriptor(w_hi, BN, BK), _descriptor(w_lo, BN, BK), *tensors,
         M, N, K, out.stride(0), out.stride(1), eps, **flags, GROUP_M=config["GROUP_M"],
         NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],

@@ -19,7 +19,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (cast_to, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
+from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
@@ -176,7 +176,7 @@ def _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh=True):
     descs = [descriptor(x, BM, BK) for x in xs]
     descs += descs[:1] * (MAX_SEGMENTS - len(xs))
     widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    tiles = cdiv(M, BM) * cdiv(N, BN)
     if split_k > 1:
         partials = torch.empty((split_k, tiles, BN, BM), device=out.device, dtype=torch.float32)
         counters = torch.zeros(tiles, device=out.device, dtype=torch.int32)
@@ -209,7 +209,7 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     descs += descs[:2] * (MAX_SEGMENTS - len(xs))
     widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
     meta = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
-    _cat_gemm_tanh_presplit_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+    _cat_gemm_tanh_presplit_kernel[(cdiv(M, BM) * cdiv(N, BN),)](
         *_segment_descriptors(weight, widths[:len(xs)], BN, BK), *descs, bias if bias is not None else weight, out,
         M, N, *widths, out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh,
         NUM_STAGES=config["num_stages"], PTX=ptx_cvt(weight), **meta)
@@ -260,7 +260,7 @@ def runner(xs, weight, bias, precision, out, apply_tanh=True):
             if precision != "tf32x3" and wxt_ok:
                 return _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh)
             config = {k: v for k, v in config.items() if k not in ("TMA", "WXT", "SPLIT_K")}
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
         _cat_gemm_tanh_kernel[grid](
             *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),

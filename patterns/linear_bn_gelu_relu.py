@@ -22,7 +22,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, opaque_zeros, ptx_cvt, relu,
                                        store_eval_tile, tile_ids)
 
-from ._common import (cast_to, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
+from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
                       only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
@@ -187,13 +187,13 @@ _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_e
 # ----------------------------------------------------------------------------- launchers
 
 def _gemm_grid(M, N, config):
-    return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    return (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
 
 
 def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile):
     M, N = y.shape
     config = heuristic_kwargs(profile, config_spaces.POINTWISE, y.dtype, autotune.bucket(M))
-    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+    grid = (cdiv(M, config["BLOCK_M"]), cdiv(N, config["BLOCK_N"]))
     _bn_gelu_relu_kernel[grid](
         y, out, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, M, N,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1), eps,
@@ -320,7 +320,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
     profile, ctx_args = _runtime(x, autotune_on, budget)
 
     def run_fused(config):
-        tiles = triton.cdiv(M, config["BLOCK_M"])
+        tiles = cdiv(M, config["BLOCK_M"])
         pmean = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
         pm2 = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
         _gemm_bias_welford_kernel[_gemm_grid(M, N, config)](
@@ -328,7 +328,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
             M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
         block_n = 128 if profile.name != "interpreter" else 16
-        _merge_welford_kernel[(triton.cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"],
+        _merge_welford_kernel[(cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"],
                                                          BLOCK_N=block_n)
         return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
 

@@ -24,7 +24,7 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import define_op, hint, kernel_kwargs, log, space, writes_in_place
+from ._common import cdiv, define_op, hint, kernel_kwargs, log, space, writes_in_place
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -169,7 +169,7 @@ def plan(config: dict, profile, B: int, H: int):
     with RESIDENT keeps W in registers where one tile per program covers H and H is at most
     RESIDENT_MAX_K (for batches up to 16); otherwise it streams W through BLOCK_K tiles each step."""
     kwargs = {k: v for k, v in config.items() if k not in ("BLOCK_M", "RESIDENT_MAX_K")}
-    tiles = triton.cdiv(H, kwargs["BLOCK_N"])
+    tiles = cdiv(H, kwargs["BLOCK_N"])
     programs = max(1, min(tiles, grid_sync_programs(profile))) if kwargs["GRID_SYNC"] else 1
     block_b = max(16, triton.next_power_of_2(B))
     resident = programs == tiles and keeps_w_resident(config, block_b, H)
