@@ -11,7 +11,6 @@ import cProfile
 import pstats
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ import triton.language as tl
 import fusion_backend
 import patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend.models import MLPBlock
+from patterns._common import per_call_ms
 
 
 @triton.jit
@@ -29,17 +29,7 @@ def _empty(x_ptr):
 
 
 def per_call_us(fn, calls=1000, reps=5):
-    times = []
-    for _ in range(reps):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+    return statistics.median(per_call_ms(fn, calls) for _ in range(reps)) * 1e3
 
 
 def main():

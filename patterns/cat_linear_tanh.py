@@ -19,8 +19,8 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user, space,
-                      tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user,
+                      space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4

@@ -22,8 +22,9 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, opaque_zeros, ptx_cvt, relu,
                                        store_eval_tile, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch, mutated_in_graph,
-                      only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch,
+                      mutated_in_graph, only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
+                      written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -44,7 +45,7 @@ def _gemm_bn_gelu_relu_eval_kernel(
     acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
                        offs_m % M, offs_n % N, K, BLOCK_K, PRECISION, EVEN_K)
     store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
-                   stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
+                    stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def _gemm_bn_gelu_relu_eval_tma_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
-                   stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
+                    stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
 
 
 @triton.jit
@@ -91,7 +92,7 @@ def _gemm_bn_gelu_relu_eval_presplit_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
-                   stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
+                    stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
 
 
 @triton.jit
