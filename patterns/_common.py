@@ -194,6 +194,19 @@ def heuristic_kwargs(profile, family, dtype, m_bucket) -> dict:
     return kernel_kwargs(config_spaces.heuristic_pick(space(profile, family, dtype), m_bucket), profile)
 
 
+def gluon_code(module: str, *names: str) -> tuple:
+    """The named kernels and launchers of one of this package's Gluon modules, for a pattern's
+    `source_hash`; none where this Triton has no Gluon (those configs then fail to launch and
+    the tuner does not choose them)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"{__package__}.{module}")
+    except ImportError:
+        return ()
+    return tuple(getattr(mod, name) for name in names)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for launch grids. `triton.cdiv` is a ConstexprFunction whose host call
     costs ~1.5 us (Triton 3.6 and 3.9, measured on the CI machine), on every launch."""

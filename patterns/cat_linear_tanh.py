@@ -19,8 +19,8 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, hint, launch, mutated_in_graph, only_user,
-                      space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, gluon_code, hint, launch, mutated_in_graph,
+                      only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -216,18 +216,11 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     return out
 
 
-def _gluon_kernels():
-    try:
-        from . import _cell_gluon
-    except ImportError:  # a Triton without Gluon: those configs fail and are not chosen
-        return ()
-    return (_cell_gluon._cell_3xtf32_kernel, _cell_gluon._issue_loads, _cell_gluon.launch,
-            _cell_gluon.mma_3xtf32_step)
-
-
 _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,
                             finish_3xtf32, opaque_zeros, _cat_gemm_tanh_wxt_kernel, _wxt_split_segment,
-                            store_cell_tile, _segment_descriptors, *_gluon_kernels())
+                            store_cell_tile, _segment_descriptors,
+                            *gluon_code("_cell_gluon", "_cell_3xtf32_kernel", "_issue_loads", "launch",
+                                        "mma_3xtf32_step"))
 
 
 def _unfused(xs, weight, bias):

@@ -22,7 +22,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, opaque_zeros, ptx_cvt, relu,
                                        store_eval_tile, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, heuristic_kwargs, hint, launch,
+from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, gluon_code, heuristic_kwargs, hint, launch,
                       mutated_in_graph, only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
                       written_inside)
 
@@ -171,18 +171,12 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
              r.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gluon_kernels():
-    try:
-        from . import _cell_gluon, _eval_gluon
-    except ImportError:  # a Triton without Gluon: those configs fail and are not chosen
-        return ()
-    return _eval_gluon._eval_3xtf32_kernel, _eval_gluon._issue_loads, _eval_gluon.launch, _cell_gluon.mma_3xtf32_step
-
-
 _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, store_eval_tile,
                             _gemm_bn_gelu_relu_eval_presplit_kernel, dot_3xtf32, finish_3xtf32, opaque_zeros,
                             _gemm_bias_welford_kernel,
-                            _merge_welford_kernel, _bn_gelu_relu_kernel, *_gluon_kernels())
+                            _merge_welford_kernel, _bn_gelu_relu_kernel,
+                            *gluon_code("_eval_gluon", "_eval_3xtf32_kernel", "_issue_loads", "launch"),
+                            *gluon_code("_cell_gluon", "mma_3xtf32_step"))
 
 
 # ----------------------------------------------------------------------------- launchers

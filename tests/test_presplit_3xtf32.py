@@ -233,9 +233,10 @@ print(json.dumps([compiled.asm["ttgir"], compiled.asm["ptx"]]))
 """
 
 
-def compile_for_hopper(kernel, sig, const):
-    """(TTGIR, PTX) of one of the kernels compiled for sm_90 by Triton's own compiler (no GPU
-    needed), in a subprocess: this process runs the interpreter."""
+def _compile_in_subprocess(script, payload):
+    """Run one of the compile scripts below on `payload` (JSON) in a subprocess without
+    TRITON_INTERPRET (this process runs the interpreter; Triton's own compiler needs no GPU to
+    compile for sm_90) and return the JSON it prints last."""
     import json
     import os
     import subprocess
@@ -244,10 +245,15 @@ def compile_for_hopper(kernel, sig, const):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, json.dumps([kernel, sig, const])],
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(payload)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def compile_for_hopper(kernel, sig, const):
+    """(TTGIR, PTX) of one of the `tl` kernels compiled for sm_90."""
+    return _compile_in_subprocess(_COMPILE_FOR_HOPPER, [kernel, sig, const])
 
 
 _COMPILE_GLUON_FOR_HOPPER = """
@@ -292,18 +298,7 @@ def test_gluon_kernel_waits_for_the_head_product_only(kernel, tiles):
     the three products of a K step as MMAs (BLOCK_K / 8 instructions each) with TF32 inputs and
     a round-to-nearest split, and in their loop wait only until at most the two remainder MMAs
     are in flight (`wait_group 2`); the one full wait is after the loop."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE_GLUON_FOR_HOPPER, json.dumps([kernel, tiles])],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    ptx = _compile_in_subprocess(_COMPILE_GLUON_FOR_HOPPER, [kernel, tiles])
     block_k = tiles[2]
     assert ptx.count("wgmma.mma_async") == 3 * block_k // 8
     assert all(".tf32.tf32" in line for line in ptx.splitlines() if "wgmma.mma_async" in line)
