@@ -131,6 +131,8 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
                 continue
             if match is not None:
                 report.sites.append(_rewrite_site(pattern, match, ctx, node))
+    if report.fused and registry.use_inference_twins(gm):
+        log.debug("fusedtriton: grad is off in this graph: fused ops without autograd kernels")
     # no eliminate_dead_code(): it would drop unused in-place method calls such as
     # num_batches_tracked.add_(1); patterns erase exactly the nodes they replaced
     gm.graph.lint()

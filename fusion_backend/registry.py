@@ -19,6 +19,31 @@ from typing import Dict, List, Optional
 _PATTERNS: Dict[str, "Pattern"] = {}
 _discovered = False
 
+#: fused op -> the same op without an autograd kernel, for graphs that run with grad disabled:
+#: the autograd kernel `torch.library.register_autograd` installs is Python, entered on every
+#: call even under no_grad (~4.5 us a call on the CI machine, 7.0 vs 2.5)
+INFERENCE_TWINS: dict = {}
+
+
+def use_inference_twins(gm) -> int:
+    """Swap each fused op of `gm` for its twin without autograd when the graph runs with grad
+    disabled: Dynamo compiled it under no_grad / inference_mode (and guards on the grad mode,
+    so it never runs with grad on) and nothing in it turns grad back on. Returns the count."""
+    import torch
+
+    if torch.is_grad_enabled():
+        return 0
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if any("grad" in getattr(n.target, "__name__", "") for n in nodes):  # _set_grad_enabled, ...
+        return 0
+    swapped = 0
+    for node in nodes:
+        twin = INFERENCE_TWINS.get(node.target)
+        if twin is not None:
+            node.target = twin
+            swapped += 1
+    return swapped
+
 
 class Pattern:
     name: str = ""

@@ -157,15 +157,30 @@ def tf32_round(x, PTX: tl.constexpr):
 
 
 @triton.jit
-def tf32_split_kernel(src_ptr, hi_ptr, lo_ptr, M, K, stride_m, stride_k, stride_out,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """hi = tf32_head(src), lo = src - hi, for a 2-D fp32 tensor of any strides."""
+def tf32_split_kernel(s0, s1, s2, s3, hi_ptr, lo_ptr, M, K0, K1, K2, K3, s0m, s0k, s1m, s1k, s2m, s2k, s3m, s3k,
+                      c1, c2, c3, stride_out, NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hi = tf32_head(src), lo = src - hi for up to four 2-D fp32 tensors of M rows and any
+    strides (one launch for all of a cell's cat operands): tensor s goes to columns c_s.. of
+    the two planes (c_0 = 0); the programs along axis 1 walk the column tiles of all of them."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = tl.program_id(1)
+    e0 = tl.cdiv(K0, BLOCK_K)
+    e1 = e0 + tl.cdiv(K1, BLOCK_K)
+    e2 = e1 + tl.cdiv(K2, BLOCK_K)
+    if NUM == 1 or tile < e0:
+        src, K, sm, sk, col, t = s0, K0, s0m, s0k, 0, tile
+    elif NUM == 2 or tile < e1:
+        src, K, sm, sk, col, t = s1, K1, s1m, s1k, c1, tile - e0
+    elif NUM == 3 or tile < e2:
+        src, K, sm, sk, col, t = s2, K2, s2m, s2k, c2, tile - e1
+    else:
+        src, K, sm, sk, col, t = s3, K3, s3m, s3k, c3, tile - e2
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    v = tl.load(src_ptr + offs_m[:, None] * stride_m + offs_k[None, :] * stride_k, mask=ok, other=0.0)
+    rows = offs_m.to(tl.int64)[:, None]
+    v = tl.load(src + rows * sm + offs_k[None, :] * sk, mask=ok, other=0.0)
     hi = tf32_head(v)
-    out = offs_m[:, None] * stride_out + offs_k[None, :]
+    out = rows * stride_out + col + offs_k[None, :]
     tl.store(hi_ptr + out, hi, mask=ok)
     tl.store(lo_ptr + out, v - hi, mask=ok)
 

@@ -24,7 +24,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fusion_backend.triton_lib import store_cell_tile, tf32_round
 
-from ._common import cdiv, tf32_split
+from ._common import cdiv, tf32_split_all
 
 # the TMA load was renamed in Triton 3.8 (3.9 keeps the old name as a stub that raises)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -74,7 +74,8 @@ def _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h
     st = j % NUM_STAGES
     bar = bars.index(st)
     mbarrier.expect(bar, w0.block_type.nbytes + 2 * h0.block_type.nbytes, pred=pred)
-    if j < e0:
+    # the conditions are compile-time True for the last segment: the slots past it (None) are never compiled
+    if NUM_SEGMENTS == 1 or j < e0:
         _tma_load(w0, [n0, j * BK], bar, w_bufs.index(st), pred)
         _tma_load(h0, [m0, j * BK], bar, h_bufs.index(st), pred)
         _tma_load(l0, [m0, j * BK], bar, l_bufs.index(st), pred)
@@ -155,18 +156,18 @@ def _descriptor(t, rows, cols):
 def launch(xs, weight, bias, out, config, apply_tanh=True):
     """out = [tanh](cat(xs) W^T + b) in 3xTF32 by `_cell_3xtf32_kernel`: W TMA-ready with every
     cat operand but the last starting on a 16-byte boundary (as `cat_linear_tanh.runner` checks);
-    each cat operand is split once per call (`tf32_split`), never concatenated."""
+    the cat operands are split once per call (`tf32_split_all`, one launch), never concatenated."""
     M, N = out.shape
     BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    w_descs, x_descs, start = [], [], 0
+    w_descs, start = [], 0
     for x in xs:
         w_descs.append(_descriptor(weight[:, start:start + x.shape[1]], BN, BK))
         start += x.shape[1]
-        x_descs += [_descriptor(part, BM, BK) for part in tf32_split(x)]
-    pad = MAX_SEGMENTS - len(xs)
+    x_descs = [_descriptor(part, BM, BK) for pair in tf32_split_all(xs) for part in pair]
+    pad = MAX_SEGMENTS - len(xs)  # None past the last segment: nothing to encode at launch
     widths = [x.shape[1] for x in xs] + [0] * pad
     _cell_3xtf32_kernel[(cdiv(M, BM) * cdiv(N, BN),)](
-        *w_descs, *w_descs[:1] * pad, *x_descs, *x_descs[:2] * pad, bias if bias is not None else weight, out,
+        *w_descs, *[None] * pad, *x_descs, *[None, None] * pad, bias if bias is not None else weight, out,
         M, N, *widths, out.stride(0), out.stride(1), NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None,
         APPLY_TANH=apply_tanh, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
         # Triton 3.6's Gluon does not take a precision literal in warpgroup_mma

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from fusion_backend import autotune, config_spaces
+from fusion_backend import autotune, config_spaces, registry
 from fusion_backend.normalize import example_value
 
 log = logging.getLogger("fusion_backend")
@@ -223,21 +223,36 @@ def tma_ready(t: torch.Tensor) -> bool:
 
 def tf32_split(t: torch.Tensor):
     """(hi, lo) with hi the TF32 head of the 2-D fp32 tensor `t` and lo = t - hi, both exact,
-    for `triton_lib.dot_3xtf32`. Rows are padded to 16 bytes so that both are TMA-ready for
-    any width and any strides of `t`. One pass over `t`, on the device, per call: the
-    operand's values may change between calls (weights in training, in-place updates)."""
-    import triton
+    for `triton_lib.dot_3xtf32` (`tf32_split_all` for one tensor)."""
+    return tf32_split_all([t])[0]
 
+
+def tf32_split_all(ts):
+    """[(hi, lo), ...] for up to four 2-D fp32 tensors of the same row count (a cell's cat
+    operands), split by one launch into one buffer. Each tensor's columns start on a 16-byte
+    boundary of rows padded to 16 bytes, so every hi / lo is TMA-ready for any widths and
+    strides of the inputs. One pass on the device per call: the operands' values may change
+    between calls (weights in training, in-place updates)."""
     from fusion_backend.triton_lib import tf32_split_kernel
 
-    M, K = t.shape
-    padded = -(-K // 4) * 4
-    buf = torch.empty((2, M, padded), device=t.device, dtype=torch.float32)
-    hi, lo = buf[0, :, :K], buf[1, :, :K]
-    if t.numel():
-        tf32_split_kernel[(cdiv(M, 32), cdiv(K, 128))](
-            t, hi, lo, M, K, t.stride(0), t.stride(1), padded, BLOCK_M=32, BLOCK_K=128, num_warps=4)
-    return hi, lo
+    M = ts[0].shape[0]
+    widths = [t.shape[1] for t in ts]
+    starts, padded = [], 0
+    for k in widths:
+        starts.append(padded)
+        padded += -(-k // 4) * 4
+    buf = torch.empty((2, M, padded), device=ts[0].device, dtype=torch.float32)
+    plane = M * padded
+    pairs = [(buf.as_strided((M, k), (padded, 1), c), buf.as_strided((M, k), (padded, 1), plane + c))
+             for k, c in zip(widths, starts)]
+    if M and padded:
+        pad = 4 - len(ts)
+        tiles = sum(cdiv(k, 128) for k in widths)
+        tf32_split_kernel[(cdiv(M, 32), tiles)](
+            *ts, *ts[:1] * pad, pairs[0][0], pairs[0][1], M, *widths, *[0] * pad,
+            *[s for t in ts for s in t.stride()], *[0, 0] * pad, *starts[1:], *[0] * pad, padded,
+            NUM=len(ts), BLOCK_M=32, BLOCK_K=128, num_warps=4)
+    return pairs
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int):
@@ -259,10 +274,14 @@ LIB = torch.library.Library("fusedtriton", "FRAGMENT")
 
 
 def define_op(name, schema, impl, fake, backward, setup_context):
-    LIB.define(name + schema)
-    for dispatch_key in ("CUDA", "CPU"):
-        LIB.impl(name, impl, dispatch_key)
-    qualname = f"fusedtriton::{name}"
-    torch.library.register_fake(qualname, fake, lib=LIB)
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=LIB)
-    return getattr(torch.ops.fusedtriton, name).default
+    """`fusedtriton::<name>` with its fake and autograd registrations, and its inference twin
+    `<name>_inference` (no autograd kernel; `registry.use_inference_twins`)."""
+    for op_name in (name, name + "_inference"):
+        LIB.define(op_name + schema)
+        for dispatch_key in ("CUDA", "CPU"):
+            LIB.impl(op_name, impl, dispatch_key)
+        torch.library.register_fake(f"fusedtriton::{op_name}", fake, lib=LIB)
+    torch.library.register_autograd(f"fusedtriton::{name}", backward, setup_context=setup_context, lib=LIB)
+    op = getattr(torch.ops.fusedtriton, name).default
+    registry.INFERENCE_TWINS[op] = getattr(torch.ops.fusedtriton, name + "_inference").default
+    return op

@@ -20,7 +20,7 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, 
                                        store_cell_tile, tanh, tile_ids)
 
 from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, gluon_code, hint, launch, mutated_in_graph,
-                      only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+                      only_user, space, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -161,21 +161,22 @@ def _cat_gemm_tanh_wxt_kernel(
 
 def _segment_descriptors(weight, widths, rows, cols):
     """TMA descriptors of each cat operand's column range of W (its start must be 16-byte
-    aligned), padded to MAX_SEGMENTS with the first (never read)."""
+    aligned), padded to MAX_SEGMENTS with None: the kernels never touch the slots past
+    NUM_SEGMENTS, and a descriptor there would still be encoded at every launch."""
     descs, start = [], 0
     for width in widths:
         descs.append(descriptor(weight[:, start:start + width], rows, cols))
         start += width
-    return descs + descs[:1] * (MAX_SEGMENTS - len(widths))
+    return descs + [None] * (MAX_SEGMENTS - len(widths))
 
 
 def _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh=True):
     """out = tanh(cat(xs) W^T + b) by `_cat_gemm_tanh_wxt_kernel` (all of W and xs TMA-ready)."""
     M, N = out.shape
     BM, BN, BK, split_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
-    descs = [descriptor(x, BM, BK) for x in xs]
-    descs += descs[:1] * (MAX_SEGMENTS - len(xs))
-    widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    pad = MAX_SEGMENTS - len(xs)
+    descs = [descriptor(x, BM, BK) for x in xs] + [None] * pad
+    widths = [x.shape[1] for x in xs] + [0] * pad
     tiles = cdiv(M, BM) * cdiv(N, BN)
     if split_k > 1:
         partials = torch.empty((split_k, tiles, BN, BM), device=out.device, dtype=torch.float32)
@@ -203,11 +204,9 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     """out = tanh(cat(xs) W^T + b) in 3xTF32 with each cat operand split (not concatenated)."""
     M, N = out.shape
     BM, BN, BK = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    descs = []
-    for x in xs:
-        descs += [descriptor(part, BM, BK) for part in tf32_split(x)]
-    descs += descs[:2] * (MAX_SEGMENTS - len(xs))
-    widths = [x.shape[1] for x in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    pad = MAX_SEGMENTS - len(xs)
+    descs = [descriptor(part, BM, BK) for pair in tf32_split_all(xs) for part in pair] + [None, None] * pad
+    widths = [x.shape[1] for x in xs] + [0] * pad
     meta = {k: v for k, v in config.items() if k not in ("TMA", "PRESPLIT")}
     _cat_gemm_tanh_presplit_kernel[(cdiv(M, BM) * cdiv(N, BN),)](
         *_segment_descriptors(weight, widths[:len(xs)], BN, BK), *descs, bias if bias is not None else weight, out,

@@ -452,3 +452,68 @@ def test_experimental_pattern_runs_only_when_named(monkeypatch):
     assert default.index("rnn_sequence") < default.index("cat_linear_tanh")  # order -1 before 0
     named = [p.name for p in registry.enabled_patterns(["cat_linear_tanh", "zz_probe"])]
     assert named == ["zz_probe", "cat_linear_tanh"]
+
+
+# ----------------------------------------------------------------------------- grad mode
+
+def _fused_targets(gm):
+    return sorted(str(n.target) for n in gm.graph.nodes
+                  if n.op == "call_function" and str(n.target).startswith("fusedtriton."))
+
+
+def _assert_grads_match(run, model, x, h):
+    """Gradients of x and the parameters through `run(model, x, h)` against eager's and an
+    fp64 copy's: within the fp32 class of the fp64 gradients, given eager's own error."""
+    grads = {}
+    for tag, m, cast in (("ours", model, torch.float32), ("eager", copy.deepcopy(model), torch.float32),
+                         ("fp64", copy.deepcopy(model).double(), torch.float64)):
+        xi = x.detach().to(cast).requires_grad_()
+        (run if tag == "ours" else (lambda mm, a, b: mm(a, b)))(m, xi, h.to(cast)).square().sum().backward()
+        grads[tag] = [xi.grad] + [p.grad for p in m.parameters()]
+    for ours, eager, ref in zip(grads["ours"], grads["eager"], grads["fp64"]):
+        assert ours is not None, "a gradient was dropped"
+        assert rel_err(ours, ref) <= tolerance(torch.float32, eager_err=rel_err(eager, ref))
+
+
+@needs_interpreter
+def test_no_grad_graphs_use_ops_without_autograd_and_grad_graphs_keep_it():
+    """Compiled under no_grad, the fused ops are their inference twins (no Python autograd
+    kernel on every call); the same model called with grad on recompiles (Dynamo guards the
+    grad mode) with the autograd ops, and its gradients match eager's."""
+    torch.manual_seed(40)
+    model = randomize(TwoBlocksAndCell())
+    x, h = torch.randn(9, 24), torch.randn(9, 12)
+    graphs = []
+    compiled = torch.compile(model, backend=counting_backend(graphs))
+    check(compiled, model, x, h)  # under no_grad
+    assert _fused_targets(graphs[-1]) == ["fusedtriton.cat_linear_tanh_inference.default"] + \
+        ["fusedtriton.linear_bn_gelu_relu_eval_inference.default"] * 2
+    _assert_grads_match(lambda m, a, b: compiled(a, b), model, x, h)
+    assert len(graphs) == 2, "grad mode on must recompile"
+    assert _fused_targets(graphs[-1]) == ["fusedtriton.cat_linear_tanh.default"] + \
+        ["fusedtriton.linear_bn_gelu_relu_eval.default"] * 2
+
+
+@needs_interpreter
+def test_grad_turned_on_inside_a_no_grad_call_keeps_autograd_ops():
+    """A graph compiled under no_grad that enables grad inside (torch.enable_grad()) keeps the
+    ops with autograd: the twin would silently drop the gradient there."""
+    torch.manual_seed(41)
+    model = randomize(TwoBlocksAndCell())
+    graphs = []
+
+    def f(x, h):
+        with torch.enable_grad():
+            return model(x, h)
+
+    compiled = torch.compile(f, backend=counting_backend(graphs))
+
+    def run(m, x, h):
+        with torch.no_grad():
+            out = compiled(x, h)
+        assert out.requires_grad
+        return out
+
+    _assert_grads_match(run, model, torch.randn(9, 24), torch.randn(9, 12))
+    assert fusion_backend.counters[LBGR] == 2 and graphs
+    assert all(not t.endswith("_inference.default") for g in graphs for t in _fused_targets(g))

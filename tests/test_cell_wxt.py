@@ -141,7 +141,8 @@ def test_hopper_code_feeds_w_to_the_mma_from_shared_memory(split_k):
            "b_ptr": "*fp32", "out_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
            **{n: "i32" for n in ("M", "N", "K0", "K1", "K2", "K3", "stride_om", "stride_on")}}
     const = dict(NUM_SEGMENTS=2, HAS_BIAS=True, APPLY_TANH=True, PRECISION="tf32", NUM_STAGES=3, SPLIT_K=split_k,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=4)
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=4,
+                 w2=None, w3=None, x2=None, x3=None)  # the unused segments' slots, as the launcher pads them
     ttgir, ptx = compile_for_hopper("wxt", sig, const)
     dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
     assert len(dots) == 2, dots  # one per segment

@@ -16,7 +16,7 @@ import fusion_backend
 import patterns.cat_linear_tanh as clt
 import patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend import devices
-from patterns._common import tf32_split
+from patterns._common import tf32_split, tf32_split_all
 from test_cat_linear_tanh import B, H, I, O, RNNCell, assert_grads_close, cell_grads, compile_
 from tolerances import assert_matches, rel_err, tolerance
 
@@ -52,6 +52,32 @@ def test_tf32_split_exact_for_any_layout():
     assert hi[0, 0] == float("inf") and hi[1, 1].isnan()
     e_hi, e_lo = tf32_split(torch.empty(0, 5))
     assert e_hi.shape == e_lo.shape == (0, 5)
+
+def test_tf32_split_all_splits_each_operand_exactly_in_one_launch(monkeypatch):
+    """A cell's cat operands (odd widths, one transposed, one empty) split by one launch: each
+    (hi, lo) is exact for its own operand and TMA-ready, and no operand's columns spill
+    into another's."""
+    from fusion_backend import triton_lib
+
+    torch.manual_seed(1)
+    a, b, c = torch.randn(13, 37) * 1e3, torch.randn(23, 13).t(), torch.randn(13, 5)
+    launches = []
+    real = triton_lib.tf32_split_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_lib, "tf32_split_kernel", Counting())
+    pairs = tf32_split_all([a, b, torch.empty(13, 0), c])
+    assert len(launches) == 1
+    for (hi, lo), t in zip(pairs, [a, b, torch.empty(13, 0), c]):
+        assert hi.shape == lo.shape == t.shape
+        assert hi.stride(1) == 1 and hi.stride(0) % 4 == 0 and hi.storage_offset() % 4 == 0  # TMA-ready
+        assert torch.equal(hi + lo, t)
+        assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
+
 
 
 # ----------------------------------------------------------------------------- Linear+BN+GELU+ReLU, eval
@@ -276,6 +302,7 @@ if kernel == "cell":
            "b_ptr": "*fp32", "out_ptr": "*fp32",
            **{n: "i32" for n in ("M", "N", "K0", "K1", "K2", "K3", "stride_om", "stride_on")}}
     const = dict(NUM_SEGMENTS=segments, HAS_BIAS=True, APPLY_TANH=True, NUM_STAGES=stages, num_warps=warps)
+    const.update({f"{p}{i}": None for i in range(segments, 4) for p in "whl"})  # as `launch` pads: None
 else:
     fn = eg._eval_3xtf32_kernel
     sig = {"x_desc": mangle(x_desc), "whi_desc": mangle(w_desc), "wlo_desc": mangle(w_desc),
@@ -330,7 +357,8 @@ def test_hopper_code_keeps_the_head_product_off_the_accumulator_chain(kernel):
                                                                      "stride_on")}}
         # N == 1 as Triton specializes it: the seed must not depend on N
         const = dict(N=1, NUM_SEGMENTS=2, HAS_BIAS=True, APPLY_TANH=True, NUM_STAGES=3, PTX=True,
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, w2=None, w3=None, h2=None, l2=None, h3=None,
+                     l3=None)  # the unused segments' slots, as the launcher pads them
         segments = 2
     ttgir, ptx = compile_for_hopper(kernel, sig, const)
     dots = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
