@@ -246,12 +246,11 @@ def tf32_split_all(ts):
     pairs = [(buf.as_strided((M, k), (padded, 1), c), buf.as_strided((M, k), (padded, 1), plane + c))
              for k, c in zip(widths, starts)]
     if M and padded:
-        pad = 4 - len(ts)
+        pad = [None] * (4 - len(ts))  # slots the kernel never compiles: nothing to bind at launch
         tiles = sum(cdiv(k, 128) for k in widths)
         tf32_split_kernel[(cdiv(M, 32), tiles)](
-            *ts, *ts[:1] * pad, pairs[0][0], pairs[0][1], M, *widths, *[0] * pad,
-            *[s for t in ts for s in t.stride()], *[0, 0] * pad, *starts[1:], *[0] * pad, padded,
-            NUM=len(ts), BLOCK_M=32, BLOCK_K=128, num_warps=4)
+            *ts, *pad, pairs[0][0], pairs[0][1], M, *widths, *pad, *[s for t in ts for s in t.stride()], *pad, *pad,
+            *starts[1:], *pad, padded, NUM=len(ts), BLOCK_M=32, BLOCK_K=128, num_warps=4)
     return pairs
 
 

@@ -269,7 +269,7 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
     out = torch.empty((M, N), device=x0.device, dtype=x0.dtype)
     if M == 0:
         return out
-    profile = devices.device_profile(x0.device)
+    profile = devices.tensor_profile(x0)
     if profile is None:
         raise RuntimeError(f"fusedtriton::{name} has no Triton profile for device {x0.device}; "
                            "on CPU set TRITON_INTERPRET=1 before importing triton")

@@ -219,7 +219,7 @@ def _reference(x, weight, bias, gamma, beta, mean, var, eps, approximate):
 
 
 def _runtime(x, autotune_on, budget):
-    profile = devices.device_profile(x.device)
+    profile = devices.tensor_profile(x)
     if profile is None:
         raise RuntimeError(f"fusedtriton::{NAME} has no Triton profile for device {x.device}; "
                            "on CPU set TRITON_INTERPRET=1 before importing triton")

@@ -117,7 +117,7 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
         return hs
     if _failed:
         return _reference(p, w_h, hs)
-    profile = devices.device_profile(p.device)
+    profile = devices.tensor_profile(p)
     try:
         launch(p, w_h, hs, precision, *_planned(profile, p.dtype, precision, B, H))
     except Exception as exc:  # a kernel that fails to compile must not break the model
