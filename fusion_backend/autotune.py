@@ -177,11 +177,13 @@ CONFIRM_ROUNDS = 2
 #: at 2.85 ms, 128x64 then measured 2.77)
 RUNOFF_SPREAD = 1.05
 RUNOFF_MAX = 3
+#: version of `config_spaces.search_order`: what the budget lets the tuner time depends on it
+SEARCH_ORDER = 1
 
 
 def rule() -> str:
     """The decision rule, part of the disk key: a choice made under another is not reused."""
-    return f"margin{FUSED_MARGIN}x{CONFIRM_ROUNDS}runoff{RUNOFF_SPREAD}x{RUNOFF_MAX}"
+    return f"margin{FUSED_MARGIN}x{CONFIRM_ROUNDS}runoff{RUNOFF_SPREAD}x{RUNOFF_MAX}order{SEARCH_ORDER}"
 
 
 class Tuner:
@@ -223,12 +225,16 @@ class Tuner:
         # a decision made under another rule (margin, confirmation) is not reused
         disk_key = f"{key}|src={src_hash}|rule={rule()}"
         entry = _read(path, environment).get(disk_key)
-        # a cached config must still be in the space (spaces change between releases)
-        if isinstance(entry, dict) and "config" in entry and (entry["config"] is None or entry["config"] in _jsonable(space)):
+        # a cached config must still be in the space (spaces change between releases); the
+        # space's own entry is served (JSON turned its tuples into lists)
+        cached = entry.get("config", False) if isinstance(entry, dict) else False
+        stored = _jsonable(space)
+        if cached is None or cached in stored:
             stats["cache_hits"] += 1
-            return self.record(key, Choice(entry["config"], "cache", entry.get("fused_ms"), entry.get("unfused_ms")))
+            config = None if cached is None else space[stored.index(cached)]
+            return self.record(key, Choice(config, "cache", entry.get("fused_ms"), entry.get("unfused_ms")))
 
-        choice = self._tune(key, space, budget_s, run_fused, run_unfused)
+        choice = self._tune(key, config_spaces.search_order(space), budget_s, run_fused, run_unfused)
         stats["tuned"] += 1
         _write(path, environment, disk_key,
                {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms})

@@ -246,6 +246,36 @@ def test_gluon_kernels_only_on_sm90_at_3xtf32(h100):
         assert not any(c.get("GLUON") for c in space(h100, torch.bfloat16, "ieee"))
 
 
+def test_tuner_times_the_specialized_kernels_first(h100, tmp_path, monkeypatch):
+    """The tuner stops at its time budget, so on the H100 it times the Gluon and pre-split
+    tiles first at "highest", the TMA tiles first at TF32 / bf16 (the eval space) and the W x^T
+    tiles first for the cell, each group in its listed order."""
+    import patterns.cat_linear_tanh as clt
+    import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import autotune
+
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path))
+
+    def kind(c):
+        return "GLUON" if c.get("GLUON") else "PRESPLIT" if c.get("PRESPLIT") else "WXT" if c.get("WXT") \
+            else "TMA" if c.get("TMA") else "pointer"
+
+    def timed_order(space):
+        seen = []
+        tuner = autotune.Tuner(timer=lambda fn: fn() or 1.0)
+        tuner.choose(f"k{len(space)}-{id(space)}", profile=h100, space=space, m=256, src_hash="s", device_name="test", autotune=True,
+                     budget_s=1e9, run_fused=lambda c: seen.append(kind(c)), run_unfused=None)
+        seen = seen[:len(space)]  # the search; the finalists are re-timed after it
+        return [k for i, k in enumerate(seen) if i == 0 or seen[i - 1] != k]  # runs of one kind
+
+    highest = lbgr.eval_space(h100, torch.float32, "tf32x3")
+    assert timed_order(highest) == ["GLUON", "PRESPLIT", "TMA", "pointer"]
+    assert [c for c in cs.search_order(highest) if c.get("GLUON")] == [c for c in highest if c.get("GLUON")]
+    assert timed_order(lbgr.eval_space(h100, torch.float32, "tf32"))[:2] == ["TMA", "pointer"]
+    assert timed_order(lbgr.eval_space(h100, torch.bfloat16, "ieee"))[:2] == ["TMA", "pointer"]
+    assert timed_order(clt.cell_space(h100, torch.float32, "tf32"))[:2] == ["WXT", "pointer"]
+
+
 def test_validate_recurrence_rules(h100):
     good = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=128, GRID_SYNC=True, RESIDENT=True, RESIDENT_MAX_K=512, K_SPLIT=4,
                 num_warps=4, num_stages=1)
