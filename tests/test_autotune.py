@@ -437,21 +437,3 @@ def test_real_timer_on_gpu(tmp_cache):
     assert choice.source == "tuned"
     assert choice.unfused_ms is not None and math.isfinite(choice.unfused_ms) and choice.unfused_ms > 0
 
-
-# ----------------------------------------------------------------------------- host time at compile time
-
-def test_host_bound_sites_are_left_to_inductor():
-    """The compile-time check counts the fused op's own host time on top of its GPU time
-    (figures measured on the H100 machine, ms): the 256x(4096+4096)->4096 cell, faster by GPU
-    time alone, made the whole compiled cell slower than Inductor's there, so it is left;
-    the 4096x2048->2048 MLP block and the big cell stay fused; missing figures decide nothing."""
-    from patterns._common import host_bound_reason
-
-    reason = host_bound_reason(0.2776, 0.47, 0.20)
-    assert reason and "host-bound" in reason and "0.2776" in reason and "reduce-overhead" in reason
-    assert host_bound_reason(0.3511, 0.7105, 0.25) is None
-    assert host_bound_reason(2.52, 5.52, 0.25) is None
-    assert host_bound_reason(0.2776, 0.47, 0.05) is None  # the same cell on a faster host
-    assert host_bound_reason(None, 0.47, 0.2) is None and host_bound_reason(0.2, 0.47, None) is None
-    # the tuner's margin applies here too: a tie goes to Inductor
-    assert host_bound_reason(0.3, 0.5, 0.2) is not None
