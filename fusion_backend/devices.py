@@ -138,4 +138,3 @@ def tensor_profile(t: torch.Tensor) -> Optional[DeviceProfile]:
     if device.type == "cuda":
         return _cuda_profile(device.index)
     return device_profile(device)
-

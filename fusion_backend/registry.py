@@ -34,7 +34,9 @@ def use_inference_twins(gm) -> int:
     if torch.is_grad_enabled():
         return 0
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    if any("grad" in getattr(n.target, "__name__", "") for n in nodes):  # _set_grad_enabled, ...
+    # _set_grad_enabled and any other grad switch; a higher-order op's subgraph could hold one
+    if any("grad" in getattr(n.target, "__name__", "") or isinstance(n.target, torch._ops.HigherOrderOperator)
+           for n in nodes):
         return 0
     swapped = 0
     for node in nodes:

@@ -517,3 +517,30 @@ def test_grad_turned_on_inside_a_no_grad_call_keeps_autograd_ops():
     _assert_grads_match(run, model, torch.randn(9, 24), torch.randn(9, 12))
     assert fusion_backend.counters[LBGR] == 2 and graphs
     assert all(not t.endswith("_inference.default") for g in graphs for t in _fused_targets(g))
+
+
+def test_inference_twins_only_where_nothing_can_turn_grad_on():
+    """`registry.use_inference_twins` on hand-built graphs: a fused op is swapped for its twin
+    under no_grad; not with grad on, nor where a grad switch or a higher-order op (whose
+    subgraph could hold one) is in the graph."""
+    from torch import fx
+
+    import patterns.cat_linear_tanh as clt
+    from fusion_backend import registry
+
+    def graph(*extra):
+        g = fx.Graph()
+        x, w = g.placeholder("x"), g.placeholder("w")
+        for target, args in extra:
+            g.call_function(target, args)
+        g.output(g.call_function(clt.cat_linear_tanh, ([x], w, None, "ieee", False, 1.0)))
+        return fx.GraphModule(torch.nn.Module(), g)
+
+    twin = registry.INFERENCE_TWINS[clt.cat_linear_tanh]
+    with torch.no_grad():
+        gm = graph()
+        assert registry.use_inference_twins(gm) == 1
+        assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [twin]
+        assert registry.use_inference_twins(graph((torch._C._set_grad_enabled, (True,)))) == 0
+        assert registry.use_inference_twins(graph((torch.ops.higher_order.cond, ()))) == 0
+    assert registry.use_inference_twins(graph()) == 0
