@@ -464,11 +464,14 @@ def _fused_targets(gm):
 def _assert_grads_match(run, model, x, h):
     """Gradients of x and the parameters through `run(model, x, h)` against eager's and an
     fp64 copy's: within the fp32 class of the fp64 gradients, given eager's own error."""
+    def call(m, a, b):
+        return m(a, b)
+
     grads = {}
-    for tag, m, cast in (("ours", model, torch.float32), ("eager", copy.deepcopy(model), torch.float32),
-                         ("fp64", copy.deepcopy(model).double(), torch.float64)):
+    for tag, fn, m, cast in (("ours", run, model, torch.float32), ("eager", call, copy.deepcopy(model), torch.float32),
+                             ("fp64", call, copy.deepcopy(model).double(), torch.float64)):
         xi = x.detach().to(cast).requires_grad_()
-        (run if tag == "ours" else (lambda mm, a, b: mm(a, b)))(m, xi, h.to(cast)).square().sum().backward()
+        fn(m, xi, h.to(cast)).square().sum().backward()
         grads[tag] = [xi.grad] + [p.grad for p in m.parameters()]
     for ours, eager, ref in zip(grads["ours"], grads["eager"], grads["fp64"]):
         assert ours is not None, "a gradient was dropped"

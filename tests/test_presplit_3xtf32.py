@@ -378,7 +378,8 @@ def test_split_kernel_compiles_for_hopper_with_none_past_its_tensors(num):
         [f"s{i}{d}" for i in range(4) for d in "mk"] + ["c1", "c2", "c3", "stride_out"]
     unused = {f"s{i}" for i in range(num, 4)} | {f"K{i}" for i in range(num, 4)} | \
         {f"s{i}{d}" for i in range(num, 4) for d in "mk"} | {f"c{i}" for i in range(num, 4)}
-    sig = {n: ("*fp32" if n.startswith("s") and len(n) == 2 or n.endswith("_ptr") else "i32") for n in names}
+    pointers = {"s0", "s1", "s2", "s3", "hi_ptr", "lo_ptr"}
+    sig = {n: "*fp32" if n in pointers else "i32" for n in names}
     const = dict({n: None for n in unused}, NUM=num, BLOCK_M=32, BLOCK_K=128)
     ttgir, _ = compile_for_hopper("split", {n: t for n, t in sig.items() if n not in unused}, const)
     assert ttgir.count("tt.load") == 1  # one load of the selected tensor's tile
