@@ -65,6 +65,31 @@ def mma_3xtf32_step(a, b_hi, b_lo, acc, head, small):
 
 
 @gluon.jit
+def stage_ring(NUM_STAGES: gl.constexpr, a_desc, hi_desc, lo_desc):
+    """The K loop's ring of shared-memory stages for `mma_3xtf32_step`: per stage an A tile,
+    a B head and a B remainder tile (shapes and layouts of the three TMA descriptors) and one
+    mbarrier (initialized) that the stage's TMA loads complete."""
+    a_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
+    hi_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + hi_desc.block_type.shape, hi_desc.layout)
+    lo_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + lo_desc.block_type.shape, lo_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    return a_bufs, hi_bufs, lo_bufs, bars
+
+
+@gluon.jit
+def finish_3xtf32(acc, small, bars, NUM_STAGES: gl.constexpr):
+    """After the K loop: wait for the last remainder products, release the ring's mbarriers,
+    and add the remainder sum to the head sum, dropping NaN that arose in the remainders only
+    (inf - inf in a split, inf * 0: the head products carry inf / NaN of the inputs)."""
+    small = warpgroup_mma_wait(0, deps=(small,))
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(bars.index(i))
+    return acc + gl.where(small == small, small, 0.0)
+
+
+@gluon.jit
 def _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs, l_bufs,
                  bars, n0, m0, NUM_STAGES: gl.constexpr, NUM_SEGMENTS: gl.constexpr):
     """TMA loads of K step j of all segments (segment s ends at step e_s) into stage j %
@@ -107,12 +132,7 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
     acc_layout: gl.constexpr = _acc_layout(BN, BM, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=1)
 
-    w_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BN, BK], w0.layout)
-    h_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BM, BK], h0.layout)
-    l_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BM, BK], l0.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(bars.index(i), count=1)
+    w_bufs, h_bufs, l_bufs, bars = stage_ring(NUM_STAGES, w0, h0, l0)
 
     # the batch tiles of one W tile are neighbours in launch order: W is read from HBM once
     num_m = gl.cdiv(M, BM)
@@ -138,12 +158,7 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
         # step c - 1 is done with its stage: load step c - 1 + NUM_STAGES into it
         j = _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs,
                          l_bufs, bars, n0, m0, NUM_STAGES, NUM_SEGMENTS)
-    small = warpgroup_mma_wait(0, deps=(small,))
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.invalidate(bars.index(i))
-
-    # NaN in the remainders only (inf - inf in a split, inf * 0): the head carries inf / NaN
-    acc = acc + gl.where(small == small, small, 0.0)
+    acc = finish_3xtf32(acc, small, bars, NUM_STAGES)
     store_cell_tile(acc, b_ptr, out_ptr, n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout)),
                     m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout)), M, N, stride_om, stride_on,
                     HAS_BIAS, APPLY_TANH)

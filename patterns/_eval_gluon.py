@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from fusion_backend.triton_lib import store_eval_tile, tile_ids
 
-from ._cell_gluon import _acc_layout, _descriptor, _tma_load, mma_3xtf32_step
+from ._cell_gluon import _acc_layout, _descriptor, _tma_load, finish_3xtf32, mma_3xtf32_step, stage_ring
 from ._common import cdiv
 
 
@@ -57,12 +57,7 @@ def _eval_3xtf32_kernel(x_desc, whi_desc, wlo_desc, b_ptr, gamma_ptr, beta_ptr, 
     acc_layout: gl.constexpr = _acc_layout(BM, BN, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=1)
 
-    x_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BM, BK], x_desc.layout)
-    hi_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BN, BK], whi_desc.layout)
-    lo_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BN, BK], wlo_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(bars.index(i), count=1)
+    x_bufs, hi_bufs, lo_bufs, bars = stage_ring(NUM_STAGES, x_desc, whi_desc, wlo_desc)
 
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     m0 = pid_m * BM
@@ -81,12 +76,7 @@ def _eval_3xtf32_kernel(x_desc, whi_desc, wlo_desc, b_ptr, gamma_ptr, beta_ptr, 
                                            lo_bufs.index(st).permute((1, 0)), acc, head, small)
         # step c - 1 is done with its stage: load step c - 1 + NUM_STAGES into it
         j = _issue_loads(j, total, x_desc, whi_desc, wlo_desc, x_bufs, hi_bufs, lo_bufs, bars, m0, n0, NUM_STAGES)
-    small = warpgroup_mma_wait(0, deps=(small,))
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.invalidate(bars.index(i))
-
-    # NaN in the remainders only (inf - inf in a split, inf * 0): the head carries inf / NaN
-    acc = acc + gl.where(small == small, small, 0.0)
+    acc = finish_3xtf32(acc, small, bars, NUM_STAGES)
     store_eval_tile(acc, m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout)),
                     n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout)), M, N,
                     b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, stride_om, stride_on, eps,

@@ -176,7 +176,7 @@ _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_e
                             _gemm_bias_welford_kernel,
                             _merge_welford_kernel, _bn_gelu_relu_kernel,
                             *gluon_code("_eval_gluon", "_eval_3xtf32_kernel", "_issue_loads", "launch"),
-                            *gluon_code("_cell_gluon", "mma_3xtf32_step"))
+                            *gluon_code("_cell_gluon", "mma_3xtf32_step", "stage_ring", "finish_3xtf32"))
 
 
 # ----------------------------------------------------------------------------- launchers
