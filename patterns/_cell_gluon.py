@@ -22,7 +22,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from fusion_backend.triton_lib import store_cell_tile, tf32_round
+from fusion_backend.triton_lib import finish_3xtf32, store_cell_tile, tf32_round
 
 from ._common import cdiv, tf32_split_all
 
@@ -79,14 +79,14 @@ def stage_ring(NUM_STAGES: gl.constexpr, a_desc, hi_desc, lo_desc):
 
 
 @gluon.jit
-def finish_3xtf32(acc, small, bars, NUM_STAGES: gl.constexpr):
+def drain_3xtf32(acc, small, bars, NUM_STAGES: gl.constexpr):
     """After the K loop: wait for the last remainder products, release the ring's mbarriers,
-    and add the remainder sum to the head sum, dropping NaN that arose in the remainders only
-    (inf - inf in a split, inf * 0: the head products carry inf / NaN of the inputs)."""
+    and add the remainder sum to the head sum as the `tl` kernels do (`finish_3xtf32`: NaN that
+    arose in the remainders only is dropped, the head products carry the inputs' inf / NaN)."""
     small = warpgroup_mma_wait(0, deps=(small,))
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(bars.index(i))
-    return acc + gl.where(small == small, small, 0.0)
+    return finish_3xtf32(acc, small)
 
 
 @gluon.jit
@@ -158,7 +158,7 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
         # step c - 1 is done with its stage: load step c - 1 + NUM_STAGES into it
         j = _issue_loads(j, total, e0, e1, e2, w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, w_bufs, h_bufs,
                          l_bufs, bars, n0, m0, NUM_STAGES, NUM_SEGMENTS)
-    acc = finish_3xtf32(acc, small, bars, NUM_STAGES)
+    acc = drain_3xtf32(acc, small, bars, NUM_STAGES)
     store_cell_tile(acc, b_ptr, out_ptr, n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout)),
                     m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout)), M, N, stride_om, stride_on,
                     HAS_BIAS, APPLY_TANH)

@@ -22,7 +22,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from fusion_backend.triton_lib import store_eval_tile, tile_ids
 
-from ._cell_gluon import _acc_layout, _descriptor, _tma_load, finish_3xtf32, mma_3xtf32_step, stage_ring
+from ._cell_gluon import _acc_layout, _descriptor, _tma_load, drain_3xtf32, mma_3xtf32_step, stage_ring
 from ._common import cdiv
 
 
@@ -76,7 +76,7 @@ def _eval_3xtf32_kernel(x_desc, whi_desc, wlo_desc, b_ptr, gamma_ptr, beta_ptr, 
                                            lo_bufs.index(st).permute((1, 0)), acc, head, small)
         # step c - 1 is done with its stage: load step c - 1 + NUM_STAGES into it
         j = _issue_loads(j, total, x_desc, whi_desc, wlo_desc, x_bufs, hi_bufs, lo_bufs, bars, m0, n0, NUM_STAGES)
-    acc = finish_3xtf32(acc, small, bars, NUM_STAGES)
+    acc = drain_3xtf32(acc, small, bars, NUM_STAGES)
     store_eval_tile(acc, m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout)),
                     n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout)), M, N,
                     b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, stride_om, stride_on, eps,

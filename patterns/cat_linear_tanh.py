@@ -219,7 +219,7 @@ _SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kerne
                             finish_3xtf32, opaque_zeros, _cat_gemm_tanh_wxt_kernel, _wxt_split_segment,
                             store_cell_tile, _segment_descriptors,
                             *gluon_code("_cell_gluon", "_cell_3xtf32_kernel", "_issue_loads", "launch",
-                                        "mma_3xtf32_step", "stage_ring", "finish_3xtf32"))
+                                        "mma_3xtf32_step", "stage_ring", "drain_3xtf32"))
 
 
 def _unfused(xs, weight, bias):
