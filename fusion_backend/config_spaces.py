@@ -78,6 +78,11 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _g(128, 256, 64, 8, 3, TMA=True, dtypes=HALF),
             _g(128, 256, 64, 8, 4, TMA=True, dtypes=HALF),
             _g(128, 128, 64, 8, 4, TMA=True, dtypes=HALF),
+            # the same tiles walked by one program per multiprocessor (eval kernel, TF32 / bf16):
+            # H100, benchmarks/pingpong_gemm.py, 5 interleaved rounds: TF32 1.778 ms vs 1.870
+            # one tile per program (unfused 1.861, cuBLAS alone 1.614); bf16 0.971 vs 0.981
+            _g(128, 256, 32, 8, 3, TMA=True, PERSISTENT=True, precisions=("tf32", "ieee")),
+            _g(128, 256, 64, 8, 3, TMA=True, PERSISTENT=True, dtypes=HALF),
             # fp32 "highest" (3xTF32) with one operand split into TF32 head and remainder once
             # per call, both brought in by TMA (triton_lib.dot_3xtf32). H100, kernel + split
             # pass (benchmarks/presplit_3xtf32.py): 16384x4096->4096 eval 5.55-5.85 ms vs 6.93
@@ -267,6 +272,9 @@ def validate(profile, family: str, config: dict) -> List[str]:
                                     and profile.arch.rstrip("a") == "sm_90"):
         problems.append(f"GLUON is a pre-split 3xTF32 kernel on wgmma: needs PRESPLIT and sm_90, profile arch is "
                         f"{profile.arch}")
+    if config.get("PERSISTENT") and not (config.get("TMA") and not config.get("PRESPLIT") and not config.get("WXT")):
+        problems.append("PERSISTENT is the eval kernel's TMA tile walked by one program per multiprocessor: needs "
+                        "TMA=True, not PRESPLIT or WXT")
     if config.get("TMA") and not _has_tma(profile):
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)

@@ -224,6 +224,23 @@ def test_validate_tma_only_on_hopper_class(h100, rtx4090, mi300x):
     assert _has(cs.validate(a100, cs.GEMM, tma), "TMA", "sm_80")
 
 
+def test_persistent_tiles_only_for_the_eval_kernel_at_tf32_and_half(h100):
+    """PERSISTENT (one program per multiprocessor walking the tiles) is the eval kernel's TMA
+    tile at TF32 / bf16: rejected without TMA or with PRESPLIT / WXT, offered by the eval space
+    at "high" and bf16 but not at "highest" (3xTF32 has its own kernels) nor to the cell."""
+    assert cs.validate(h100, cs.GEMM, _gemm(TMA=True, PERSISTENT=True)) == []
+    for bad in (_gemm(PERSISTENT=True), _gemm(**cs.PRESPLIT, PERSISTENT=True), _gemm(**cs.WXT, PERSISTENT=True)):
+        assert _has(cs.validate(h100, cs.GEMM, bad), "PERSISTENT")
+    import patterns.cat_linear_tanh as clt
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    assert any(c.get("PERSISTENT") for c in lbgr.eval_space(h100, torch.float32, "tf32"))
+    assert any(c.get("PERSISTENT") for c in lbgr.eval_space(h100, torch.bfloat16, "ieee"))
+    assert not any(c.get("PERSISTENT") for c in lbgr.eval_space(h100, torch.float32, "tf32x3"))
+    for dtype, precision in ((torch.float32, "tf32"), (torch.bfloat16, "ieee")):
+        assert not any(c.get("PERSISTENT") for c in clt.cell_space(h100, dtype, precision))
+
+
 def test_gluon_kernels_only_on_sm90_at_3xtf32(h100):
     """The Gluon kernels issue wgmma: Hopper (sm_90) only, and only as pre-split 3xTF32
     configs; the H100 space has such tiles, the A100 space and a Blackwell-class profile do

@@ -413,26 +413,30 @@ def test_inplace_write_to_input_alias_after_linear():
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_tma_eval_kernel_matches_pointer_kernel(monkeypatch, approximate):
+@pytest.mark.parametrize("variant", ["tma", "persistent", "persistent-4", "pointer"])
+def test_tma_eval_kernel_matches_pointer_kernel(monkeypatch, approximate, variant):
     """The eval kernel's TMA variant (Hopper configs with TMA=True) under the interpreter:
     descriptors zero-fill the ragged tiles (37 rows, K = 100, 75 columns), same result as the
-    pointer kernel and the fp64 reference; on the CPU the readiness check (CUDA only) is
-    bypassed so the variant runs at all."""
+    fp64 reference within eager's class, and so does the pointer kernel; on the CPU the
+    readiness check (CUDA only) is bypassed so the variant runs at all. PERSISTENT: the 15
+    tiles walked by one program (the interpreter profile's one multiprocessor) or by 4."""
+    import dataclasses
+
     import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import devices
 
     monkeypatch.setattr(lbgr, "tma_ready", lambda t: True)
+    if variant == "persistent-4":
+        four = dataclasses.replace(devices.tensor_profile(torch.empty(0)), multiprocessors=4)
+        monkeypatch.setattr(devices, "tensor_profile", lambda t: four)
     torch.manual_seed(21)
     x, w = torch.randn(37, 100), torch.randn(75, 100) / 10
     b, gamma, beta, mean = (torch.randn(75) for _ in range(4))
     var = torch.rand(75) + 0.5
     ref = lbgr._reference(*(t.double() for t in (x, w, b, gamma, beta, mean, var)), 1e-5, approximate)
-    outs = []
-    for tma in (True, False):
-        out = torch.full((37, 75), float("nan"))
-        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=1, num_stages=1)
-        lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, approximate, "ieee", out)(
-            dict(config, TMA=True) if tma else config)
-        outs.append(out)
-    eager = lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, approximate)
-    for out in outs:
-        assert_matches(out, eager, ref)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=1, num_stages=1)
+    if variant != "pointer":
+        config.update(TMA=True, PERSISTENT=variant.startswith("persistent"))
+    out = torch.full((37, 75), float("nan"))
+    lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, approximate, "ieee", out)(config)
+    assert_matches(out, lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, approximate), ref)
