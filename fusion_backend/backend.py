@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 from torch import fx
 
-from . import devices, normalize as _normalize, registry
+from . import devices, normalize as _normalize, registry, trial as _trial
 from .options import Options
 from .report import GraphReport, Site
 
@@ -178,12 +178,67 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     if not report.fused:
         return _inductor(_restore(gm, original), example_inputs, opts)
     try:
-        return _inductor(gm, example_inputs, opts)
+        compiled = _inductor(gm, example_inputs, opts)
     except Exception as exc:
         # Never break what Inductor alone compiles: retry without our rewrites.
         warnings.warn(f"fusedtriton: Inductor failed on the rewritten graph ({type(exc).__name__}: {exc}); "
                       "compiling the original graph instead", RuntimeWarning)
-        for site in report.fused:
-            counters[site.pattern] -= 1
-            site.fused, site.reason = False, f"graph fell back to Inductor: {type(exc).__name__}"
+        _unfuse(report, f"graph fell back to Inductor: {type(exc).__name__}")
         return _inductor(_restore(gm, original), example_inputs, opts)
+    why_not = _no_trial_reason(report, profile, opts)
+    if why_not:
+        log.debug("fusedtriton: no run-time trial: %s", why_not)
+        return compiled
+    try:
+        original_compiled = _inductor(_restore(gm, original), example_inputs, opts)
+    except Exception as exc:  # the original graph is only the trial's rival: keep the fused one
+        log.warning("fusedtriton: Inductor failed on the original graph (%s: %s); no run-time trial",
+                    type(exc).__name__, exc)
+        return compiled
+    report.note = f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each)"
+    return _trial.as_compiled_fn(_trial.GraphTrial(compiled, original_compiled, _trial_decided(report)))
+
+
+def _unfuse(report: GraphReport, reason: str):
+    """The graph runs without its rewrites after all: sites and counters say so."""
+    for site in report.fused:
+        counters[site.pattern] -= 1
+        site.fused, site.reason = False, reason
+
+
+def _no_trial_reason(report: GraphReport, profile, opts: Options) -> str:
+    """Why this fused graph does not get a run-time trial (`trial.py`), or "" when it does:
+    only where the compile-time decision timed the sites on a GPU, without CUDA graphs (host
+    time per call vanishes under them), and where the fused sites' tuned GPU time is small
+    enough for the rest of the graph's host time to matter (the original graph's extra
+    Inductor compile is then cheap too; the unrolled RNN, 77 s with Inductor, never gets one)."""
+    if not opts.trial:
+        return "options['trial'] is False"
+    if not opts.autotune or profile.vendor == "interpreter":
+        return "sites not timed at compile time"
+    if opts.cudagraphs:
+        return "CUDA graphs: no host time per call to weigh"
+    from . import autotune
+
+    total = 0.0
+    for site in report.fused:
+        choice = autotune.TUNER.lookup(site.info.get("key")) if site.info.get("key") else None
+        if choice is None or choice.fused_ms is None:
+            return f"no tuned GPU time for {site.pattern} at {site.node}"
+        total += choice.fused_ms
+    if total >= _trial.TRIAL_BELOW_MS:
+        return f"fused sites take {total:.3f} ms of GPU time a call (trial below {_trial.TRIAL_BELOW_MS} ms)"
+    return ""
+
+
+def _trial_decided(report: GraphReport):
+    def decided(fused_ms: float, unfused_ms: float, keep_fused: bool):
+        times = f"{fused_ms:.4f} ms/call fused vs {unfused_ms:.4f} unfused (median of {_trial.TRIAL_CALLS})"
+        if keep_fused:
+            report.note = f"run-time trial: fused graph kept, {times}"
+        else:
+            report.note = f"run-time trial: original graph kept, {times}"
+            _unfuse(report, f"run-time trial: the whole graph ran faster unfused ({times}): left to Inductor")
+        log.info("fusedtriton: %s", report.note)
+
+    return decided

@@ -12,6 +12,8 @@ OPTION_DOCS = {
     "autotune": "benchmark configs (and the unfused path) per shape key; False = heuristic pick (default True)",
     "tune_budget_s": "time budget in seconds for tuning one key (default 30)",
     "only_named_devices": "fuse only on the MI300X and RTX 4090 profiles, Inductor alone elsewhere (default False)",
+    "trial": "where the fused sites take under 1 ms of GPU time a call, also compile the original graph and "
+             "time both over the first calls at run time, keeping the faster (default True; off under CUDA graphs)",
     "mode": "Inductor mode for the rest of the graph; use this when also passing options, since "
             "torch.compile accepts mode= or options=, not both",
     "inductor_options": "dict of extra Inductor config patches for the rest of the graph",
@@ -25,6 +27,7 @@ class Options:
     autotune: bool = True
     tune_budget_s: float = 30.0
     only_named_devices: bool = False
+    trial: bool = True
     inductor_options: Tuple[Tuple[str, Any], ...] = ()
 
     @staticmethod
@@ -64,12 +67,15 @@ class Options:
         only_named = options.get("only_named_devices", False)
         if not isinstance(only_named, bool):
             raise ValueError(f"fusedtriton: options['only_named_devices'] must be True or False, got {only_named!r}")
+        trial = options.get("trial", True)
+        if not isinstance(trial, bool):
+            raise ValueError(f"fusedtriton: options['trial'] must be True or False, got {trial!r}")
         extra = options.get("inductor_options", {})
         if not isinstance(extra, Mapping):
             raise ValueError("fusedtriton: options['inductor_options'] must be a dict of Inductor config patches")
         return Options(
             mode=None if mode == "default" else mode, patterns=patterns, autotune=autotune,
-            tune_budget_s=float(budget), only_named_devices=only_named,
+            tune_budget_s=float(budget), only_named_devices=only_named, trial=trial,
             inductor_options=tuple(sorted(extra.items())),
         )
 

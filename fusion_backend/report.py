@@ -44,7 +44,8 @@ class GraphReport:
         if self.profile is None:
             return f"fusedtriton: no device profile ({self.note}); whole graph to Inductor"
         return (f"fusedtriton[{self.profile}]: {len(self.fused)} site(s) fused, "
-                f"{len(self.skipped)} not fused; rest to Inductor (mode={self.mode or 'default'})")
+                f"{len(self.skipped)} not fused; rest to Inductor (mode={self.mode or 'default'})"
+                + (f"; {self.note}" if self.note else ""))
 
 
 def _collapsed(sites: List[Site]) -> List[str]:

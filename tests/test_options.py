@@ -31,11 +31,12 @@ def test_defaults():
 def test_all_documented_keys_accepted():
     name = fusion_backend.pattern_names()[0]
     opts = Options.parse(None, {
-        "patterns": [name], "autotune": False, "tune_budget_s": 5, "only_named_devices": True,
+        "patterns": [name], "autotune": False, "tune_budget_s": 5, "only_named_devices": True, "trial": False,
         "mode": "max-autotune", "inductor_options": {"max_autotune_gemm": False},
     })
-    assert set(OPTION_DOCS) == {"patterns", "autotune", "tune_budget_s", "only_named_devices", "mode",
+    assert set(OPTION_DOCS) == {"patterns", "autotune", "tune_budget_s", "only_named_devices", "trial", "mode",
                                 "inductor_options"}
+    assert opts.trial is False
     assert opts.patterns == (name,)
     assert opts.autotune is False
     assert opts.tune_budget_s == 5.0 and isinstance(opts.tune_budget_s, float)

@@ -1,0 +1,173 @@
+"""The run-time trial of a fused graph against the original one (fusion_backend/trial.py).
+
+GraphTrial itself runs on fake graphs and a fake clock; the backend's use of it runs on the
+CPU interpreter with the trial forced on (on a CPU there is no GPU time to weigh, so the
+backend never starts one by itself) and a fake clock that makes one graph the faster.
+Results are compared with eager and a float64 copy of the model at every call, since the
+calls alternate between the two compiled graphs.
+"""
+import copy
+
+import pytest
+import torch
+
+import fusion_backend
+from fusion_backend import backend, trial
+from fusion_backend.options import Options
+from test_backend import LBGR, Block, needs_interpreter, randomize
+from tolerances import assert_matches
+
+
+class FakeClock:
+    """Spans in the order they are stopped: even ones are the fused graph's (the trial
+    alternates fused, unfused, ...), timed `fused_ms` / `unfused_ms`; `ready` and
+    `capturing` are switches."""
+
+    def __init__(self, fused_ms=1.0, unfused_ms=2.0):
+        self.times = (fused_ms, unfused_ms)
+        self.stopped = 0
+        self.ready_now = True
+        self.capturing_now = False
+
+    def start(self):
+        return None
+
+    def stop(self, start):
+        self.stopped += 1
+        return self.times[(self.stopped - 1) % 2]
+
+    def ready(self, span):
+        return self.ready_now
+
+    def ms(self, span):
+        return span
+
+    def capturing(self):
+        return self.capturing_now
+
+
+def _graphs():
+    calls = []
+
+    def fused(*args):
+        calls.append("fused")
+        return "F"
+
+    def unfused(*args):
+        calls.append("unfused")
+        return "U"
+
+    return fused, unfused, calls
+
+
+@pytest.mark.parametrize("fused_ms,unfused_ms,winner", [(1.0, 2.0, "F"), (2.0, 1.0, "U"), (1.0, 1.0, "F")])
+def test_trial_alternates_then_keeps_the_faster(fused_ms, unfused_ms, winner):
+    fused, unfused, calls = _graphs()
+    decisions = []
+    clock = FakeClock(fused_ms, unfused_ms)
+    run = trial.as_compiled_fn(trial.GraphTrial(fused, unfused, lambda *d: decisions.append(d), calls=3,
+                                                clock=clock))
+    outs = [run() for _ in range(2 + 2 * 3)]
+    assert calls == ["fused", "unfused"] * 4 and outs == ["F", "U"] * 4
+    assert clock.stopped == 6  # the first call of each graph is not timed
+    assert decisions == []
+    outs = [run() for _ in range(5)]
+    assert outs == [winner] * 5
+    assert decisions == [(fused_ms, unfused_ms, winner == "F")]
+
+
+def test_trial_waits_for_the_events_and_skips_captures():
+    fused, unfused, calls = _graphs()
+    decisions = []
+    clock = FakeClock(2.0, 1.0)
+    run = trial.as_compiled_fn(trial.GraphTrial(fused, unfused, lambda *d: decisions.append(d), calls=2,
+                                                clock=clock))
+    clock.capturing_now = True
+    assert [run() for _ in range(3)] == ["F"] * 3 and clock.stopped == 0  # capture: fused, nothing timed
+    clock.capturing_now = False
+    for _ in range(2 + 2 * 2):
+        run()
+    clock.ready_now = False
+    assert [run() for _ in range(3)] == ["F"] * 3 and decisions == []  # GPU not there yet: fused meanwhile
+    clock.ready_now = True
+    assert run() == "U" and len(decisions) == 1
+
+
+def _options(**kw):
+    return Options.parse(None, kw)
+
+
+def test_no_trial_reasons(monkeypatch):
+    from fusion_backend import autotune
+    from fusion_backend.report import GraphReport, Site
+
+    gpu = devices_like("nvidia")
+    report = GraphReport(profile="nvidia", mode=None, sites=[Site(LBGR, "relu", True, info={"key": "k1"})])
+    monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", 0.3, 0.5))
+    assert backend._no_trial_reason(report, gpu, _options()) == ""
+    assert "trial" in backend._no_trial_reason(report, gpu, _options(trial=False))
+    assert "timed" in backend._no_trial_reason(report, gpu, _options(autotune=False))
+    assert "CUDA graphs" in backend._no_trial_reason(report, gpu, _options(mode="reduce-overhead"))
+    assert "timed" in backend._no_trial_reason(report, devices_like("interpreter"), _options())
+    monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", 1.5, 3.0))
+    assert "1.500 ms" in backend._no_trial_reason(report, gpu, _options())
+    report.sites.append(Site("rnn_sequence", "stack", True, info={}))  # no tuned time: never a trial
+    monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", 0.3, 0.5))
+    assert "rnn_sequence" in backend._no_trial_reason(report, gpu, _options())
+
+
+def devices_like(vendor):
+    import dataclasses
+
+    from fusion_backend import devices
+
+    return dataclasses.replace(devices.INTERPRETER, name=vendor, vendor=vendor)
+
+
+def test_trial_option_is_a_bool():
+    assert _options(trial=False).trial is False and _options().trial is True
+    with pytest.raises(ValueError, match="trial"):
+        _options(trial="yes")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("unfused_faster", [False, True], ids=["fused-kept", "original-kept"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_backend_trial_on_a_real_graph(monkeypatch, caplog, unfused_faster, train):
+    """Both graphs compiled by Inductor, calls alternating: every output and the BatchNorm
+    running statistics match eager's at each call; the decision shows in the counters, the
+    report and the log."""
+    clock = FakeClock(*((2.0, 1.0) if unfused_faster else (1.0, 2.0)))
+    monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
+    monkeypatch.setattr(trial, "CudaClock", lambda: clock)
+    model = randomize(Block(24, 20)).train(train)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        from fusion_backend.backend import _report_sinks
+
+        sink = []
+        _report_sinks.append(sink)
+        try:
+            return backend.fusedtriton(gm, example_inputs)
+        finally:
+            _report_sinks.remove(sink)
+            graphs.extend(sink)
+
+    compiled = torch.compile(model, backend=recording_backend)
+    caplog.set_level("INFO", logger="fusion_backend")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _ in range(2 + 2 * trial.TRIAL_CALLS + 2):
+            x = torch.randn(37, 24)
+            assert_matches(compiled(x), eager(x), ref(x.double()))
+    if train:
+        assert_matches(model.bn.running_var, eager.bn.running_var, ref.bn.running_var)
+        assert model.bn.num_batches_tracked == eager.bn.num_batches_tracked
+    (report,) = graphs
+    assert fusion_backend.counters[LBGR] == (0 if unfused_faster else 1)
+    kept = "original graph kept" if unfused_faster else "fused graph kept"
+    assert kept in report.note and kept in caplog.text
+    if unfused_faster:
+        assert report.skipped and "run-time trial" in report.skipped[0].reason
