@@ -94,6 +94,20 @@ def reference(rows, tag, name, fn, err=float("nan")):
     rows.append((tag, name, bench(fn), err))
 
 
+def eval_block_references(rows, tag, args, ref, profile):
+    """The eval-block sweeps' reference rows for inputs `args` = (x, w, b, gamma, beta,
+    running_mean, running_var): the bare cuBLAS GEMM and the unfused path (cuBLAS + one
+    pointwise pass, as Inductor runs it). The closures bind their tensors now: --rounds calls
+    them after the sweep."""
+    import torch.nn.functional as F
+
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    reference(rows, tag, "cuBLAS GEMM alone", lambda x=args[0], w=args[1]: F.linear(x, w))
+    unfused = lambda t=tuple(args): lbgr._unfused_eval(*t, 1e-5, "none", profile)  # noqa: E731
+    reference(rows, tag, "unfused (cuBLAS + pointwise)", unfused, rel_err(unfused(), ref))
+
+
 def eval_block_inputs(M, K, N, dtype, device="cuda"):
     """Seeded random inputs of the Linear+BN+GELU+ReLU eval block, (x, w, b, gamma, beta,
     running_mean, running_var), and its fp64 reference output; for the kernel sweeps."""

@@ -7,10 +7,9 @@ Median do_bench ms and rel. error vs fp64 per variant; prints a table last (with
 fastest variants and the references again, timed in interleaved rounds).
 """
 import torch
-import torch.nn.functional as F
 
 import patterns.linear_bn_gelu_relu as lbgr
-from bench import eval_block_inputs, print_variants, reference, rel_err, sweep_args, try_variant
+from bench import eval_block_inputs, eval_block_references, print_variants, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
 from patterns._common import kernel_kwargs
 
@@ -41,10 +40,7 @@ def main():
         torch.set_float32_matmul_precision(setting)
         (x, w, b, gamma, beta, mean, var), ref = eval_block_inputs(M, K, N, dtype)
         tag = f"{str(dtype)[6:]} {precision}"
-        # every closure binds its tensors now (default arguments): --rounds calls them after the loop
-        reference(rows, tag, "cuBLAS GEMM alone", lambda x=x, w=w: F.linear(x, w))
-        unfused = lambda t=(x, w, b, gamma, beta, mean, var): lbgr._unfused_eval(*t, 1e-5, "none", profile)  # noqa: E731
-        reference(rows, tag, "unfused (cuBLAS + pointwise)", unfused, rel_err(unfused(), ref))
+        eval_block_references(rows, tag, (x, w, b, gamma, beta, mean, var), ref, profile)
         for tma in (False, True):
             for shape in shapes:
                 config = g(*shape, tma)

@@ -21,7 +21,6 @@ consumer waiting two rounds ahead of the loader sees its round's parity).
     python benchmarks/pingpong_gemm.py [--M 16384 --K 4096 --N 4096] [--rounds 3]
 """
 import torch
-import torch.nn.functional as F
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -30,7 +29,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import patterns.linear_bn_gelu_relu as lbgr
 from persistent_gemm import persistent_eval
-from bench import eval_block_inputs, print_variants, reference, rel_err, sweep_args, try_variant
+from bench import eval_block_inputs, eval_block_references, print_variants, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
 from fusion_backend.triton_lib import store_eval_tile
 from patterns._cell_gluon import _tma_load
@@ -223,9 +222,7 @@ def main():
         torch.set_float32_matmul_precision(setting)
         (x, w, b, gamma, beta, mean, var), ref = eval_block_inputs(M, K, N, dtype)
         tag = f"{str(dtype)[6:]} {precision}"
-        reference(rows, tag, "cuBLAS GEMM alone", lambda x=x, w=w: F.linear(x, w))
-        unfused = lambda t=(x, w, b, gamma, beta, mean, var): lbgr._unfused_eval(*t, 1e-5, "none", profile)  # noqa: E731
-        reference(rows, tag, "unfused (cuBLAS + pointwise)", unfused, rel_err(unfused(), ref))
+        eval_block_references(rows, tag, (x, w, b, gamma, beta, mean, var), ref, profile)
         for shape in tl_shapes:
             config = config_spaces._g(*shape, TMA=True)
             out = torch.empty((M, N), device="cuda", dtype=dtype)
