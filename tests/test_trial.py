@@ -15,7 +15,7 @@ import fusion_backend
 from fusion_backend import backend, trial
 from fusion_backend.options import Options
 from test_backend import LBGR, Block, needs_interpreter, randomize
-from tolerances import assert_matches
+from tolerances import assert_matches, grad_close
 
 
 class FakeClock:
@@ -171,3 +171,46 @@ def test_backend_trial_on_a_real_graph(monkeypatch, caplog, unfused_faster, trai
     assert kept in report.note and kept in caplog.text
     if unfused_faster:
         assert report.skipped and "run-time trial" in report.skipped[0].reason
+
+
+@needs_interpreter
+@pytest.mark.parametrize("unfused_faster", [False, True], ids=["fused-kept", "original-kept"])
+def test_backend_trial_gradients_match_eager_at_every_call(monkeypatch, unfused_faster):
+    """With grad on (training), each call's backward runs through the graph that call took:
+    at every call of the trial and after it, the output matches eager and a float64 copy, and
+    the gradients of x, W, b, gamma and beta match theirs within `grad_close` (the Linear bias's
+    exact gradient is 0 in front of a training-mode BatchNorm: compared at the scale of dY)."""
+    clock = FakeClock(*((2.0, 1.0) if unfused_faster else (1.0, 2.0)))
+    monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
+    monkeypatch.setattr(trial, "CudaClock", lambda: clock)
+    model = randomize(Block(24, 20)).train()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    linear_out = []  # the fp64 copy's Linear output, for the scale of dY
+
+    def keep(mod, inp, y):
+        y.retain_grad()
+        linear_out.append(y)
+
+    ref.lin.register_forward_hook(keep)
+    compiled = torch.compile(model, backend="fusedtriton")
+    torch.manual_seed(2)
+    for _ in range(2 + 2 * trial.TRIAL_CALLS + 2):
+        x, grad_out = torch.randn(37, 24), torch.randn(37, 20)
+        linear_out.clear()
+        grads = []
+        for fn, m, dtype in ((compiled, model, torch.float32), (eager, eager, torch.float32),
+                             (ref, ref, torch.float64)):
+            xi = x.to(dtype, copy=True).requires_grad_()
+            out = fn(xi)
+            out.backward(grad_out.to(dtype))
+            grads.append({"out": out.detach(), "x": xi.grad, "W": m.lin.weight.grad, "b": m.lin.bias.grad,
+                          "gamma": m.bn.weight.grad, "beta": m.bn.bias.grad})
+            m.zero_grad()
+        got, want, ref64 = grads
+        assert_matches(got["out"], want["out"], ref64["out"])
+        dy_scale = linear_out[0].grad.abs().max().item()
+        for name in ("x", "W", "b", "gamma", "beta"):
+            scale = dy_scale if name == "b" else None
+            torch.testing.assert_close(got[name], want[name], **grad_close(want[name], scale))
+            torch.testing.assert_close(got[name], ref64[name].float(), **grad_close(ref64[name], scale))
+    assert fusion_backend.counters[LBGR] == (0 if unfused_faster else 1)
