@@ -18,11 +18,8 @@ trial off with options={"trial": False}).
 """
 from __future__ import annotations
 
-import logging
 import statistics
 from typing import Callable, Optional
-
-log = logging.getLogger("fusion_backend")
 
 #: a graph gets a trial when its fused sites' tuned GPU time adds up to less than this (ms a call)
 TRIAL_BELOW_MS = 1.0
@@ -61,10 +58,10 @@ class CudaClock:
 
 
 class GraphTrial:
-    """Alternates calls between `fused` and `unfused` (compiled graphs, called with the
-    graph's arguments as a tuple), times `calls` calls of each after one warm-up call each, then sends every
-    call to the faster one (by median; the fused graph on a tie) and calls
-    `on_decided(fused_ms, unfused_ms, keep_fused)` once."""
+    """Alternates calls between `fused` and `unfused` (compiled graphs of the same arguments),
+    times `calls` calls of each after one warm-up call each, then sends every call to the
+    faster one (by median; the fused graph on a tie) and calls `on_decided(fused_ms,
+    unfused_ms, keep_fused)` once."""
 
     def __init__(self, fused: Callable, unfused: Callable, on_decided: Callable, calls: int = TRIAL_CALLS,
                  clock=None):
