@@ -30,6 +30,8 @@ class RewriteContext:
     options: Options
     device: torch.device
     examples: dict = dataclasses.field(default_factory=dict)  # placeholder node -> real example tensor
+    # tuning key -> why a site was found launch-bound but fused, for the run-time trial to settle
+    launch_bound: dict = dataclasses.field(default_factory=dict)
 
     def dot_precision(self, dtype: torch.dtype) -> str:
         return self.profile.dot_precision(dtype)
@@ -131,6 +133,9 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
                 continue
             if match is not None:
                 report.sites.append(_rewrite_site(pattern, match, ctx, node))
+    for site in report.fused:
+        if site.info.get("key") in ctx.launch_bound:
+            site.info["launch_bound"] = ctx.launch_bound[site.info["key"]]
     if report.fused and registry.use_inference_twins(gm):
         log.debug("fusedtriton: grad is off in this graph: fused ops without autograd kernels")
     # no eliminate_dead_code(): it would drop unused in-place method calls such as
@@ -210,8 +215,9 @@ def _no_trial_reason(report: GraphReport, profile, opts: Options) -> str:
     """Why this fused graph does not get a run-time trial (`trial.py`), or "" when it does:
     only where the compile-time decision timed the sites on a GPU, without CUDA graphs (host
     time per call vanishes under them), and where the fused sites' tuned GPU time is small
-    enough for the rest of the graph's host time to matter (the original graph's extra
-    Inductor compile is then cheap too; the unrolled RNN, 77 s with Inductor, never gets one)."""
+    enough for the rest of the graph's host time to matter, or where a site was fused although
+    it looked launch-bound alone (`_common.tuned_unfused_reason`); the original graph's extra
+    Inductor compile is then cheap too (the unrolled RNN, 77 s with Inductor, never gets one)."""
     if not opts.trial:
         return "options['trial'] is False"
     if not opts.autotune or profile.vendor == "interpreter":
@@ -226,7 +232,7 @@ def _no_trial_reason(report: GraphReport, profile, opts: Options) -> str:
         if choice is None or choice.fused_ms is None:
             return f"no tuned GPU time for {site.pattern} at {site.node}"
         total += choice.fused_ms
-    if total >= _trial.TRIAL_BELOW_MS:
+    if total >= _trial.TRIAL_BELOW_MS and not any(site.info.get("launch_bound") for site in report.fused):
         return f"fused sites take {total:.3f} ms of GPU time a call (trial below {_trial.TRIAL_BELOW_MS} ms)"
     return ""
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from fusion_backend import autotune, config_spaces, registry
+from fusion_backend import autotune, config_spaces, registry, trial
 from fusion_backend.normalize import example_value
 
 log = logging.getLogger("fusion_backend")
@@ -161,7 +161,9 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
     the site is better left to Inductor. Returns the reason to leave it, or None.
 
     The rest of the compiled graph's host time (Dynamo's guards, AOT's and Inductor's
-    wrappers: ~0.1-0.3 ms a call on the H100 machine) is not known here. Counting the op's
+    wrappers: ~0.1-0.3 ms a call on the H100 machine) is not known here: with the run-time
+    trial on (`fusion_backend/trial.py`), a launch-bound site is fused anyway and noted in
+    `ctx.launch_bound`, and the trial keeps whichever whole graph runs faster. Counting the op's
     host time as if none of it overlapped the GPU was tried and not kept: on that machine it
     left a 4096x2048->2048 MLP block at "highest" to Inductor (0.354 + 0.341 ms vs 0.711),
     where fused the whole block ran 0.39-0.43 ms against Inductor's 0.71 (NOTES.md)."""
@@ -178,8 +180,13 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
             return None
         fused_ms, unfused_ms = per_call_ms(call_op), per_call_ms(call_unfused)
     if fused_ms > unfused_ms:
-        return (f"launch-bound here: fused op {fused_ms:.4f} ms/call vs unfused {unfused_ms:.4f} ms/call, host "
-                "time included (mode='reduce-overhead' removes it): left to Inductor")
+        why = f"launch-bound here: fused op {fused_ms:.4f} ms/call vs unfused {unfused_ms:.4f} ms/call, host time included"
+        if ctx.options.trial and choice is not None and (choice.fused_ms or 0.0) < trial.TRIAL_BELOW_MS:
+            # fused after all: the graph then gets the run-time trial, which times the whole
+            # graph both ways (this check sees the op alone, not the rest of the graph's host time)
+            ctx.launch_bound[key] = why
+            return None
+        return why + " (mode='reduce-overhead' removes it): left to Inductor"
     return None
 
 

@@ -214,3 +214,67 @@ def test_backend_trial_gradients_match_eager_at_every_call(monkeypatch, unfused_
             torch.testing.assert_close(got[name], want[name], **grad_close(want[name], scale))
             torch.testing.assert_close(got[name], ref64[name].float(), **grad_close(ref64[name], scale))
     assert fusion_backend.counters[LBGR] == (0 if unfused_faster else 1)
+
+
+def test_trial_also_settles_sites_that_look_launch_bound_alone(monkeypatch):
+    from fusion_backend import autotune
+    from fusion_backend.report import GraphReport, Site
+
+    gpu = devices_like("nvidia")
+    site = Site(LBGR, "relu", True, info={"key": "k1", "launch_bound": "launch-bound here: ..."})
+    report = GraphReport(profile="nvidia", mode=None, sites=[site])
+    # 1.5 ms of tuned GPU time is above the trial's bound, but this site looked launch-bound alone
+    monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", 1.5, 3.0))
+    assert backend._no_trial_reason(report, gpu, _options()) == ""
+    del site.info["launch_bound"]
+    assert "1.500 ms" in backend._no_trial_reason(report, gpu, _options())
+
+
+@pytest.mark.parametrize("how", ["trial", "no-trial", "cudagraphs", "slow-kernel"])
+def test_launch_bound_site_fused_for_the_trial_or_left_to_inductor(monkeypatch, how):
+    """`tuned_unfused_reason` on a site whose op alone is slower per call than the unfused
+    path (host time included) though its kernel is faster: fused and noted for the run-time
+    trial when the trial is on and the kernel's GPU time is under its bound, else left to
+    Inductor with the reason; under CUDA graphs host time is not weighed at all."""
+    import types
+
+    import patterns._common as common
+    from fusion_backend import autotune
+
+    kernel_ms = 2.0 if how == "slow-kernel" else 0.02
+    monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", kernel_ms,
+                                                                              kernel_ms + 0.001))
+
+    def call_op():
+        return None
+
+    def call_unfused():
+        return None
+
+    monkeypatch.setattr(common, "per_call_ms", lambda fn: 0.2 if fn is call_op else 0.1)
+    opts = _options(trial=how != "no-trial", **({"mode": "reduce-overhead"} if how == "cudagraphs" else {}))
+    ctx = types.SimpleNamespace(tunes_at_compile_time=True, options=opts, launch_bound={})
+    reason = common.tuned_unfused_reason(ctx, "k1", call_op, call_unfused)
+    if how == "trial":
+        assert reason is None and "launch-bound" in ctx.launch_bound["k1"]
+    elif how == "cudagraphs":
+        assert reason is None and not ctx.launch_bound
+    else:
+        assert "launch-bound" in reason and "left to Inductor" in reason and not ctx.launch_bound
+
+
+@needs_interpreter
+def test_launch_bound_note_reaches_the_report(monkeypatch):
+    """A site fused although it looked launch-bound alone carries the note in its report
+    (explain() prints it), which is what gives its graph the run-time trial."""
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    def launch_bound(ctx, key, call_op, call_unfused):
+        ctx.launch_bound[key] = "launch-bound here: fused op 0.2 ms/call vs unfused 0.1 ms/call"
+        return None
+
+    monkeypatch.setattr(lbgr, "tuned_unfused_reason", launch_bound)
+    with torch.no_grad():
+        report = fusion_backend.explain(randomize(Block(24, 20)).eval(), torch.randn(37, 24))
+    (site,) = report.fused
+    assert site.info["launch_bound"].startswith("launch-bound here") and "launch_bound=" in str(report)
