@@ -251,7 +251,8 @@ import patterns.linear_bn_gelu_relu as lbgr
 kernel, sig, const = json.loads(sys.argv[1])
 from fusion_backend.triton_lib import tf32_split_kernel
 fn = {"eval": lbgr._gemm_bn_gelu_relu_eval_presplit_kernel, "cell": clt._cat_gemm_tanh_presplit_kernel,
-      "wxt": clt._cat_gemm_tanh_wxt_kernel, "split": tf32_split_kernel}[kernel]
+      "wxt": clt._cat_gemm_tanh_wxt_kernel, "split": tf32_split_kernel,
+      "tma_eval": lbgr._gemm_bn_gelu_relu_eval_tma_kernel}[kernel]
 num_warps = const.pop("num_warps", 4)
 sig.update({k: "constexpr" for k in const})
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -367,6 +368,25 @@ def test_hopper_code_keeps_the_head_product_off_the_accumulator_chain(kernel):
     c_operands = [line.split("warp_group_dot ")[1].split(" {")[0].split(", ")[2] for line in dots]
     assert sum("seed" in c for c in c_operands) == segments, c_operands  # one fresh head product per K loop
     assert "cvt.rna.tf32.f32" in ptx
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
+@pytest.mark.parametrize("dtype,precision,bk", [("fp32", "tf32", 32), ("bf16", "ieee", 64)])
+def test_tma_eval_kernel_compiles_for_hopper(persistent, dtype, precision, bk):
+    """The eval kernel's TMA tiles at TF32 / bf16, one tile per program and PERSISTENT, with
+    the H100 space's 128x256 tiles, compiled for sm_90 by this Triton (no GPU needed; the
+    interpreter runs both kernels, the GPU tests run them with the GPU machine's Triton): one
+    wgmma in the K loop, and in the persistent kernel a loop over tiles around it."""
+    sig = {"x_desc": f"tensordesc<{dtype}[128, {bk}]>", "w_desc": f"tensordesc<{dtype}[256, {bk}]>",
+           **{n: f"*{dtype}" for n in ("b_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "out_ptr")},
+           **{n: "i32" for n in ("M", "N", "K", "stride_om", "stride_on", "num_programs")}, "eps": "fp32"}
+    const = dict(HAS_BIAS=True, HAS_GAMMA=True, HAS_BETA=True, APPROX_TANH=False, PRECISION=precision,
+                 NUM_STAGES=3, PERSISTENT=persistent, BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, GROUP_M=8,
+                 num_warps=8)
+    ttgir, ptx = compile_for_hopper("tma_eval", sig, const)
+    assert ttgir.count("ttng.warp_group_dot ") == 1
+    assert ttgir.count("scf.for") == (2 if persistent else 1)
+    assert "wgmma" in ptx
 
 
 @pytest.mark.parametrize("num", [1, 2, 4])
