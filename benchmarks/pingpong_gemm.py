@@ -25,25 +25,14 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import patterns.linear_bn_gelu_relu as lbgr
 from persistent_gemm import persistent_eval
 from bench import eval_block_inputs, eval_block_references, print_variants, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
 from fusion_backend.triton_lib import store_eval_tile
-from patterns._cell_gluon import _tma_load
+from patterns._cell_gluon import _acc_layout, _descriptor, _tma_load
 from patterns._common import kernel_kwargs
-
-
-@gluon.constexpr_function
-def _acc_layout(rows, cols, instr_k):
-    """wgmma accumulator layout of one warpgroup's (rows x cols) tile, the widest instruction N
-    that divides the columns; instr_k: 8 for TF32, 16 for bf16 / fp16."""
-    n = 256
-    while n > cols or cols % n != 0:
-        n -= 8
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, instr_k])
 
 
 @gluon.jit
@@ -97,7 +86,7 @@ def _consume(x_desc, w_desc, x_bufs, w_bufs, ready, empty, order, b_ptr, gamma_p
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     S: gl.constexpr = x_bufs.type.shape[0]
-    acc_layout: gl.constexpr = _acc_layout(BM, BN, 256 // x_desc.dtype.primitive_bitwidth)
+    acc_layout: gl.constexpr = _acc_layout(BM, BN, 4, 256 // x_desc.dtype.primitive_bitwidth)
     ksteps = gl.cdiv(K, BK)
     num_m = gl.cdiv(M, BM)
     num_n = gl.cdiv(N, BN)
@@ -173,14 +162,6 @@ def _pingpong_eval_kernel(x_desc, w_desc, b_ptr, gamma_ptr, beta_ptr, mean_ptr, 
             M, N, K, stride_om, stride_on, eps, my_tiles, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH, GROUP_M,
             NUM_PROGRAMS)
     gl.warp_specialize([(_consume0, args), (_consume1, args), (_loader, args)], [4, 1], [CONSUMER_REGS, 24])
-
-
-_GL_DTYPES = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-
-def _descriptor(t, rows, cols):
-    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[t.dtype])
-    return TensorDescriptor.from_tensor(t, [rows, cols], layout)
 
 
 def pingpong_eval(x, w, b, gamma, beta, mean, var, out, config):

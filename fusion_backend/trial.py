@@ -110,5 +110,4 @@ def as_compiled_fn(trial: GraphTrial) -> Callable:
     def run(*args):
         return trial(args)
 
-    run.trial = trial
     return run

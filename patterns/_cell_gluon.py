@@ -17,6 +17,7 @@ this one is compiled for sm_90 there (tests/test_presplit_3xtf32.py) and run on 
 """
 from __future__ import annotations
 
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -32,9 +33,10 @@ MAX_SEGMENTS = 4
 
 
 @gluon.constexpr_function
-def _acc_layout(rows, cols, num_warps):
+def _acc_layout(rows, cols, num_warps, instr_k=8):
     """wgmma accumulator layout of a (rows x cols) tile: warps stacked along the rows (16 a
-    warp), the widest instruction N that divides the columns."""
+    warp), the widest instruction N that divides the columns; instr_k: the instruction's K,
+    8 for TF32 operands, 16 for bf16 / fp16."""
     warps_m = num_warps
     while warps_m > 1 and rows < 16 * warps_m:
         warps_m //= 2
@@ -42,7 +44,7 @@ def _acc_layout(rows, cols, num_warps):
     n = 256
     while n > cols // warps_n or cols % n != 0:
         n -= 8
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n], instr_shape=[16, n, 8])
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n], instr_shape=[16, n, instr_k])
 
 
 @gluon.jit
@@ -164,8 +166,14 @@ def _cell_3xtf32_kernel(w0, w1, w2, w3, h0, l0, h1, l1, h2, l2, h3, l3, b_ptr, o
                     HAS_BIAS, APPLY_TANH)
 
 
+_GL_DTYPES = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
 def _descriptor(t, rows, cols):
-    return TensorDescriptor.from_tensor(t, [rows, cols], gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32))
+    """Host TMA descriptor of (rows x cols) tiles of the 2-D tensor `t`, in the NVMMA shared
+    layout wgmma reads."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[t.dtype])
+    return TensorDescriptor.from_tensor(t, [rows, cols], layout)
 
 
 def launch(xs, weight, bias, out, config, apply_tanh=True):
