@@ -14,6 +14,9 @@ OPTION_DOCS = {
     "only_named_devices": "fuse only on the MI300X and RTX 4090 profiles, Inductor alone elsewhere (default False)",
     "trial": "where the fused sites take under 1 ms of GPU time a call, also compile the original graph and "
              "time both over the first calls at run time, keeping the faster (default True; off under CUDA graphs)",
+    "inline": "launch a fused kernel from Inductor's generated code (torch.library.triton_op) where its tuned "
+              "config is a plain pointer kernel and the shapes are static, instead of through the opaque op: "
+              "less host time a call (default True; GPU profiles only)",
     "mode": "Inductor mode for the rest of the graph; use this when also passing options, since "
             "torch.compile accepts mode= or options=, not both",
     "inductor_options": "dict of extra Inductor config patches for the rest of the graph",
@@ -28,6 +31,7 @@ class Options:
     tune_budget_s: float = 30.0
     only_named_devices: bool = False
     trial: bool = True
+    inline: bool = True
     inductor_options: Tuple[Tuple[str, Any], ...] = ()
 
     @staticmethod
@@ -70,12 +74,15 @@ class Options:
         trial = options.get("trial", True)
         if not isinstance(trial, bool):
             raise ValueError(f"fusedtriton: options['trial'] must be True or False, got {trial!r}")
+        inline = options.get("inline", True)
+        if not isinstance(inline, bool):
+            raise ValueError(f"fusedtriton: options['inline'] must be True or False, got {inline!r}")
         extra = options.get("inductor_options", {})
         if not isinstance(extra, Mapping):
             raise ValueError("fusedtriton: options['inductor_options'] must be a dict of Inductor config patches")
         return Options(
             mode=None if mode == "default" else mode, patterns=patterns, autotune=autotune,
-            tune_budget_s=float(budget), only_named_devices=only_named, trial=trial,
+            tune_budget_s=float(budget), only_named_devices=only_named, trial=trial, inline=inline,
             inductor_options=tuple(sorted(extra.items())),
         )
 

@@ -151,14 +151,61 @@ def per_call_ms(fn, calls=20) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
+#: the tuned config's entries an inline op takes as its `meta` argument, in this order
+INLINE_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+#: config flags of kernels that cannot be launched inline (host-side TMA descriptors, Gluon,
+#: pre-split operands, the cell's own W x^T tiles)
+_NOT_INLINE = ("TMA", "PRESPLIT", "GLUON", "WXT", "PERSISTENT", "SPLIT_K")
+
+
+def inline_meta(ctx, key, static_shapes: bool) -> Optional[list]:
+    """The tuned config of `key` as an inline op's `meta` list, or None where the site must
+    go through the opaque op.
+
+    An inline op (`define_inline_op`) is a `torch.library.triton_op`: Inductor sees its
+    kernel launch and emits it in the compiled graph's own code, so a call costs one launch
+    by Inductor's launcher instead of the op's dispatch, its Python and Triton's
+    `JITFunction.run` (H100 host, 512x1024->1024 MLP block eval TF32, back-to-back calls:
+    65 us inline vs 180 us through the opaque op and 129 us for Inductor's unfused graph).
+    That needs the config fixed at compile time (tuned there on the real tensors), static
+    shapes, and a plain pointer kernel with no launch options beyond num_warps/num_stages."""
+    if not (ctx.options.inline and ctx.tunes_at_compile_time and static_shapes):
+        return None
+    choice = autotune.TUNER.lookup(key)
+    config = None if choice is None else choice.config
+    if config is None or any(config.get(flag) for flag in _NOT_INLINE):
+        return None
+    meta = config_spaces.meta_of(config)
+    launch = config_spaces.launch_options(config, ctx.profile)
+    if set(meta) != set(INLINE_META[:4]) or set(launch) - {"num_warps", "num_stages"}:
+        return None
+    return [int(dict(meta, **launch)[k]) for k in INLINE_META]
+
+
+def meta_kwargs(meta) -> dict:
+    """An inline op's `meta` list back as kernel launch kwargs."""
+    return dict(zip(INLINE_META, meta))
+
+
+def define_inline_op(name, fn, backward, setup_context):
+    """`fusedtriton::<name>` as a `torch.library.triton_op` (see `inline_meta`): `fn` launches
+    its kernels through `torch.library.wrap_triton`, which Inductor traces; called eagerly it
+    launches them directly. Its fake kernel is `fn` itself, run on fake tensors."""
+    op = torch.library.triton_op(f"fusedtriton::{name}", fn, mutates_args=())
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def tuned_unfused_reason(ctx, key, call_op, call_unfused, static_shapes: bool = False) -> Optional[str]:
     """Decide at compile time, on real tensors, whether the site is worth fusing.
 
     `call_op()` calls the fused op as the compiled graph will (its first call tunes `key`:
     fused configs and the unfused path by GPU time); `call_unfused()` runs the unfused path
     (cuBLAS + one pointwise pass). Without CUDA graphs the per-call host time counts too: at
     launch-bound sizes the op's dispatch and launch cost more than the kernels save, and
-    the site is better left to Inductor. Returns the reason to leave it, or None.
+    the site is better left to Inductor, unless the site can be launched inline
+    (`inline_meta`, given `static_shapes`): Inductor then launches the kernel itself. Returns
+    the reason to leave it, or None.
 
     The rest of the compiled graph's host time (Dynamo's guards, AOT's and Inductor's
     wrappers: ~0.1-0.3 ms a call on the H100 machine) is not known here: with the run-time
@@ -176,8 +223,8 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused) -> Optional[str]:
         choice = autotune.TUNER.lookup(key)
         if choice is not None and choice.config is None:
             return f"unfused path is faster here ({choice.describe()}): left to Inductor"
-        if ctx.options.cudagraphs:
-            return None
+        if ctx.options.cudagraphs or inline_meta(ctx, key, static_shapes) is not None:
+            return None  # no host time per call to weigh, or Inductor's own launch of the kernel
         fused_ms, unfused_ms = per_call_ms(call_op), per_call_ms(call_unfused)
     if fused_ms > unfused_ms:
         why = f"launch-bound here: fused op {fused_ms:.4f} ms/call vs unfused {unfused_ms:.4f} ms/call, host time included"

@@ -9,7 +9,7 @@ running statistics are updated in the graph exactly as eager does (momentum, unb
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -22,9 +22,9 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, gluon_code, heuristic_kwargs, hint, launch,
-                      mutated_in_graph, only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
-                      written_inside)
+from ._common import (cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor, gluon_code,
+                      heuristic_kwargs, hint, inline_meta, launch, meta_kwargs, mutated_in_graph, only_user, space,
+                      tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -253,12 +253,9 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
     (the TMA kernel for a config with TMA=True where x and W allow it, else the pointer one)."""
     M, K = x.shape
     N = weight.shape[0]
-    dummy = running_mean
-    tensors = (bias if bias is not None else dummy, gamma if gamma is not None else dummy,
-               beta if beta is not None else dummy, running_mean, running_var, out)
-    split_flags = dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                       APPROX_TANH=approximate == "tanh")  # the pre-split kernel is 3xTF32 by construction
-    flags = dict(split_flags, PRECISION=precision)
+    tensors = _eval_tensors(bias, gamma, beta, running_mean, running_var, out)
+    flags = _eval_flags(bias, gamma, beta, approximate, precision)
+    split_flags = {k: v for k, v in flags.items() if k != "PRECISION"}  # the pre-split kernel is 3xTF32 by construction
     multiprocessors = devices.tensor_profile(x).multiprocessors
 
     def run_fused(config):
@@ -279,12 +276,33 @@ def eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, ap
                     M, N, K, out.stride(0), out.stride(1), eps, grid[0], NUM_STAGES=config["num_stages"],
                     PERSISTENT=persistent, **flags, **config)
                 return out
-        _gemm_bn_gelu_relu_eval_kernel[_gemm_grid(M, N, config)](
-            x, weight, *tensors, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            out.stride(0), out.stride(1), eps, EVEN_K=K % config["BLOCK_K"] == 0, **flags, **config)
-        return out
+        return _launch_eval_pointer(_gemm_bn_gelu_relu_eval_kernel, x, weight, tensors, eps, flags, config)
 
     return run_fused
+
+
+def _eval_tensors(bias, gamma, beta, running_mean, running_var, out):
+    """The eval kernels' epilogue tensors, absent ones replaced by a dummy pointer."""
+    dummy = running_mean
+    return (bias if bias is not None else dummy, gamma if gamma is not None else dummy,
+            beta if beta is not None else dummy, running_mean, running_var, out)
+
+
+def _eval_flags(bias, gamma, beta, approximate, precision):
+    return dict(HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                APPROX_TANH=approximate == "tanh", PRECISION=precision)
+
+
+def _launch_eval_pointer(kernel, x, weight, tensors, eps, flags, config):
+    """The pointer eval kernel (or its `wrap_triton` wrapper, from the inline op) into
+    `tensors[-1]`: x and W read through their strides, as stored."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = tensors[-1]
+    kernel[_gemm_grid(M, N, config)](
+        x, weight, *tensors, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1), eps, EVEN_K=K % config["BLOCK_K"] == 0, **flags, **config)
+    return out
 
 
 def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config, gluon=False):
@@ -428,6 +446,28 @@ linear_bn_gelu_relu_eval = define_op(
     eval_forward, _fake_eval, _backward_eval, _setup_eval)
 
 
+def _eval_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                 running_var: torch.Tensor, eps: float, approximate: str, precision: str,
+                 meta: List[int]) -> torch.Tensor:
+    """The eval op's fused path with its config fixed at compile time (`meta`, see
+    `_common.inline_meta`): Inductor emits this kernel launch in the compiled graph's code."""
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    if x.shape[0] == 0:
+        return out
+    tensors = _eval_tensors(bias, bn_weight, bn_bias, running_mean, running_var, out)
+    return _launch_eval_pointer(torch.library.wrap_triton(_gemm_bn_gelu_relu_eval_kernel), x, weight, tensors, eps,
+                                _eval_flags(bias, bn_weight, bn_bias, approximate, precision), meta_kwargs(meta))
+
+
+def _backward_eval_inline(ctx, grad_out):
+    return (*_backward_eval(ctx, grad_out)[:10], None)
+
+
+linear_bn_gelu_relu_eval_inline = define_inline_op(
+    "linear_bn_gelu_relu_eval_inline", _eval_inline, _backward_eval_inline, _setup_eval)
+
+
 def _setup_train(ctx, inputs, output):
     x, weight, bias, gamma, beta, eps, approximate, *_ = inputs
     out, mean, var = output
@@ -513,7 +553,15 @@ class LinearBnGeluRelu(Pattern):
             # eager leaves the running statistics alone for an empty batch; Dynamo gives batch 0
             # a graph of its own, so this costs nothing elsewhere
             return "empty batch in training: left to Inductor"
-        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx))
+        return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx),
+                                    static_shapes=self._inline_shapes(m))
+
+    @staticmethod
+    def _inline_shapes(m: _Match) -> bool:
+        """Whether the site's shapes are static, as an inline op needs (`_common.inline_meta`);
+        only the eval op has an inline form."""
+        vals = [example_value(n) for n in (m.x, m.weight)]
+        return not m.training and all(isinstance(s, int) for v in vals for s in v.shape)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
@@ -549,7 +597,13 @@ class LinearBnGeluRelu(Pattern):
         tune = (ctx.options.autotune, ctx.options.tune_budget_s)
         with graph.inserting_before(m.relu):
             x, w, b = cast_to(graph, [m.x, m.weight, m.bias], example_value(m.linear).dtype)
-            if not m.training:
+            meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
+            if meta is not None:
+                site["launch"] = "inline"
+                out = graph.call_function(linear_bn_gelu_relu_eval_inline, (
+                    x, w, b, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
+                    m.approximate, precision, meta))
+            elif not m.training:
                 out = graph.call_function(linear_bn_gelu_relu_eval, (
                     x, w, b, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
                     m.approximate, precision, *tune))

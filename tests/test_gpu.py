@@ -535,3 +535,57 @@ def test_run_time_trial_gpu():
     (report,) = sink
     assert "run-time trial" in report.note and "kept" in report.note, report.note
     assert fusion_backend.counters["linear_bn_gelu_relu"] == (1 if "fused graph kept" in report.note else 0)
+
+
+@pytest.mark.parametrize("M,K,N,dtype,precision", [
+    (512, 1024, 1024, torch.float32, "high"),
+    (37, 100, 75, torch.float32, "highest"),
+    (300, 257, 192, torch.bfloat16, "highest"),
+])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_inline_eval_launch_gpu(M, K, N, dtype, precision, grad):
+    """A site whose tuned config is a pointer kernel is launched from Inductor's generated code
+    (`_common.inline_meta`): the compiled code holds the kernel, not the op; outputs (and, with
+    grad on, gradients through the op's autograd registration) match eager and fp64. The
+    tuner's choice is fixed beforehand, so the test does not depend on which config wins."""
+    import copy
+
+    from torch._inductor.utils import run_and_get_code
+
+    from fusion_backend import autotune, devices
+
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(M + K)
+    m = MLPBlock(K, N).cuda().to(dtype).eval()
+    with torch.no_grad():
+        m.batch_norm.running_mean.normal_(0, 0.5)
+        m.batch_norm.running_var.uniform_(0.5, 2)
+        m.batch_norm.weight.uniform_(0.5, 1.5)
+        m.batch_norm.bias.normal_(0, 0.3)
+    eager, m64 = copy.deepcopy(m), copy.deepcopy(m).double()
+    x = torch.randn(M, 2 * K, device="cuda", dtype=dtype)[:, ::2]  # strided: read without a copy
+    profile = devices.tensor_profile(x)
+    key = autotune.make_key("eval:linear_bn_gelu_relu", profile.name, dtype, profile.dot_precision(dtype), M, K=K, N=N)
+    config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
+    try:
+        compiled = torch.compile(m, backend="fusedtriton", options={"trial": False})
+        xs = [x.detach().clone().requires_grad_(grad) for _ in range(3)]
+        with torch.set_grad_enabled(grad):
+            out, codes = run_and_get_code(compiled, xs[0])
+            e, r = eager(xs[1]), m64(xs[2].double())
+    finally:
+        autotune.TUNER.choices.pop(key, None)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    forward = codes[0]
+    assert "_gemm_bn_gelu_relu_eval_kernel" in forward and "torch.ops.fusedtriton" not in forward, forward[-3000:]
+    err, eager_err = rel_err(out, r), rel_err(e, r)
+    assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
+    if grad:
+        g = torch.randn_like(r)
+        for o, t in ((out, xs[0]), (e, xs[1]), (r, xs[2])):
+            (o * g.to(o.dtype)).sum().backward()
+        for name, a, b, c in (("x", xs[0].grad, xs[1].grad, xs[2].grad),
+                              ("W", m.gemm.weight.grad, eager.gemm.weight.grad, m64.gemm.weight.grad)):
+            err, eager_err = rel_err(a, c), rel_err(b, c)
+            assert err <= max(allowed_error(dtype, precision, eager_err), 2 * eager_err), (name, err, eager_err)

@@ -440,3 +440,78 @@ def test_tma_eval_kernel_matches_pointer_kernel(monkeypatch, approximate, varian
     out = torch.full((37, 75), float("nan"))
     lbgr.eval_runner(x, w, b, gamma, beta, mean, var, 1e-5, approximate, "ieee", out)(config)
     assert_matches(out, lbgr._reference(x, w, b, gamma, beta, mean, var, 1e-5, approximate), ref)
+
+
+# ----------------------------------------------------------------------------- inline op
+
+INLINE_META = [16, 16, 16, 4, 1, 1]  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+
+
+@pytest.mark.parametrize("spelling,approximate", [("modules", "none"), ("no_bias", "tanh"), ("affine_false", "none")])
+def test_inline_eval_op_matches_eager(spelling, approximate):
+    """The triton_op form of the eval kernel (what Inductor launches itself on a GPU, see
+    `_common.inline_meta`), called eagerly: the same kernel, launched directly. Odd sizes, a
+    strided x, gradients through its autograd registration vs eager and fp64."""
+    from patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_eval_inline as op
+
+    torch.manual_seed(11)
+    model, eager, ref = trio(randomize(LBGR(spelling, approximate)), False)
+    bn = model.bn
+    x = torch.randn(M, 2 * K + 1)[:, 1::2]
+    assert not x.is_contiguous()
+    grad_out = torch.randn(M, N)
+    results = []
+    for m, dtype, fn in ((model, torch.float32, None), (eager, torch.float32, eager), (ref, torch.float64, ref)):
+        xi = x.detach().clone().to(dtype).requires_grad_(True)
+        if fn is None:
+            out = op(xi, m.lin.weight, m.lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                     approximate, "ieee", INLINE_META)
+        else:
+            out = fn(xi)
+        (out * grad_out.to(dtype)).sum().backward()
+        results.append((out.detach(), xi.grad, m.lin.weight.grad))
+    (out, gx, gw), (e_out, e_gx, e_gw), (r_out, r_gx, r_gw) = results
+    assert_matches(out, e_out, r_out)
+    for name, got, want, ref64 in (("x", gx, e_gx, r_gx), ("W", gw, e_gw, r_gw)):
+        torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"grad {name} vs eager: {m}")
+        torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"grad {name} vs fp64: {m}")
+    with torch.no_grad():  # an empty batch launches nothing
+        empty = op(torch.randn(0, K), model.lin.weight, None, None, None, bn.running_mean, bn.running_var, bn.eps,
+                   "none", "ieee", INLINE_META)
+    assert empty.shape == (0, N)
+
+
+class _Ctx:
+    """What `inline_meta` reads of the backend's RewriteContext."""
+
+    def __init__(self, profile, tunes=True, **options):
+        from fusion_backend.options import Options
+
+        self.profile, self.tunes_at_compile_time, self.options = profile, tunes, Options.parse(None, options)
+
+
+@pytest.mark.parametrize("case", ["pointer", "tma", "gluon", "unfused", "untuned", "dynamic", "option_off",
+                                  "interpreter", "amd"])
+def test_inline_meta_only_for_pointer_configs_tuned_at_compile_time(case):
+    from conftest import profile_named
+    from fusion_backend import autotune
+    from patterns._common import inline_meta
+
+    h100, mi300x = profile_named("h100-sxm"), profile_named("mi300x")
+    config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    config = {"tma": dict(config, TMA=True), "gluon": dict(config, TMA=True, PRESPLIT=True, GLUON=True),
+              "unfused": None}.get(case, config)
+    if case == "amd":
+        config = dict(config, waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1)
+    key = f"test-inline-meta:{case}"
+    if case != "untuned":
+        autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
+    try:
+        ctx = _Ctx(mi300x if case == "amd" else h100, tunes=case != "interpreter", inline=case != "option_off")
+        meta = inline_meta(ctx, key, static_shapes=case != "dynamic")
+    finally:
+        autotune.TUNER.choices.pop(key, None)
+    if case == "pointer":
+        assert meta == [64, 64, 32, 8, 4, 3]
+    else:
+        assert meta is None

@@ -32,11 +32,11 @@ def test_all_documented_keys_accepted():
     name = fusion_backend.pattern_names()[0]
     opts = Options.parse(None, {
         "patterns": [name], "autotune": False, "tune_budget_s": 5, "only_named_devices": True, "trial": False,
-        "mode": "max-autotune", "inductor_options": {"max_autotune_gemm": False},
+        "inline": False, "mode": "max-autotune", "inductor_options": {"max_autotune_gemm": False},
     })
-    assert set(OPTION_DOCS) == {"patterns", "autotune", "tune_budget_s", "only_named_devices", "trial", "mode",
-                                "inductor_options"}
-    assert opts.trial is False
+    assert set(OPTION_DOCS) == {"patterns", "autotune", "tune_budget_s", "only_named_devices", "trial", "inline",
+                                "mode", "inductor_options"}
+    assert opts.trial is False and opts.inline is False
     assert opts.patterns == (name,)
     assert opts.autotune is False
     assert opts.tune_budget_s == 5.0 and isinstance(opts.tune_budget_s, float)
@@ -98,6 +98,8 @@ def test_mode_disagreement():
     ("autotune", None, "True or False"),
     ("only_named_devices", "no", "True or False"),
     ("only_named_devices", 0, "True or False"),
+    ("trial", "off", "True or False"),
+    ("inline", 1, "True or False"),
     ("tune_budget_s", 0, "positive number"),
     ("tune_budget_s", -1.5, "positive number"),
     ("tune_budget_s", "30", "positive number"),
