@@ -193,7 +193,7 @@ def define_inline_op(name, fn, backward, setup_context):
     launches them directly. Its fake kernel is `fn` itself, run on fake tensors."""
     op = torch.library.triton_op(f"fusedtriton::{name}", fn, mutates_args=())
     op.register_autograd(backward, setup_context=setup_context)
-    return op
+    return getattr(torch.ops.fusedtriton, name).default  # an FX graph calls the OpOverload
 
 
 def tuned_unfused_reason(ctx, key, call_op, call_unfused, static_shapes: bool = False) -> Optional[str]:

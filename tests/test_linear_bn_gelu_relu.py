@@ -515,3 +515,42 @@ def test_inline_meta_only_for_pointer_configs_tuned_at_compile_time(case):
         assert meta == [64, 64, 32, 8, 4, 3]
     else:
         assert meta is None
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_inline_rewrite(monkeypatch, grad):
+    """The rewrite with an inline op in the graph (on a GPU `inline_meta` decides; here it is
+    forced, and the rewritten graph runs as FX code instead of through Inductor, which on a
+    CPU cannot launch Triton kernels): the graph holds the inline op, the report says so, and
+    outputs and gradients match eager and fp64."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import backend
+
+    monkeypatch.setattr(lbgr, "inline_meta", lambda ctx, key, static: INLINE_META if static else None)
+    graphs = []
+    monkeypatch.setattr(backend, "_inductor", lambda gm, example_inputs, options: graphs.append(gm) or gm)
+    torch.manual_seed(12)
+    model, eager, ref = trio(randomize(LBGR("modules", "tanh")), False)
+    x = torch.randn(M, K)
+    sink = []
+    backend._report_sinks.append(sink)
+    try:
+        with torch.set_grad_enabled(grad):
+            xs = [x.clone().to(dtype).requires_grad_(grad) for dtype in (torch.float32, torch.float32, torch.float64)]
+            outs = [compile_(model)(xs[0]), eager(xs[1]), ref(xs[2])]
+    finally:
+        backend._report_sinks.remove(sink)
+    assert fusion_backend.counters[NAME] == 1
+    (site,) = sink[0].fused
+    assert site.info["launch"] == "inline"
+    targets = [n.target for n in graphs[-1].graph.nodes]
+    assert lbgr.linear_bn_gelu_relu_eval_inline in targets and lbgr.linear_bn_gelu_relu_eval not in targets
+    assert_matches(outs[0].detach(), outs[1].detach(), outs[2].detach())
+    if grad:
+        g = torch.randn(M, N)
+        for out, xi in zip(outs, xs):
+            (out * g.to(out.dtype)).sum().backward()
+        for name, got, want, ref64 in (("x", xs[0].grad, xs[1].grad, xs[2].grad),
+                                       ("W", model.lin.weight.grad, eager.lin.weight.grad, ref.lin.weight.grad)):
+            torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"grad {name} vs eager: {m}")
+            torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"grad {name} vs fp64: {m}")
