@@ -116,7 +116,9 @@ def store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
+    # eps in fp32 as Triton's own launcher types a Python float; Inductor's launch of the
+    # inline op types it fp64, which would turn the whole tile's epilogue into fp64 math
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + tl.cast(eps, tl.float32))
     if HAS_GAMMA:
         scale = scale * tl.load(gamma_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
     z = (acc - mean[None, :]) * scale[None, :]
