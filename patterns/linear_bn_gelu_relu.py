@@ -9,7 +9,7 @@ running statistics are updated in the graph exactly as eager does (momentum, unb
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -181,7 +181,7 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     mask = (offs_m[:, None] < M) & n_ok[None, :]
     y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mask, other=0.0)
     mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32) + tl.cast(eps, tl.float32))
     if HAS_GAMMA:
         scale = scale * tl.load(gamma_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
     z = (y.to(tl.float32) - mean[None, :]) * scale[None, :]
@@ -207,11 +207,12 @@ def _gemm_grid(M, N, config):
     return (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
 
 
-def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile):
+def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile, wrap=None):
+    """`wrap`: `torch.library.wrap_triton` in the inline op (Inductor launches the kernels)."""
     M, N = y.shape
     config = heuristic_kwargs(profile, config_spaces.POINTWISE, y.dtype, autotune.bucket(M))
     grid = (cdiv(M, config["BLOCK_M"]), cdiv(N, config["BLOCK_N"]))
-    _bn_gelu_relu_kernel[grid](
+    (wrap or _same)(_bn_gelu_relu_kernel)[grid](
         y, out, mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, M, N,
         y.stride(0), y.stride(1), out.stride(0), out.stride(1), eps,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, APPROX_TANH=approximate == "tanh", **config)
@@ -324,6 +325,29 @@ def launch_presplit(x, weight, tensors, M, N, K, eps, flags, config, gluon=False
     return out
 
 
+def _same(kernel):
+    return kernel
+
+
+def _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, config, profile, out, mean, var,
+                  wrap=None):
+    """The fused training forward into (out, mean, var): GEMM + per-tile Welford partials,
+    their merge, the normalize + GELU + ReLU pass in place. `wrap` as in `_pointwise`."""
+    wrap = wrap or _same
+    M, K = x.shape
+    N = weight.shape[0]
+    tiles = cdiv(M, config["BLOCK_M"])
+    pmean = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
+    wrap(_gemm_bias_welford_kernel)[_gemm_grid(M, N, config)](
+        x, weight, bias if bias is not None else mean, out, pmean, pm2,
+        M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
+    block_n = 128 if profile.name != "interpreter" else 16
+    wrap(_merge_welford_kernel)[(cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"], BLOCK_N=block_n)
+    return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile, wrap), mean, var
+
+
 def eval_space(profile, dtype, precision):
     """The GEMM space without the cell's own W x^T tiles."""
     return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
@@ -361,17 +385,8 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
     profile, ctx_args = _runtime(x, autotune_on, budget)
 
     def run_fused(config):
-        tiles = cdiv(M, config["BLOCK_M"])
-        pmean = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
-        pm2 = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
-        _gemm_bias_welford_kernel[_gemm_grid(M, N, config)](
-            x, weight, bias if bias is not None else mean, out, pmean, pm2,
-            M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
-        block_n = 128 if profile.name != "interpreter" else 16
-        _merge_welford_kernel[(cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"],
-                                                         BLOCK_N=block_n)
-        return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
+        return _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, config, profile, out, mean,
+                             var)
 
     def run_unfused():
         return _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out, mean, var)
@@ -480,11 +495,32 @@ def _backward_train(ctx, grad_out, _grad_mean, _grad_var):
     return (*grads, None, None, None, None, None)
 
 
+def _train_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], eps: float, approximate: str,
+                  precision: str, meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The train op's fused path with its config fixed at compile time (see `_eval_inline`)."""
+    M, N = x.shape[0], weight.shape[0]
+    out = x.new_empty((M, N))
+    mean = x.new_empty((N,), dtype=torch.float32)
+    var = x.new_empty((N,), dtype=torch.float32)
+    if M == 0:  # never fused (an empty training batch is left to Inductor); as the train op
+        return out, torch.full_like(mean, float("nan")), torch.full_like(var, float("nan"))
+    return _launch_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, meta_kwargs(meta),
+                         devices.tensor_profile(x), out, mean, var, torch.library.wrap_triton)
+
+
+def _backward_train_inline(ctx, grad_out, grad_mean, grad_var):
+    return (*_backward_train(ctx, grad_out, grad_mean, grad_var)[:8], None)
+
+
 linear_bn_gelu_relu_train = define_op(
     "linear_bn_gelu_relu_train",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, float eps, str approximate, "
     "str precision, bool autotune_on, float budget) -> (Tensor, Tensor, Tensor)",
     train_forward, _fake_train, _backward_train, _setup_train)
+
+linear_bn_gelu_relu_train_inline = define_inline_op(
+    "linear_bn_gelu_relu_train_inline", _train_inline, _backward_train_inline, _setup_train)
 
 
 # ----------------------------------------------------------------------------- the graph pattern
@@ -558,10 +594,9 @@ class LinearBnGeluRelu(Pattern):
 
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
-        """Whether the site's shapes are static, as an inline op needs (`_common.inline_meta`);
-        only the eval op has an inline form."""
+        """Whether the site's shapes are static, as an inline op needs (`_common.inline_meta`)."""
         vals = [example_value(n) for n in (m.x, m.weight)]
-        return not m.training and all(isinstance(s, int) for v in vals for s in v.shape)
+        return all(isinstance(s, int) for v in vals for s in v.shape)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
@@ -600,16 +635,16 @@ class LinearBnGeluRelu(Pattern):
             meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
             if meta is not None:
                 site["launch"] = "inline"
-                out = graph.call_function(linear_bn_gelu_relu_eval_inline, (
-                    x, w, b, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
-                    m.approximate, precision, meta))
-            elif not m.training:
-                out = graph.call_function(linear_bn_gelu_relu_eval, (
-                    x, w, b, m.gamma, m.beta, m.running_mean, m.running_var, float(m.eps),
-                    m.approximate, precision, *tune))
+            if not m.training:
+                op, tail = ((linear_bn_gelu_relu_eval, tune) if meta is None
+                            else (linear_bn_gelu_relu_eval_inline, (meta,)))
+                out = graph.call_function(op, (x, w, b, m.gamma, m.beta, m.running_mean, m.running_var,
+                                               float(m.eps), m.approximate, precision, *tail))
             else:
-                res = graph.call_function(linear_bn_gelu_relu_train, (
-                    x, w, b, m.gamma, m.beta, float(m.eps), m.approximate, precision, *tune))
+                op, tail = ((linear_bn_gelu_relu_train, tune) if meta is None
+                            else (linear_bn_gelu_relu_train_inline, (meta,)))
+                res = graph.call_function(op, (x, w, b, m.gamma, m.beta, float(m.eps), m.approximate, precision,
+                                               *tail))
                 out = graph.call_function(_getitem, (res, 0))
                 if m.running_mean is not None:
                     self._update_running_stats(graph, m, res)

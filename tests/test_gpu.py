@@ -543,11 +543,13 @@ def test_run_time_trial_gpu():
     (300, 257, 192, torch.bfloat16, "highest"),
 ])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_inline_eval_launch_gpu(M, K, N, dtype, precision, grad):
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_inline_launch_gpu(M, K, N, dtype, precision, grad, train):
     """A site whose tuned config is a pointer kernel is launched from Inductor's generated code
-    (`_common.inline_meta`): the compiled code holds the kernel, not the op; outputs (and, with
-    grad on, gradients through the op's autograd registration) match eager and fp64. The
-    tuner's choice is fixed beforehand, so the test does not depend on which config wins."""
+    (`_common.inline_meta`): the compiled code holds the kernels, not the op; outputs, running
+    statistics (train) and, with grad on, gradients through the op's autograd registration
+    match eager and fp64. The tuner's choice is fixed beforehand, so the test does not depend
+    on which config wins."""
     import copy
 
     from torch._inductor.utils import run_and_get_code
@@ -556,7 +558,7 @@ def test_inline_eval_launch_gpu(M, K, N, dtype, precision, grad):
 
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(M + K)
-    m = MLPBlock(K, N).cuda().to(dtype).eval()
+    m = MLPBlock(K, N).cuda().to(dtype).train(train)
     with torch.no_grad():
         m.batch_norm.running_mean.normal_(0, 0.5)
         m.batch_norm.running_var.uniform_(0.5, 2)
@@ -565,7 +567,7 @@ def test_inline_eval_launch_gpu(M, K, N, dtype, precision, grad):
     eager, m64 = copy.deepcopy(m), copy.deepcopy(m).double()
     x = torch.randn(M, 2 * K, device="cuda", dtype=dtype)[:, ::2]  # strided: read without a copy
     profile = devices.tensor_profile(x)
-    key = autotune.make_key("eval:linear_bn_gelu_relu", profile.name, dtype, profile.dot_precision(dtype), M, K=K, N=N)
+    key = autotune.make_key(("train" if train else "eval") + ":linear_bn_gelu_relu", profile.name, dtype, profile.dot_precision(dtype), M, K=K, N=N)
     config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
     try:
@@ -578,9 +580,16 @@ def test_inline_eval_launch_gpu(M, K, N, dtype, precision, grad):
         autotune.TUNER.choices.pop(key, None)
     assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
     forward = codes[0]
-    assert "_gemm_bn_gelu_relu_eval_kernel" in forward and "torch.ops.fusedtriton" not in forward, forward[-3000:]
+    kernel = "_gemm_bias_welford_kernel" if train else "_gemm_bn_gelu_relu_eval_kernel"
+    assert kernel in forward and "torch.ops.fusedtriton" not in forward, forward[-3000:]
     err, eager_err = rel_err(out, r), rel_err(e, r)
     assert err <= allowed_error(dtype, precision, eager_err), (err, eager_err)
+    if train:
+        for name in ("running_mean", "running_var"):
+            got, want = getattr(m.batch_norm, name), getattr(m64.batch_norm, name)
+            eager_err = rel_err(getattr(eager.batch_norm, name), want)
+            assert rel_err(got, want) <= max(allowed_error(dtype, precision, eager_err), 2 * eager_err), name
+        assert m.batch_norm.num_batches_tracked.item() == 1
     if grad:
         g = torch.randn_like(r)
         for o, t in ((out, xs[0]), (e, xs[1]), (r, xs[2])):

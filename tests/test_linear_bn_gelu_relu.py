@@ -481,6 +481,34 @@ def test_inline_eval_op_matches_eager(spelling, approximate):
     assert empty.shape == (0, N)
 
 
+def test_inline_train_op_matches_eager():
+    """The training op's triton_op form called eagerly: output, batch mean and biased variance
+    against eager's BatchNorm and fp64, gradients through its autograd registration."""
+    from patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_train_inline as op
+
+    torch.manual_seed(13)
+    model, eager, ref = trio(randomize(LBGR("modules", "none")), True)
+    x = torch.randn(M, 2 * K + 1)[:, 1::2]
+    grad_out = torch.randn(M, N)
+    xi = x.clone().requires_grad_(True)
+    bn = model.bn
+    out, mean, var = op(xi, model.lin.weight, model.lin.bias, bn.weight, bn.bias, bn.eps, "none", "ieee",
+                        INLINE_META)
+    (out * grad_out).sum().backward()
+    xe, xr = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    e, r = eager(xe), ref(xr)
+    (e * grad_out).sum().backward()
+    (r * grad_out.double()).sum().backward()
+    assert_matches(out.detach(), e.detach(), r.detach())
+    y64 = F.linear(x.double(), ref.lin.weight.detach(), ref.lin.bias.detach())
+    torch.testing.assert_close(mean, y64.mean(0).float(), **stats_close(torch.float32))
+    torch.testing.assert_close(var, y64.var(0, unbiased=False).float(), **stats_close(torch.float32))
+    for name, got, want, ref64 in (("x", xi.grad, xe.grad, xr.grad), ("W", model.lin.weight.grad,
+                                                                        eager.lin.weight.grad, ref.lin.weight.grad)):
+        torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"grad {name} vs eager: {m}")
+        torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"grad {name} vs fp64: {m}")
+
+
 class _Ctx:
     """What `inline_meta` reads of the backend's RewriteContext."""
 
@@ -517,8 +545,9 @@ def test_inline_meta_only_for_pointer_configs_tuned_at_compile_time(case):
         assert meta is None
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_inline_rewrite(monkeypatch, grad):
+@pytest.mark.parametrize("train,grad", [(False, False), (False, True), (True, False), (True, True)],
+                         ids=["eval-no_grad", "eval-grad", "train-no_grad", "train-grad"])
+def test_inline_rewrite(monkeypatch, train, grad):
     """The rewrite with an inline op in the graph (on a GPU `inline_meta` decides; here it is
     forced, and the rewritten graph runs as FX code instead of through Inductor, which on a
     CPU cannot launch Triton kernels): the graph holds the inline op, the report says so, and
@@ -530,7 +559,7 @@ def test_inline_rewrite(monkeypatch, grad):
     graphs = []
     monkeypatch.setattr(backend, "_inductor", lambda gm, example_inputs, options: graphs.append(gm) or gm)
     torch.manual_seed(12)
-    model, eager, ref = trio(randomize(LBGR("modules", "tanh")), False)
+    model, eager, ref = trio(randomize(LBGR("modules", "tanh")), train)
     x = torch.randn(M, K)
     sink = []
     backend._report_sinks.append(sink)
@@ -544,8 +573,12 @@ def test_inline_rewrite(monkeypatch, grad):
     (site,) = sink[0].fused
     assert site.info["launch"] == "inline"
     targets = [n.target for n in graphs[-1].graph.nodes]
-    assert lbgr.linear_bn_gelu_relu_eval_inline in targets and lbgr.linear_bn_gelu_relu_eval not in targets
+    inline, opaque = ((lbgr.linear_bn_gelu_relu_train_inline, lbgr.linear_bn_gelu_relu_train) if train else
+                      (lbgr.linear_bn_gelu_relu_eval_inline, lbgr.linear_bn_gelu_relu_eval))
+    assert inline in targets and opaque not in targets
     assert_matches(outs[0].detach(), outs[1].detach(), outs[2].detach())
+    if train:
+        assert_stats_match(model, eager, ref)
     if grad:
         g = torch.randn(M, N)
         for out, xi in zip(outs, xs):
