@@ -185,6 +185,16 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     try:
         compiled = _inductor(gm, example_inputs, opts)
     except Exception as exc:
+        if opts.inline and any(site.info.get("launch") == "inline" for site in report.fused):
+            # the kernels Inductor was to launch itself: retry with the sites behind their ops
+            warnings.warn(f"fusedtriton: Inductor failed on the graph with inline kernel launches "
+                          f"({type(exc).__name__}: {exc}); retrying with options['inline']=False", RuntimeWarning)
+            for sink in _report_sinks:
+                sink.remove(report)
+            for site in report.fused:
+                counters[site.pattern] -= 1
+            return fusedtriton(_restore(gm, original), example_inputs, mode=mode,
+                               options=dict(options or {}, inline=False))
         # Never break what Inductor alone compiles: retry without our rewrites.
         warnings.warn(f"fusedtriton: Inductor failed on the rewritten graph ({type(exc).__name__}: {exc}); "
                       "compiling the original graph instead", RuntimeWarning)

@@ -587,3 +587,31 @@ def test_inline_rewrite(monkeypatch, train, grad):
                                        ("W", model.lin.weight.grad, eager.lin.weight.grad, ref.lin.weight.grad)):
             torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"grad {name} vs eager: {m}")
             torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"grad {name} vs fp64: {m}")
+
+
+def test_inline_compile_failure_falls_back_to_the_op(monkeypatch):
+    """If Inductor cannot compile a graph with inline kernel launches, the backend warns and
+    compiles the site behind its opaque op instead (still fused, counted once, correct)."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import backend
+
+    monkeypatch.setattr(lbgr, "inline_meta",  # what _common.inline_meta says where it is allowed
+                        lambda ctx, key, static: INLINE_META if static and ctx.options.inline else None)
+    real = backend._inductor
+
+    def inductor(gm, example_inputs, options):
+        if any(n.target == lbgr.linear_bn_gelu_relu_eval_inline for n in gm.graph.nodes):
+            raise RuntimeError("cannot launch this user-defined kernel")
+        return real(gm, example_inputs, options)
+
+    monkeypatch.setattr(backend, "_inductor", inductor)
+    torch.manual_seed(14)
+    model, eager, ref = trio(randomize(LBGR()), False)
+    x = torch.randn(M, K)
+    with pytest.warns(RuntimeWarning, match="inline"):
+        report = fusion_backend.explain(model, x)
+    assert fusion_backend.counters[NAME] == 1
+    (site,) = report.fused
+    assert "launch" not in site.info and len(report.graphs) == 1
+    with torch.no_grad():
+        assert_matches(compile_(model)(x), eager(x), ref(x.double()))

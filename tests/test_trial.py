@@ -269,7 +269,7 @@ def test_launch_bound_note_reaches_the_report(monkeypatch):
     (explain() prints it), which is what gives its graph the run-time trial."""
     import patterns.linear_bn_gelu_relu as lbgr
 
-    def launch_bound(ctx, key, call_op, call_unfused):
+    def launch_bound(ctx, key, call_op, call_unfused, static_shapes=False):
         ctx.launch_bound[key] = "launch-bound here: fused op 0.2 ms/call vs unfused 0.1 ms/call"
         return None
 
