@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                       # all cases
     python benchmarks/bench.py --cases lbgr_eval_high rnn_cell_high --max-autotune
+    python benchmarks/bench.py --cases lbgr_small_eval_high --rounds 5   # interleaved, median
 
 Median of triton.testing.do_bench per column; rel. error vs an fp64 reference for eager and
 fusedtriton. The `*_loop_ms` columns time back-to-back calls (median of 5 runs of 50), what a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -177,7 +179,7 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_case(name, max_autotune, reduce_overhead=False, inductor=True):
+def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1):
     import fusion_backend
     from fusion_backend.backend import _report_sinks
 
@@ -209,33 +211,33 @@ def run_case(name, max_autotune, reduce_overhead=False, inductor=True):
         hh = torch.randn(B, H, device=dev, dtype=dtype)
         gemm = lambda: (F.linear(xh, model.i2h.weight), F.linear(hh, model.h2o.weight))  # noqa: E731
     row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "precision": precision, "dims": dims}
+    fns = {}  # column -> callable; all timed at the end, in `rounds` interleaved rounds
     with torch.no_grad():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         ref = fp64_reference(model, *inputs)
         eager_out = first(model(*inputs))
         row["err_eager"] = rel_err(eager_out, ref)
-        row["eager_ms"] = bench(lambda: model(*inputs))
-        row["eager_loop_ms"] = loop_ms(lambda: model(*inputs))
-        row["cublas_gemm_ms"] = bench(gemm) if gemm is not None else None
+        fns["eager"] = lambda: model(*inputs)
+        if gemm is not None:
+            fns["cublas_gemm"] = gemm
+        # each compiled model stays alive for the interleaved rounds (Dynamo keeps one cache
+        # entry per backend for the same forward)
+        torch._dynamo.reset()
         if inductor:
-            torch._dynamo.reset()
             ind = torch.compile(model)
             t0 = time.perf_counter()
             ind(*inputs)
             torch.cuda.synchronize()
             row["inductor_first_call_s"] = time.perf_counter() - t0
-            row["inductor_ms"] = bench(lambda: ind(*inputs))
-            row["inductor_loop_ms"] = loop_ms(lambda: ind(*inputs))
+            fns["inductor"] = lambda: ind(*inputs)
         # max-autotune over 256 unrolled steps would spend minutes of GPU time compiling; the
         # issue's sequence figures are eager, Inductor and Inductor reduce-overhead
         if max_autotune and inductor and kind != "seq":
-            torch._dynamo.reset()
             t0 = time.perf_counter()
             ma = torch.compile(model, mode="max-autotune-no-cudagraphs")
             ma(*inputs)
             row["max_autotune_compile_s"] = time.perf_counter() - t0
-            row["inductor_max_autotune_ms"] = bench(lambda: ma(*inputs))
-        torch._dynamo.reset()
+            fns["inductor_max_autotune"] = lambda: ma(*inputs)
         model.load_state_dict(state)
         fusion_backend.counters.clear()
         options = None
@@ -247,12 +249,23 @@ def run_case(name, max_autotune, reduce_overhead=False, inductor=True):
         torch.cuda.synchronize()
         row["fused_first_call_s"] = time.perf_counter() - t0
         row["err_fused"] = rel_err(out, ref)
-        # do_bench's warm-up calls run the backend's run-time trial of a small graph (trial.py)
-        row["fusedtriton_ms"] = bench(lambda: ft(*inputs))
-        row["fusedtriton_loop_ms"] = loop_ms(lambda: ft(*inputs))
+        # the run-time trial of a small graph (trial.py) decides over its first calls
+        for _ in range(20):
+            ft(*inputs)
+        fns["fusedtriton"] = lambda: ft(*inputs)
+        for _ in range(rounds):
+            for col, fn in fns.items():
+                row.setdefault(col + "_rounds", []).append(bench(fn))
+                if col != "cublas_gemm":
+                    row.setdefault(col + "_loop_rounds", []).append(loop_ms(fn))
+        for col in fns:
+            row[col + "_ms"] = statistics.median(row[col + "_rounds"])
+            if col != "cublas_gemm":
+                row[col + "_loop_ms"] = statistics.median(row[col + "_loop_rounds"])
         _report_sinks.remove(reports)
         row["fused_sites"] = dict(fusion_backend.counters)  # after the trial: what runs now
         row["trial"] = [r.note for r in reports if "trial" in r.note]
+        row["sites"] = [site.line() for r in reports for site in r.sites]
         row["autotune_stats"] = dict(fusion_backend.autotune.stats)
         row["choices"] = {k: v.describe() for k, v in fusion_backend.autotune.TUNER.choices.items()}
         if reduce_overhead:  # CUDA graphs: launch-bound small shapes
@@ -277,6 +290,9 @@ def main():
     ap.add_argument("--reduce-overhead", action="store_true", help="add CUDA-graph columns")
     ap.add_argument("--no-inductor", action="store_true",
                     help="fusedtriton and eager only (quick checks; not for the README table)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every column this many times, interleaved (median; the small cases are "
+                         "host-bound and drift by tens of percent between runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import triton
@@ -286,7 +302,7 @@ def main():
     print(env, flush=True)
     rows = []
     for name in args.cases:
-        row = run_case(name, args.max_autotune, args.reduce_overhead, not args.no_inductor)
+        row = run_case(name, args.max_autotune, args.reduce_overhead, not args.no_inductor, args.rounds)
         torch.cuda.empty_cache()  # the case's model and inputs died with run_case
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
