@@ -44,6 +44,9 @@ class Choice:
     fused_ms: Optional[float] = None
     unfused_ms: Optional[float] = None
     kwargs: Optional[dict] = dataclasses.field(default=None, repr=False, compare=False)  # launch kwargs, memoized
+    #: where the unfused path won: the fastest fused config (a tie inside FUSED_MARGIN may still
+    #: be fused, for the run-time trial to settle: `patterns._common.tuned_unfused_reason`)
+    runner_up: Optional[dict] = None
 
     def describe(self) -> str:
         what = "unfused (cuBLAS + pointwise)" if self.config is None else _short(self.config)
@@ -232,12 +235,16 @@ class Tuner:
         if cached is None or cached in stored:
             stats["cache_hits"] += 1
             config = None if cached is None else space[stored.index(cached)]
-            return self.record(key, Choice(config, "cache", entry.get("fused_ms"), entry.get("unfused_ms")))
+            runner_up = entry.get("runner_up")
+            runner_up = space[stored.index(runner_up)] if runner_up in stored else None
+            return self.record(key, Choice(config, "cache", entry.get("fused_ms"), entry.get("unfused_ms"),
+                                           runner_up=runner_up))
 
         choice = self._tune(key, config_spaces.search_order(space), budget_s, run_fused, run_unfused)
         stats["tuned"] += 1
         _write(path, environment, disk_key,
-               {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms})
+               {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms,
+                "runner_up": choice.runner_up})
         return self.record(key, choice)
 
     def _time(self, fn) -> float:
@@ -286,7 +293,7 @@ class Tuner:
                 log.info("fusedtriton: tuning %s: re-timed %s", key,
                          ", ".join(f"{_short(c)}: {ms:.4f} ms" for c, ms in zip(finalists, sums)))
         if best_ms > FUSED_MARGIN * unfused_ms:
-            return Choice(None, "tuned", finite(best_ms), finite(unfused_ms))
+            return Choice(None, "tuned", finite(best_ms), finite(unfused_ms), runner_up=best)
         return Choice(best, "tuned", finite(best_ms), finite(unfused_ms))
 
 

@@ -30,7 +30,8 @@ class RewriteContext:
     options: Options
     device: torch.device
     examples: dict = dataclasses.field(default_factory=dict)  # placeholder node -> real example tensor
-    # tuning key -> why a site was found launch-bound but fused, for the run-time trial to settle
+    # tuning key -> why a site was fused only for the run-time trial to settle (launch-bound
+    # alone, or a tie with the unfused path: patterns/_common.py)
     launch_bound: dict = dataclasses.field(default_factory=dict)
 
     def dot_precision(self, dtype: torch.dtype) -> str:

@@ -288,9 +288,10 @@ def test_cached_choice_of_another_decision_rule_is_not_reused(tmp_cache, monkeyp
 
 
 def test_cached_unfused_choice(tmp_cache):
-    assert choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1).config is None
+    first = choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1)
+    assert first.config is None and first.runner_up is SPACE[2]  # the fastest fused config, kept
     again = choose(Tuner(timer=stub_timer), run_unfused=lambda: 0.1)
-    assert again.source == "cache" and again.config is None
+    assert again.source == "cache" and again.config is None and again.runner_up is SPACE[2]
 
 
 def test_cached_config_outside_space_is_not_served(tmp_cache):

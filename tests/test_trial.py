@@ -278,3 +278,46 @@ def test_launch_bound_note_reaches_the_report(monkeypatch):
         report = fusion_backend.explain(randomize(Block(24, 20)).eval(), torch.randn(37, 24))
     (site,) = report.fused
     assert site.info["launch_bound"].startswith("launch-bound here") and "launch_bound=" in str(report)
+
+
+# ----------------------------------------------------------------------------- ties go to the trial
+
+class _TieCtx:
+    """What `_tie_for_the_trial` reads of the backend's RewriteContext."""
+
+    def __init__(self, **options):
+        from conftest import profile_named
+        from fusion_backend.options import Options
+
+        self.profile, self.tunes_at_compile_time = profile_named("h100-sxm"), True
+        self.options, self.launch_bound = Options.parse(None, options), {}
+
+
+POINTER = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+@pytest.mark.parametrize("case", ["tie", "fused_slower", "trial_off", "inline_off", "tma", "not_small", "dynamic"])
+def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
+    """A site whose best fused config tied with the unfused path (inside the tuner's margin,
+    not slower) is fused where the trial will settle it and the kernel launches inline; the
+    fused choice is recorded and the site noted for the trial. Anything else stays unfused."""
+    from fusion_backend import autotune
+    from patterns._common import _tie_for_the_trial
+
+    fused, unfused = {"fused_slower": (0.0210, 0.0207), "not_small": (1.5, 1.52)}.get(case, (0.0203, 0.0207))
+    runner_up = dict(POINTER, TMA=True) if case == "tma" else POINTER
+    key = f"test-tie:{case}"
+    choice = autotune.Choice(None, "tuned", fused, unfused, runner_up=runner_up)
+    autotune.TUNER.record(key, choice)
+    ctx = _TieCtx(trial=case != "trial_off", inline=case != "inline_off")
+    try:
+        fused_now = _tie_for_the_trial(ctx, key, choice, static_shapes=case != "dynamic")
+        after = autotune.TUNER.lookup(key)
+    finally:
+        autotune.TUNER.choices.pop(key, None)
+    assert fused_now == (case == "tie")
+    if case == "tie":
+        assert after.config is POINTER and (after.fused_ms, after.unfused_ms) == (fused, unfused)
+        assert "tie" in ctx.launch_bound[key]
+    else:
+        assert after.config is None and not ctx.launch_bound
