@@ -158,6 +158,20 @@ INLINE_META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 _NOT_INLINE = ("TMA", "PRESPLIT", "GLUON", "WXT", "PERSISTENT", "SPLIT_K")
 
 
+#: GEMMs up to this many FLOPs (2MNK) are tuned over the inline-launchable configs only: they
+#: take a few us on the GPU, so the TMA / pre-split / Gluon tiles gain next to nothing there
+#: (H100, 512x1024->1024 TF32, 1.1 GFLOP: TMA 128x64 0.0199 ms vs pointer 64x64 0.0203 in the
+#: tuner) while the opaque op they need costs more host time a call than the whole graph's GPU
+#: work (inline 59 us a call vs 180 through the op, with the same kernel). The quickstart's
+#: 4096x2048->2048 block (34 GFLOP) keeps every tile.
+INLINE_MAX_FLOP = 4e9
+
+
+def inlinable(config) -> bool:
+    """Whether an inline op can launch this config's kernel (no host-side descriptors, no Gluon)."""
+    return config is not None and not any(config.get(flag) for flag in _NOT_INLINE)
+
+
 def inline_meta(ctx, key, static_shapes: bool) -> Optional[list]:
     """The tuned config of `key` as an inline op's `meta` list, or None where the site must
     go through the opaque op.
@@ -177,7 +191,7 @@ def _inline_list(ctx, config, static_shapes: bool) -> Optional[list]:
     """`config` as an inline op's `meta` list (see `inline_meta`), or None."""
     if not (ctx.options.inline and ctx.tunes_at_compile_time and static_shapes):
         return None
-    if config is None or any(config.get(flag) for flag in _NOT_INLINE):
+    if not inlinable(config):
         return None
     meta = config_spaces.meta_of(config)
     launch = config_spaces.launch_options(config, ctx.profile)

@@ -9,6 +9,7 @@ running statistics are updated in the graph exactly as eager does (momentum, unb
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,9 +23,10 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor, gluon_code,
-                      heuristic_kwargs, hint, inline_meta, launch, meta_kwargs, mutated_in_graph, only_user, space,
-                      tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
+                      gluon_code, heuristic_kwargs, hint, inline_meta, inlinable, launch, meta_kwargs,
+                      mutated_in_graph, only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
+                      written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -348,9 +350,13 @@ def _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, con
     return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile, wrap), mean, var
 
 
-def eval_space(profile, dtype, precision):
-    """The GEMM space without the cell's own W x^T tiles."""
-    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
+def eval_space(profile, dtype, precision, flop=math.inf):
+    """The GEMM space without the cell's own W x^T tiles; for a GEMM of at most
+    `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch."""
+    configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
+    if flop <= INLINE_MAX_FLOP:
+        configs = [c for c in configs if inlinable(c)] or configs
+    return configs
 
 
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
@@ -367,7 +373,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
         return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)
 
     key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=lambda: eval_space(profile, x.dtype, precision), m=M,
+    return launch(key, ctx_args=ctx_args, space=lambda: eval_space(profile, x.dtype, precision, 2 * M * N * K), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
                   run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                                    eps, approximate))

@@ -299,3 +299,20 @@ def test_validate_recurrence_rules(h100):
     assert cs.validate(h100, cs.RECURRENCE, good) == []
     assert _has(cs.validate(h100, cs.RECURRENCE, dict(good, K_SPLIT=3)), "K_SPLIT=3")
     assert _has(cs.validate(h100, cs.RECURRENCE, dict(good, BLOCK_N=8)), "at least 16")
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float32, "tf32x3"),
+                                             (torch.bfloat16, "ieee")])
+def test_small_eval_gemms_take_inline_launchable_tiles_only(dtype, precision):
+    """Up to INLINE_MAX_FLOP the eval space holds only tiles an inline op can launch (the
+    others gain nothing there and need the opaque op's host time); above it, every tile."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from patterns._common import INLINE_MAX_FLOP, inlinable
+
+    h100 = profile_named("h100-sxm")
+    small = lbgr.eval_space(h100, dtype, precision, 2 * 512 * 1024 * 1024)
+    full = lbgr.eval_space(h100, dtype, precision, 2 * 4096 * 2048 * 2048)
+    assert 2 * 512 * 1024 * 1024 <= INLINE_MAX_FLOP < 2 * 4096 * 2048 * 2048
+    assert small and all(inlinable(c) for c in small)
+    assert any(not inlinable(c) for c in full) and set(map(str, small)) < set(map(str, full))
+    assert lbgr.eval_space(h100, dtype, precision) == full
