@@ -21,7 +21,7 @@ RECURRENCE = "recurrence"  # one program walking all time steps of an RNN (BLOCK
 
 LAUNCH_KEYS = ("num_warps", "num_stages")
 AMD_KEYS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
-NOT_META = LAUNCH_KEYS + AMD_KEYS + ("dtypes", "precisions")
+NOT_META = LAUNCH_KEYS + AMD_KEYS + ("dtypes", "precisions", "SMALL")
 HALF = ("float16", "bfloat16")
 
 
@@ -122,6 +122,15 @@ SPACES: Dict[str, Dict[str, List[dict]]] = {
             _w(256, 64, 64, 4, 5, 1, dtypes=HALF),
             _w(256, 128, 64, 8, 3, 2, dtypes=HALF),
             _w(64, 128, 64, 4, 4, 4, dtypes=HALF),
+            # SMALL: only for eval GEMMs of at most _common.INLINE_MAX_FLOP (a few us on the
+            # GPU, launched inline), where more, smaller tiles fill the multiprocessors. H100,
+            # 512x1024->1024 TF32: Inductor max-autotune's best mm template with the epilogue
+            # fused was 32x32x128 w4 s2 (0.0205 ms in its tuning, 0.016 in the benchmark) while
+            # our best 64x128x32 w4 s4 ran 0.020.
+            _g(32, 32, 128, 4, 2, SMALL=True),
+            _g(32, 64, 128, 4, 2, SMALL=True),
+            _g(64, 32, 64, 4, 3, SMALL=True),
+            _g(64, 64, 64, 4, 3, SMALL=True),
         ],
         # The 4090 seed rules: num_warps in {4, 8}, num_stages in {2, 3}, 3-4 configs,
         # the conservative baseline (4 warps, 2 stages) first; <= 99 KiB shared memory.
@@ -275,6 +284,9 @@ def validate(profile, family: str, config: dict) -> List[str]:
     if config.get("PERSISTENT") and not (config.get("TMA") and not config.get("PRESPLIT") and not config.get("WXT")):
         problems.append("PERSISTENT is the eval kernel's TMA tile walked by one program per multiprocessor: needs "
                         "TMA=True, not PRESPLIT or WXT")
+    if config.get("SMALL") and any(config.get(k) for k in ("TMA", "PRESPLIT", "GLUON", "WXT", "PERSISTENT")):
+        problems.append("SMALL tiles are pointer tiles for inline launches: no TMA, PRESPLIT, GLUON, WXT or "
+                        "PERSISTENT")
     if config.get("TMA") and not _has_tma(profile):
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)

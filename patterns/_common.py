@@ -276,11 +276,13 @@ def _tie_for_the_trial(ctx, key, choice, static_shapes: bool) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def space(profile, family, dtype, tma=True, precision=None):
+def space(profile, family, dtype, tma=True, precision=None, small=False):
     """The configs for this device, kernel family and input dtype (computed once: launchers
     call this on their hot path); tma=False for kernels without a TMA variant; with a dot
-    `precision`, the entries meant for other precisions are dropped."""
+    `precision`, the entries meant for other precisions are dropped; small=True keeps the
+    SMALL tiles (small eval GEMMs only)."""
     configs = config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
+    configs = [c for c in configs if small or not c.get("SMALL")]
     if precision is not None:
         configs = [c for c in configs if precision in c.get("precisions", (precision,))]
     return configs if tma else [c for c in configs if not c.get("TMA")]

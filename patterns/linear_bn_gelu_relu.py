@@ -352,9 +352,11 @@ def _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, con
 
 def eval_space(profile, dtype, precision, flop=math.inf):
     """The GEMM space without the cell's own W x^T tiles; for a GEMM of at most
-    `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch."""
-    configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision) if not c.get("WXT")]
-    if flop <= INLINE_MAX_FLOP:
+    `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch, SMALL ones included."""
+    small = flop <= INLINE_MAX_FLOP
+    configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision, small=small)
+               if not c.get("WXT")]
+    if small:
         configs = [c for c in configs if inlinable(c)] or configs
     return configs
 
