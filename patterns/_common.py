@@ -160,9 +160,10 @@ _NOT_INLINE = ("TMA", "PRESPLIT", "GLUON", "WXT", "PERSISTENT", "SPLIT_K")
 
 #: GEMMs up to this many FLOPs (2MNK) are tuned over the inline-launchable configs only: they
 #: take a few us on the GPU, so the TMA / pre-split / Gluon tiles gain next to nothing there
-#: (H100, 512x1024->1024 TF32, 1.1 GFLOP: TMA 128x64 0.0199 ms vs pointer 64x64 0.0203 in the
-#: tuner) while the opaque op they need costs more host time a call than the whole graph's GPU
-#: work (inline 59 us a call vs 180 through the op, with the same kernel). The quickstart's
+#: (H100, 512x1024->1024 TF32, 1.1 GFLOP: the tuner's best was TMA 128x64 at 0.0199 ms in one
+#: run, pointer 64x128 at 0.0206 in the next, without TMA tiles in its space) while the opaque
+#: op they need costs more host time a call than the whole graph's GPU work (inline 59 us a
+#: call vs 148 through the op, the same kernel). The quickstart's
 #: 4096x2048->2048 block (34 GFLOP) keeps every tile.
 INLINE_MAX_FLOP = 4e9
 
