@@ -36,6 +36,9 @@ CASES = {
     "rnn_cell_highest": ("rnn", (256, 16384, 16384, 8192), torch.float32, "highest", False),
     # the quickstart's cell: GPU time ~0.3 ms, where the host time per call starts to count
     "rnn_cell_small_highest": ("rnn", (256, 4096, 4096, 1024), torch.float32, "highest", False),
+    # a small cell (67 MFLOP): bound by host time, its kernels launched inline
+    "rnn_cell_tiny_high": ("rnn", (64, 512, 512, 256), torch.float32, "high", False),
+    "rnn_cell_tiny_highest": ("rnn", (64, 512, 512, 256), torch.float32, "highest", False),
     # the quickstart's MLP block
     "lbgr_mid_eval_highest": ("mlp", (4096, 2048, 2048), torch.float32, "highest", False),
     "rnn_seq256_highest": ("seq", (256, 8, 1024, 256, 128), torch.float32, "highest", False),

@@ -6,6 +6,7 @@ matching column range of W as stored, then applies bias and an overflow-free tan
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -19,8 +20,9 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (cast_to, cdiv, compute_dtype, define_op, descriptor, gluon_code, hint, launch, mutated_in_graph,
-                      only_user, space, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
+                      gluon_code, hint, inline_meta, inlinable, launch, meta_kwargs, mutated_in_graph, only_user, space,
+                      tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -231,13 +233,9 @@ def runner(xs, weight, bias, precision, out, apply_tanh=True):
     """run_fused(kwargs): one config's launch of the cell kernel into `out`: the pre-split
     3xTF32 kernel for a PRESPLIT config where W and the operand widths allow TMA, else the
     pointer kernel with the same tiles. apply_tanh=False: the plain Linear (cell_h2o)."""
-    x0 = xs[0]
-    M, N = out.shape
-    segs = list(xs) + [x0] * (MAX_SEGMENTS - len(xs))
-    widths = [t.shape[1] for t in xs] + [0] * (MAX_SEGMENTS - len(xs))
-    strides = [s for t in segs for s in t.stride()]
+    widths = [t.shape[1] for t in xs]
     # TMA reads W from 16-byte aligned columns: every cat operand but the last must start there
-    starts_aligned = all(w * weight.element_size() % 16 == 0 for w in widths[:len(xs) - 1])
+    starts_aligned = all(w * weight.element_size() % 16 == 0 for w in widths[:-1])
     presplit_ok = tma_ready(weight) and starts_aligned
     wxt_ok = presplit_ok and all(tma_ready(x) for x in xs)
 
@@ -252,15 +250,25 @@ def runner(xs, weight, bias, precision, out, apply_tanh=True):
             if precision != "tf32x3" and wxt_ok:
                 return _launch_wxt(xs, weight, bias, out, config, precision, apply_tanh)
             config = {k: v for k, v in config.items() if k not in ("TMA", "WXT", "SPLIT_K")}
-        grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
-        _cat_gemm_tanh_kernel[grid](
-            *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
-            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, PRECISION=precision,
-            EVEN_K=all(w % config["BLOCK_K"] == 0 for w in widths), **config)
-        return out
+        return _launch_pointer(_cat_gemm_tanh_kernel, xs, weight, bias, out, config, precision, apply_tanh)
 
     return run_fused
+
+
+def _launch_pointer(kernel, xs, weight, bias, out, config, precision, apply_tanh):
+    """The pointer cell kernel (or its `wrap_triton` wrapper, from the inline ops) into `out`:
+    each cat operand read through its own pointer and strides, W as stored."""
+    M, N = out.shape
+    segs = list(xs) + [xs[0]] * (MAX_SEGMENTS - len(xs))
+    widths = [t.shape[1] for t in xs] + [0] * (MAX_SEGMENTS - len(xs))
+    strides = [s for t in segs for s in t.stride()]
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
+    kernel[grid](
+        *segs, weight, bias if bias is not None else weight, out, M, N, *widths, *strides,
+        weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        NUM_SEGMENTS=len(xs), HAS_BIAS=bias is not None, APPLY_TANH=apply_tanh, PRECISION=precision,
+        EVEN_K=all(w % config["BLOCK_K"] == 0 for w in widths), **config)
+    return out
 
 
 def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name):
@@ -280,8 +288,9 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
         return torch.nn.functional.linear(x0, weight, bias)
 
     key = autotune.make_key(name, profile.name, x0.dtype, precision, M, K="+".join(str(t.shape[1]) for t in xs), N=N)
+    flop = 2 * M * N * sum(t.shape[1] for t in xs)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
-                  space=lambda: cell_space(profile, x0.dtype, precision), m=M,
+                  space=lambda: cell_space(profile, x0.dtype, precision, flop), m=M,
                   run_fused=runner(xs, weight, bias, precision, out, apply_tanh),
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
 
@@ -295,11 +304,16 @@ def linear_forward(x, weight, bias, precision, autotune_on=True, budget=30.0):
     return _forward([x], weight, bias, precision, autotune_on, budget, False, "cell_h2o")
 
 
-def cell_space(profile, dtype, precision):
+def cell_space(profile, dtype, precision, flop=math.inf):
     """The GEMM space without the eval kernel's TMA tiles: the cell takes the pre-split 3xTF32
-    tiles (`tl` and, on sm_90, GLUON) and the W x^T tiles (WXT)."""
-    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision)
-            if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
+    tiles (`tl` and, on sm_90, GLUON) and the W x^T tiles (WXT); for a GEMM of at most
+    `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch, SMALL ones included."""
+    small = flop <= INLINE_MAX_FLOP
+    configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision, small=small)
+               if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
+    if small:
+        configs = [c for c in configs if inlinable(c)] or configs
+    return configs
 
 
 def _fake(xs, weight, bias, precision, autotune_on, budget):
@@ -329,6 +343,28 @@ def _backward(ctx, grad_out):
 cat_linear_tanh = define_op(
     "cat_linear_tanh", "(Tensor[] xs, Tensor weight, Tensor? bias, str precision, bool autotune_on, float budget) -> Tensor",
     forward, _fake, _backward, _setup)
+
+
+def inline_forward(xs, weight, bias, precision, meta, apply_tanh=True):
+    """The pointer kernel with its config fixed at compile time (`_common.inline_meta`),
+    launched through `wrap_triton`: the body of the inline ops here and in cell_h2o."""
+    out = xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
+    if xs[0].shape[0] == 0:
+        return out
+    return _launch_pointer(torch.library.wrap_triton(_cat_gemm_tanh_kernel), xs, weight, bias, out,
+                           meta_kwargs(meta), precision, apply_tanh)
+
+
+def _cell_inline(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
+                 meta: List[int]) -> torch.Tensor:
+    return inline_forward(xs, weight, bias, precision, meta)
+
+
+def _backward_inline(ctx, grad_out):
+    return _backward(ctx, grad_out)[:4] + (None,)
+
+
+cat_linear_tanh_inline = define_inline_op("cat_linear_tanh_inline", _cell_inline, _backward_inline, _setup)
 
 
 class _Match:
@@ -366,7 +402,13 @@ class CatLinearTanh(Pattern):
         return tuned_unfused_reason(
             ctx, self._site(m, ctx)["key"],
             lambda: cat_linear_tanh(xs, w, b, precision, True, ctx.options.tune_budget_s),
-            lambda: _unfused(xs, w, b))
+            lambda: _unfused(xs, w, b), static_shapes=self._static(m))
+
+    @staticmethod
+    def _static(m: _Match) -> bool:
+        """Whether the site's shapes are static, as an inline op needs (`_common.inline_meta`)."""
+        vals = [example_value(n) for n in list(m.tensors) + [m.weight]]
+        return all(isinstance(s, int) for v in vals for s in v.shape)
 
     @staticmethod
     def problem(m: _Match, ctx) -> Optional[str]:
@@ -415,10 +457,15 @@ class CatLinearTanh(Pattern):
         graph = ctx.gm.graph
         site = self._site(m, ctx)
         precision = site["precision"]
+        meta = inline_meta(ctx, site["key"], self._static(m))
         with graph.inserting_before(m.tanh):
             *xs, w, b = cast_to(graph, list(m.tensors) + [m.weight, m.bias], example_value(m.linear).dtype)
-            out = graph.call_function(cat_linear_tanh, (
-                xs, w, b, precision, ctx.options.autotune, ctx.options.tune_budget_s))
+            if meta is not None:
+                site["launch"] = "inline"
+                out = graph.call_function(cat_linear_tanh_inline, (xs, w, b, precision, meta))
+            else:
+                out = graph.call_function(cat_linear_tanh, (
+                    xs, w, b, precision, ctx.options.autotune, ctx.options.tune_budget_s))
         out.meta.update(m.tanh.meta)
         m.tanh.replace_all_uses_with(out)
         for node in (m.tanh, m.linear, m.cat):

@@ -12,7 +12,7 @@ kernels leave it alone.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import fx
@@ -21,8 +21,8 @@ from fusion_backend import autotune
 from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
-from ._common import define_op, hint, mutated_in_graph, tensor_problem, tuned_unfused_reason
-from .cat_linear_tanh import cat_linear_tanh, cell_space, linear_forward
+from ._common import define_inline_op, define_op, hint, inline_meta, mutated_in_graph, tensor_problem, tuned_unfused_reason
+from .cat_linear_tanh import cat_linear_tanh, cat_linear_tanh_inline, cell_space, inline_forward, linear_forward
 
 NAME = "cell_h2o"
 
@@ -47,6 +47,18 @@ cell_h2o = define_op(
     linear_forward, _fake, _backward, _setup)
 
 
+def _h2o_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
+                meta: List[int]) -> torch.Tensor:
+    return inline_forward([x], weight, bias, precision, meta, apply_tanh=False)
+
+
+def _backward_inline(ctx, grad_out):
+    return _backward(ctx, grad_out)[:4] + (None,)
+
+
+cell_h2o_inline = define_inline_op("cell_h2o_inline", _h2o_inline, _backward_inline, _setup)
+
+
 class _Match:
     def __init__(self, linear):
         self.linear = linear
@@ -62,7 +74,7 @@ class CellH2O(Pattern):
         if not is_op(node, LINEAR) or not isinstance(node.args[0], fx.Node):
             return None
         cell = node.args[0]
-        if cell.op != "call_function" or cell.target is not cat_linear_tanh:
+        if cell.op != "call_function" or cell.target not in (cat_linear_tanh, cat_linear_tanh_inline):
             return None
         return _Match(node)
 
@@ -88,7 +100,12 @@ class CellH2O(Pattern):
         w, b = ctx.real_tensor(m.weight), ctx.real_tensor(m.bias)
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"],
                                     lambda: cell_h2o(x, w, b, precision, True, ctx.options.tune_budget_s),
-                                    lambda: torch.nn.functional.linear(x, w, b))
+                                    lambda: torch.nn.functional.linear(x, w, b), static_shapes=self._static(m))
+
+    @staticmethod
+    def _static(m: _Match) -> bool:
+        vals = [example_value(n) for n in (m.hidden, m.weight)]
+        return all(isinstance(s, int) for v in vals for s in v.shape)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
@@ -102,9 +119,14 @@ class CellH2O(Pattern):
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph
         site = self._site(m, ctx)
+        meta = inline_meta(ctx, site["key"], self._static(m))
         with graph.inserting_before(m.linear):
-            out = graph.call_function(cell_h2o, (m.hidden, m.weight, m.bias, site["precision"], ctx.options.autotune,
-                                                 ctx.options.tune_budget_s))
+            if meta is not None:
+                site["launch"] = "inline"
+                out = graph.call_function(cell_h2o_inline, (m.hidden, m.weight, m.bias, site["precision"], meta))
+            else:
+                out = graph.call_function(cell_h2o, (m.hidden, m.weight, m.bias, site["precision"],
+                                                     ctx.options.autotune, ctx.options.tune_budget_s))
         out.meta.update(m.linear.meta)
         m.linear.replace_all_uses_with(out)
         graph.erase_node(m.linear)

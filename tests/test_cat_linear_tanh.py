@@ -503,3 +503,65 @@ def test_grid_barrier_program_count_stays_resident(monkeypatch):
     assert seq.grid_sync_programs(h100) == 1
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "not a number")
     assert seq.grid_sync_programs(h100) == 32
+
+
+# ----------------------------------------------------------------------------- inline ops
+
+INLINE_META = [16, 16, 16, 4, 1, 1]  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_inline_cell_ops_match_eager(bias):
+    """The triton_op forms of the cell kernel (what Inductor launches itself on a GPU, see
+    `_common.inline_meta`), called eagerly: a 3-way cat with odd widths and a strided operand,
+    and the h2o Linear (no tanh); outputs and gradients against eager and fp64."""
+    from patterns.cat_linear_tanh import cat_linear_tanh_inline
+    from patterns.cell_h2o import cell_h2o_inline
+
+    torch.manual_seed(31)
+    model = RNNCell((11,), bias)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, h, e = torch.randn(B, I) * 2, torch.randn(B, 2 * H)[:, ::2], torch.randn(B, 11)
+    g_out, g_hidden = torch.randn(B, O), torch.randn(B, H)
+    runs = []
+    for m, dtype in ((model, torch.float32), (eager, torch.float32), (ref, torch.float64)):
+        xs = [t.detach().clone().to(dtype).requires_grad_(True) for t in (x, h, e)]
+        if m is model:
+            hidden = cat_linear_tanh_inline(xs, m.i2h.weight, m.i2h.bias, "ieee", INLINE_META)
+            out = cell_h2o_inline(hidden, m.h2o.weight, m.h2o.bias, "ieee", INLINE_META)
+        else:
+            out, hidden = m(*xs)
+        ((out * g_out.to(dtype)).sum() + (hidden * g_hidden.to(dtype)).sum()).backward()
+        runs.append({"out": out.detach(), "hidden": hidden.detach(), "x": xs[0].grad, "h": xs[1].grad,
+                     "W": m.i2h.weight.grad, "W_h2o": m.h2o.weight.grad})
+    got, want, ref64 = runs
+    assert_matches(got["hidden"], want["hidden"], ref64["hidden"], "hidden")
+    assert_matches(got["out"], want["out"], ref64["out"], "out")
+    assert_grads_close(got, want, ref64, ("x", "h", "W", "W_h2o"))
+
+
+def test_inline_cell_rewrite(monkeypatch):
+    """The rewrite with the inline cell op in the graph (forced here; on a GPU `inline_meta`
+    decides), run as FX code since Inductor on a CPU cannot launch Triton kernels: a stateful
+    module over three calls, and gradients of the argument-style cell."""
+    import patterns.cat_linear_tanh as clt
+    from fusion_backend import backend
+
+    monkeypatch.setattr(clt, "inline_meta", lambda ctx, key, static: INLINE_META if static else None)
+    graphs = []
+    monkeypatch.setattr(backend, "_inductor", lambda gm, example_inputs, options: graphs.append(gm) or gm)
+    torch.manual_seed(32)
+    model = VanillaRNN("buffer")
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    compiled = compile_(model)
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(B, I)
+            assert_matches(compiled(x), eager(x), ref(x.double()), f"output, call {step}")
+            assert_matches(model.hidden, eager.hidden, ref.hidden, f"hidden, call {step}")
+    targets = [n.target for g in graphs for n in g.graph.nodes]
+    assert clt.cat_linear_tanh_inline in targets and clt.cat_linear_tanh not in targets
+    got, want, ref64 = cell_grads(RNNCell(), torch.randn(B, I) * 2, torch.randn(B, H))
+    assert fusion_backend.counters[NAME] == 2
+    assert_matches(got["hidden"], want["hidden"], ref64["hidden"], "hidden")
+    assert_grads_close(got, want, ref64, ("x", "h", "W", "b"))

@@ -317,3 +317,17 @@ def test_small_eval_gemms_take_inline_launchable_tiles_only(dtype, precision):
     assert any(not inlinable(c) for c in full) and not any(c.get("SMALL") for c in full)
     assert any(c.get("SMALL") for c in small)
     assert lbgr.eval_space(h100, dtype, precision) == full
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float32, "tf32x3")])
+def test_small_cell_gemms_take_inline_launchable_tiles_only(dtype, precision):
+    """The cell's space follows the same rule as the eval block's (above)."""
+    import patterns.cat_linear_tanh as clt
+    from patterns._common import inlinable
+
+    h100 = profile_named("h100-sxm")
+    small = clt.cell_space(h100, dtype, precision, 2 * 64 * 1024 * 512)
+    full = clt.cell_space(h100, dtype, precision, 2 * 256 * 32768 * 16384)
+    assert small and all(inlinable(c) for c in small) and any(c.get("SMALL") for c in small)
+    assert any(c.get("WXT") or c.get("PRESPLIT") for c in full) and not any(c.get("SMALL") for c in full)
+    assert clt.cell_space(h100, dtype, precision) == full

@@ -598,3 +598,47 @@ def test_inline_launch_gpu(M, K, N, dtype, precision, grad, train):
                               ("W", m.gemm.weight.grad, eager.gemm.weight.grad, m64.gemm.weight.grad)):
             err, eager_err = rel_err(a, c), rel_err(b, c)
             assert err <= max(allowed_error(dtype, precision, eager_err), 2 * eager_err), (name, err, eager_err)
+
+
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_inline_cell_launch_gpu(precision):
+    """A small stateful RNN cell (KernelBench style) whose i2h and h2o sites get pointer
+    configs is launched from Inductor's code: no op call in it, outputs and hidden state match
+    eager and fp64 over three calls. The tuner's choices are fixed beforehand."""
+    import copy
+
+    from torch._inductor.utils import run_and_get_code
+
+    from fusion_backend import autotune, devices
+    from fusion_backend.models import VanillaRNN
+
+    torch.set_float32_matmul_precision(precision)
+    torch.manual_seed(51)
+    B, I, H, O = 64, 512, 384, 256
+    m = VanillaRNN(I, H, O, B).cuda()
+    eager, m64 = copy.deepcopy(m), copy.deepcopy(m).double()
+    profile = devices.device_profile(torch.device("cuda"))
+    dot = profile.dot_precision(torch.float32)
+    keys = [autotune.make_key("cat_linear_tanh", profile.name, torch.float32, dot, B, K=f"{I}+{H}", N=H),
+            autotune.make_key("cell_h2o", profile.name, torch.float32, dot, B, K=str(H), N=O)]
+    config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    for key in keys:
+        autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
+    try:
+        compiled = torch.compile(m, backend="fusedtriton", options={"trial": False})
+        with torch.no_grad():
+            for step in range(3):
+                x = torch.randn(B, I, device="cuda")
+                if step == 0:
+                    out, codes = run_and_get_code(compiled, x)
+                else:
+                    out = compiled(x)
+                e, r = eager(x), m64(x.double())
+                assert rel_err(out, r) <= allowed_error(torch.float32, precision, rel_err(e, r)), step
+                assert rel_err(m.hidden, m64.hidden) <= allowed_error(
+                    torch.float32, precision, rel_err(eager.hidden, m64.hidden)), step
+    finally:
+        for key in keys:
+            autotune.TUNER.choices.pop(key, None)
+    assert fusion_backend.counters["cat_linear_tanh"] == 1 and fusion_backend.counters["cell_h2o"] == 1
+    assert "_cat_gemm_tanh_kernel" in codes[0] and "torch.ops.fusedtriton" not in codes[0], codes[0][-3000:]
