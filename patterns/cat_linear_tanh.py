@@ -26,6 +26,11 @@ from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inli
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
+#: inline launches of the cell's pointer kernel (`cat_linear_tanh_inline`, `cell_h2o_inline`;
+#: `_common.inline_meta`): written and tested on the CPU in the ninth session, which had no
+#: device time left to run tests/test_gpu.py::test_inline_cell_launch_gpu (it turns this on).
+#: Off until that test passes on a GPU: then set True. While off, small cells keep every tile.
+INLINE = False
 
 
 @triton.jit
@@ -308,7 +313,7 @@ def cell_space(profile, dtype, precision, flop=math.inf):
     """The GEMM space without the eval kernel's TMA tiles: the cell takes the pre-split 3xTF32
     tiles (`tl` and, on sm_90, GLUON) and the W x^T tiles (WXT); for a GEMM of at most
     `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch, SMALL ones included."""
-    small = flop <= INLINE_MAX_FLOP
+    small = INLINE and flop <= INLINE_MAX_FLOP
     configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision, small=small)
                if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
     if small:
@@ -402,13 +407,13 @@ class CatLinearTanh(Pattern):
         return tuned_unfused_reason(
             ctx, self._site(m, ctx)["key"],
             lambda: cat_linear_tanh(xs, w, b, precision, True, ctx.options.tune_budget_s),
-            lambda: _unfused(xs, w, b), static_shapes=self._static(m))
+            lambda: _unfused(xs, w, b), static_shapes=self._inline_shapes(m))
 
     @staticmethod
-    def _static(m: _Match) -> bool:
-        """Whether the site's shapes are static, as an inline op needs (`_common.inline_meta`)."""
+    def _inline_shapes(m: _Match) -> bool:
+        """Whether the site may launch inline: `INLINE` on and static shapes (`_common.inline_meta`)."""
         vals = [example_value(n) for n in list(m.tensors) + [m.weight]]
-        return all(isinstance(s, int) for v in vals for s in v.shape)
+        return INLINE and all(isinstance(s, int) for v in vals for s in v.shape)
 
     @staticmethod
     def problem(m: _Match, ctx) -> Optional[str]:
@@ -457,7 +462,7 @@ class CatLinearTanh(Pattern):
         graph = ctx.gm.graph
         site = self._site(m, ctx)
         precision = site["precision"]
-        meta = inline_meta(ctx, site["key"], self._static(m))
+        meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
         with graph.inserting_before(m.tanh):
             *xs, w, b = cast_to(graph, list(m.tensors) + [m.weight, m.bias], example_value(m.linear).dtype)
             if meta is not None:

@@ -22,6 +22,7 @@ from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
 from ._common import define_inline_op, define_op, hint, inline_meta, mutated_in_graph, tensor_problem, tuned_unfused_reason
+from . import cat_linear_tanh as _cell
 from .cat_linear_tanh import cat_linear_tanh, cat_linear_tanh_inline, cell_space, inline_forward, linear_forward
 
 NAME = "cell_h2o"
@@ -100,12 +101,13 @@ class CellH2O(Pattern):
         w, b = ctx.real_tensor(m.weight), ctx.real_tensor(m.bias)
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"],
                                     lambda: cell_h2o(x, w, b, precision, True, ctx.options.tune_budget_s),
-                                    lambda: torch.nn.functional.linear(x, w, b), static_shapes=self._static(m))
+                                    lambda: torch.nn.functional.linear(x, w, b), static_shapes=self._inline_shapes(m))
 
     @staticmethod
-    def _static(m: _Match) -> bool:
+    def _inline_shapes(m: _Match) -> bool:
+        """Whether the site may launch inline: the cell's `INLINE` on and static shapes."""
         vals = [example_value(n) for n in (m.hidden, m.weight)]
-        return all(isinstance(s, int) for v in vals for s in v.shape)
+        return _cell.INLINE and all(isinstance(s, int) for v in vals for s in v.shape)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:
@@ -119,7 +121,7 @@ class CellH2O(Pattern):
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph
         site = self._site(m, ctx)
-        meta = inline_meta(ctx, site["key"], self._static(m))
+        meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
         with graph.inserting_before(m.linear):
             if meta is not None:
                 site["launch"] = "inline"
