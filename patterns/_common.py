@@ -173,6 +173,12 @@ def inlinable(config) -> bool:
     return config is not None and not any(config.get(flag) for flag in _NOT_INLINE)
 
 
+def static_shapes(*nodes) -> bool:
+    """Whether every node's example value has static shapes, as an inline op needs (its
+    config is fixed at compile time for those shapes: `inline_meta`)."""
+    return all(isinstance(s, int) for n in nodes for s in example_value(n).shape)
+
+
 def inline_meta(ctx, key, static_shapes: bool) -> Optional[list]:
     """The tuned config of `key` as an inline op's `meta` list, or None where the site must
     go through the opaque op.
@@ -281,12 +287,14 @@ def _tie_for_the_trial(ctx, key, choice, static_shapes: bool) -> bool:
 def space(profile, family, dtype, tma=True, precision=None, small=False):
     """The configs for this device, kernel family and input dtype (computed once: launchers
     call this on their hot path); tma=False for kernels without a TMA variant; with a dot
-    `precision`, the entries meant for other precisions are dropped; small=True keeps the
-    SMALL tiles (small eval GEMMs only)."""
+    `precision`, the entries meant for other precisions are dropped; small=True (a GEMM of at
+    most INLINE_MAX_FLOP) keeps only the inline-launchable tiles, the SMALL ones included."""
     configs = config_spaces.for_dtype(config_spaces.space_for(profile, family), dtype)
     configs = [c for c in configs if small or not c.get("SMALL")]
     if precision is not None:
         configs = [c for c in configs if precision in c.get("precisions", (precision,))]
+    if small:
+        configs = [c for c in configs if inlinable(c)] or configs
     return configs if tma else [c for c in configs if not c.get("TMA")]
 
 

@@ -21,8 +21,8 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, 
                                        store_cell_tile, tanh, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
-                      gluon_code, hint, inline_meta, inlinable, launch, meta_kwargs, mutated_in_graph, only_user, space,
-                      tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
+                      gluon_code, hint, inline_meta, launch, meta_kwargs, mutated_in_graph, only_user, space,
+                      static_shapes, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -313,12 +313,9 @@ def cell_space(profile, dtype, precision, flop=math.inf):
     """The GEMM space without the eval kernel's TMA tiles: the cell takes the pre-split 3xTF32
     tiles (`tl` and, on sm_90, GLUON) and the W x^T tiles (WXT); for a GEMM of at most
     `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch, SMALL ones included."""
-    small = INLINE and flop <= INLINE_MAX_FLOP
-    configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision, small=small)
-               if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
-    if small:
-        configs = [c for c in configs if inlinable(c)] or configs
-    return configs
+    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision,
+                             small=INLINE and flop <= INLINE_MAX_FLOP)
+            if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
 
 
 def _fake(xs, weight, bias, precision, autotune_on, budget):
@@ -412,8 +409,7 @@ class CatLinearTanh(Pattern):
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
         """Whether the site may launch inline: `INLINE` on and static shapes (`_common.inline_meta`)."""
-        vals = [example_value(n) for n in list(m.tensors) + [m.weight]]
-        return INLINE and all(isinstance(s, int) for v in vals for s in v.shape)
+        return INLINE and static_shapes(*m.tensors, m.weight)
 
     @staticmethod
     def problem(m: _Match, ctx) -> Optional[str]:

@@ -21,7 +21,8 @@ from fusion_backend import autotune
 from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
-from ._common import define_inline_op, define_op, hint, inline_meta, mutated_in_graph, tensor_problem, tuned_unfused_reason
+from ._common import (define_inline_op, define_op, hint, inline_meta, mutated_in_graph, static_shapes, tensor_problem,
+                      tuned_unfused_reason)
 from . import cat_linear_tanh as _cell
 from .cat_linear_tanh import cat_linear_tanh, cat_linear_tanh_inline, cell_space, inline_forward, linear_forward
 
@@ -106,8 +107,7 @@ class CellH2O(Pattern):
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
         """Whether the site may launch inline: the cell's `INLINE` on and static shapes."""
-        vals = [example_value(n) for n in (m.hidden, m.weight)]
-        return _cell.INLINE and all(isinstance(s, int) for v in vals for s in v.shape)
+        return _cell.INLINE and static_shapes(m.hidden, m.weight)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

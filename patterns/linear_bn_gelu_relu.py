@@ -24,8 +24,8 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_seg
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
-                      gluon_code, heuristic_kwargs, hint, inline_meta, inlinable, launch, meta_kwargs,
-                      mutated_in_graph, only_user, space, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
+                      gluon_code, heuristic_kwargs, hint, inline_meta, launch, meta_kwargs, mutated_in_graph,
+                      only_user, space, static_shapes, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
                       written_inside)
 
 NAME = "linear_bn_gelu_relu"
@@ -353,12 +353,8 @@ def _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, con
 def eval_space(profile, dtype, precision, flop=math.inf):
     """The GEMM space without the cell's own W x^T tiles; for a GEMM of at most
     `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch, SMALL ones included."""
-    small = flop <= INLINE_MAX_FLOP
-    configs = [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision, small=small)
-               if not c.get("WXT")]
-    if small:
-        configs = [c for c in configs if inlinable(c)] or configs
-    return configs
+    return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision, small=flop <= INLINE_MAX_FLOP)
+            if not c.get("WXT")]
 
 
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
@@ -603,8 +599,7 @@ class LinearBnGeluRelu(Pattern):
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
         """Whether the site's shapes are static, as an inline op needs (`_common.inline_meta`)."""
-        vals = [example_value(n) for n in (m.x, m.weight)]
-        return all(isinstance(s, int) for v in vals for s in v.shape)
+        return static_shapes(m.x, m.weight)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

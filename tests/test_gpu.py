@@ -341,8 +341,7 @@ def test_presplit_eval_kernel_nan_inf_gpu():
     """inf and NaN in x: the same non-finite positions as eager (cuBLAS fp32), the rest within
     fp32 "highest"'s class, for each pre-split config of the eval kernel."""
     import patterns.linear_bn_gelu_relu as lbgr
-    from fusion_backend import config_spaces
-    from patterns._common import kernel_kwargs, space
+    from patterns._common import kernel_kwargs
 
     profile, configs = _presplit_configs(
         lambda p: lbgr.eval_space(p, torch.float32, "tf32x3"))
