@@ -26,12 +26,6 @@ from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inli
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
-#: inline launches of the cell's pointer kernel (`cat_linear_tanh_inline`, `cell_h2o_inline`;
-#: `_common.inline_meta`): written and tested on the CPU in the ninth session, which had no
-#: device time left to run tests/test_gpu.py::test_inline_cell_launch_gpu (it turns this on).
-#: Off until that test passes on a GPU: then set True. While off, small cells keep every tile.
-INLINE = False
-
 
 @triton.jit
 def _cat_gemm_tanh_kernel(
@@ -314,7 +308,7 @@ def cell_space(profile, dtype, precision, flop=math.inf):
     tiles (`tl` and, on sm_90, GLUON) and the W x^T tiles (WXT); for a GEMM of at most
     `_common.INLINE_MAX_FLOP` FLOPs only the tiles an inline op can launch, SMALL ones included."""
     return [c for c in space(profile, config_spaces.GEMM, dtype, precision=precision,
-                             small=INLINE and flop <= INLINE_MAX_FLOP)
+                             small=flop <= INLINE_MAX_FLOP)
             if not c.get("TMA") or c.get("PRESPLIT") or c.get("WXT")]
 
 
@@ -408,8 +402,8 @@ class CatLinearTanh(Pattern):
 
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
-        """Whether the site may launch inline: `INLINE` on and static shapes (`_common.inline_meta`)."""
-        return INLINE and static_shapes(*m.tensors, m.weight)
+        """Whether the site may launch inline: static shapes (`_common.inline_meta`)."""
+        return static_shapes(*m.tensors, m.weight)
 
     @staticmethod
     def problem(m: _Match, ctx) -> Optional[str]:

@@ -23,7 +23,6 @@ from fusion_backend.registry import Pattern, register_pattern
 
 from ._common import (define_inline_op, define_op, hint, inline_meta, mutated_in_graph, static_shapes, tensor_problem,
                       tuned_unfused_reason)
-from . import cat_linear_tanh as _cell
 from .cat_linear_tanh import cat_linear_tanh, cat_linear_tanh_inline, cell_space, inline_forward, linear_forward
 
 NAME = "cell_h2o"
@@ -106,8 +105,8 @@ class CellH2O(Pattern):
 
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
-        """Whether the site may launch inline: the cell's `INLINE` on and static shapes."""
-        return _cell.INLINE and static_shapes(m.hidden, m.weight)
+        """Whether the site may launch inline: static shapes (`_common.inline_meta`)."""
+        return static_shapes(m.hidden, m.weight)
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

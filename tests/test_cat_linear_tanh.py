@@ -547,7 +547,6 @@ def test_inline_cell_rewrite(monkeypatch):
     import patterns.cat_linear_tanh as clt
     from fusion_backend import backend
 
-    monkeypatch.setattr(clt, "INLINE", True)
     monkeypatch.setattr(clt, "inline_meta", lambda ctx, key, static: INLINE_META if static else None)
     graphs = []
     monkeypatch.setattr(backend, "_inductor", lambda gm, example_inputs, options: graphs.append(gm) or gm)

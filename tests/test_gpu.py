@@ -600,7 +600,7 @@ def test_inline_launch_gpu(M, K, N, dtype, precision, grad, train):
 
 
 @pytest.mark.parametrize("precision", ["high", "highest"])
-def test_inline_cell_launch_gpu(monkeypatch, precision):
+def test_inline_cell_launch_gpu(precision):
     """A small stateful RNN cell (KernelBench style) whose i2h and h2o sites get pointer
     configs is launched from Inductor's code: no op call in it, outputs and hidden state match
     eager and fp64 over three calls. The tuner's choices are fixed beforehand."""
@@ -608,11 +608,9 @@ def test_inline_cell_launch_gpu(monkeypatch, precision):
 
     from torch._inductor.utils import run_and_get_code
 
-    import patterns.cat_linear_tanh as clt
     from fusion_backend import autotune, devices
     from fusion_backend.models import VanillaRNN
 
-    monkeypatch.setattr(clt, "INLINE", True)  # off by default until this test has passed on a GPU
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(51)
     B, I, H, O = 64, 512, 384, 256
