@@ -247,7 +247,7 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused, static_shapes: bool = 
         call_op()
         choice = autotune.TUNER.lookup(key)
         if choice is not None and choice.config is None:
-            if not _tie_for_the_trial(ctx, key, choice, static_shapes):
+            if not _fuse_for_the_trial(ctx, key, choice, static_shapes):
                 return f"unfused path is faster here ({choice.describe()}): left to Inductor"
             choice = autotune.TUNER.lookup(key)
         if ctx.options.cudagraphs or inline_meta(ctx, key, static_shapes) is not None:
@@ -272,7 +272,7 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused, static_shapes: bool = 
 HOST_BOUND_MS = 0.05
 
 
-def _tie_for_the_trial(ctx, key, choice, static_shapes: bool) -> bool:
+def _fuse_for_the_trial(ctx, key, choice, static_shapes: bool) -> bool:
     """Fuse a site whose best fused config lost to the unfused path only by kernel time that
     cannot matter (a tie inside the tuner's margin either way, or both under HOST_BOUND_MS)
     where the run-time trial will settle it on the whole graph and the fused kernel launches

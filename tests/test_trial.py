@@ -283,7 +283,7 @@ def test_launch_bound_note_reaches_the_report(monkeypatch):
 # ----------------------------------------------------------------------------- ties go to the trial
 
 class _TieCtx:
-    """What `_tie_for_the_trial` reads of the backend's RewriteContext."""
+    """What `_fuse_for_the_trial` reads of the backend's RewriteContext."""
 
     def __init__(self, **options):
         from conftest import profile_named
@@ -303,7 +303,7 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
     and the kernel launches inline; the fused choice is recorded and the site noted for the
     trial. Anything else stays unfused."""
     from fusion_backend import autotune
-    from patterns._common import _tie_for_the_trial
+    from patterns._common import _fuse_for_the_trial
 
     fused, unfused = {"tie_fused_slower": (0.210, 0.207), "tie_host_bound": (0.0196, 0.0179),
                       "fused_slower": (0.214, 0.207),
@@ -314,7 +314,7 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
     autotune.TUNER.record(key, choice)
     ctx = _TieCtx(trial=case != "trial_off", inline=case != "inline_off")
     try:
-        fused_now = _tie_for_the_trial(ctx, key, choice, static_shapes=case != "dynamic")
+        fused_now = _fuse_for_the_trial(ctx, key, choice, static_shapes=case != "dynamic")
         after = autotune.TUNER.lookup(key)
     finally:
         autotune.TUNER.choices.pop(key, None)
