@@ -49,7 +49,7 @@ class Choice:
     runner_up: Optional[dict] = None
 
     def describe(self) -> str:
-        what = "unfused (cuBLAS + pointwise)" if self.config is None else _short(self.config)
+        what = "unfused (cuBLAS + pointwise)" if self.config is None else describe_config(self.config)
         times = ""
         if self.fused_ms is not None or self.unfused_ms is not None:
             times = f" [fused {self.fused_ms if self.fused_ms is None else round(self.fused_ms, 4)} ms, " \
@@ -57,7 +57,8 @@ class Choice:
         return f"{what} ({self.source}){times}"
 
 
-def _short(config: dict) -> str:
+def describe_config(config: dict) -> str:
+    """A config in one line, as `explain()` shows it."""
     return " ".join(f"{k}={v}" for k, v in config.items() if k != "dtypes")
 
 
@@ -291,7 +292,7 @@ class Tuner:
             best = finalists[j]
             if len(finalists) > 1:
                 log.info("fusedtriton: tuning %s: re-timed %s", key,
-                         ", ".join(f"{_short(c)}: {ms:.4f} ms" for c, ms in zip(finalists, sums)))
+                         ", ".join(f"{describe_config(c)}: {ms:.4f} ms" for c, ms in zip(finalists, sums)))
         if best_ms > FUSED_MARGIN * unfused_ms:
             return Choice(None, "tuned", finite(best_ms), finite(unfused_ms), runner_up=best)
         return Choice(best, "tuned", finite(best_ms), finite(unfused_ms))

@@ -33,6 +33,10 @@ class RewriteContext:
     # tuning key -> why a site was fused only for the run-time trial to settle (launch-bound
     # alone, or a tie with the unfused path: patterns/_common.py)
     launch_bound: dict = dataclasses.field(default_factory=dict)
+    # tuning key -> the fused config of a site the tuner left unfused but this compile fuses
+    # for the trial (`_common._fuse_for_the_trial`); kept here, not in the tuner, so a later
+    # compile without the trial (or under CUDA graphs) sees the tuner's own verdict
+    trial_configs: dict = dataclasses.field(default_factory=dict)
 
     def dot_precision(self, dtype: torch.dtype) -> str:
         return self.profile.dot_precision(dtype)
@@ -178,6 +182,16 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         counters.clear()
         counters.update(counted)  # the sites counted before the failure are not in the graph
         report = GraphReport(profile=profile.name, mode=opts.mode, note=f"rewrite failed: {exc}")
+    if opts.trial and any(site.info.get("launch_bound") for site in report.fused):
+        why_not = _no_trial_reason(report, profile, opts)
+        if why_not:
+            # sites fused only for the run-time trial, which this graph will not get: rewrite
+            # again without it, so they go where the compile-time decision put them
+            log.info("fusedtriton: no run-time trial (%s): sites fused for it are left unfused", why_not)
+            for site in report.fused:
+                counters[site.pattern] -= 1
+            return fusedtriton(_restore(gm, original), example_inputs, mode=mode,
+                               options=dict(options or {}, trial=False))
     log.info(report.summary())
     for sink in _report_sinks:
         sink.append(report)
@@ -243,7 +257,7 @@ def _no_trial_reason(report: GraphReport, profile, opts: Options) -> str:
         if choice is None or choice.fused_ms is None:
             return f"no tuned GPU time for {site.pattern} at {site.node}"
         total += choice.fused_ms
-    if total >= _trial.TRIAL_BELOW_MS and not any(site.info.get("launch_bound") for site in report.fused):
+    if total >= _trial.TRIAL_BELOW_MS:
         return f"fused sites take {total:.3f} ms of GPU time a call (trial below {_trial.TRIAL_BELOW_MS} ms)"
     return ""
 

@@ -88,8 +88,12 @@ class Options:
 
     @property
     def cudagraphs(self) -> bool:
-        """Whether Inductor will run the graph under CUDA graphs (host time per call vanishes)."""
-        return bool(self.inductor_config_patches().get("triton.cudagraphs", False))
+        """Whether Inductor will run the graph under CUDA graphs (host time per call vanishes):
+        by the mode, the user's Inductor patches, or Inductor's global config."""
+        import torch._inductor.config
+
+        default = torch._inductor.config.triton.cudagraphs
+        return bool(self.inductor_config_patches().get("triton.cudagraphs", default))
 
     def inductor_config_patches(self) -> dict:
         """Inductor's own options for the mode, plus the user's extra patches."""

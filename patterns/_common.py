@@ -190,8 +190,11 @@ def inline_meta(ctx, key, static_shapes: bool) -> Optional[list]:
     65 us inline vs 180 us through the opaque op and 129 us for Inductor's unfused graph).
     That needs the config fixed at compile time (tuned there on the real tensors), static
     shapes, and a plain pointer kernel with no launch options beyond num_warps/num_stages."""
-    choice = autotune.TUNER.lookup(key)
-    return _inline_list(ctx, None if choice is None else choice.config, static_shapes)
+    config = ctx.trial_configs.get(key)
+    if config is None:
+        choice = autotune.TUNER.lookup(key)
+        config = None if choice is None else choice.config
+    return _inline_list(ctx, config, static_shapes)
 
 
 def _inline_list(ctx, config, static_shapes: bool) -> Optional[list]:
@@ -249,7 +252,6 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused, static_shapes: bool = 
         if choice is not None and choice.config is None:
             if not _fuse_for_the_trial(ctx, key, choice, static_shapes):
                 return f"unfused path is faster here ({choice.describe()}): left to Inductor"
-            choice = autotune.TUNER.lookup(key)
         if ctx.options.cudagraphs or inline_meta(ctx, key, static_shapes) is not None:
             return None  # no host time per call to weigh, or Inductor's own launch of the kernel
         fused_ms, unfused_ms = per_call_ms(call_op), per_call_ms(call_unfused)
@@ -282,17 +284,21 @@ def _fuse_for_the_trial(ctx, key, choice, static_shapes: bool) -> bool:
     tuner's own timings swing by more than the margin between runs (a B64 512+512->512 cell at
     3xTF32: fused 0.0194 vs 0.0231 in one run, the trial then keeping the fused graph at 0.091 vs
     0.138 ms a call; 0.0231 vs 0.0228 in the next).
-    Records the fused choice for `key` and notes the site for the trial."""
+    Notes the fused config for this compile only (`ctx.trial_configs`; the tuner keeps its own
+    verdict for later compiles) and the site for the trial. If the graph then gets no trial
+    (another site without a tuned time, fused sites of 1 ms or more), the backend rewrites it
+    again with the trial off."""
     fused, unfused = choice.fused_ms, choice.unfused_ms
     if not (ctx.options.trial and not ctx.options.cudagraphs and choice.runner_up is not None
             and fused is not None and unfused is not None and fused < trial.TRIAL_BELOW_MS
             and (fused * autotune.FUSED_MARGIN <= unfused or fused < HOST_BOUND_MS)
             and _inline_list(ctx, choice.runner_up, static_shapes) is not None):
         return False
-    autotune.TUNER.record(key, autotune.Choice(choice.runner_up, choice.source, fused, unfused))
+    ctx.trial_configs[key] = choice.runner_up
     kind = "a tie" if fused * autotune.FUSED_MARGIN <= unfused else f"host-bound (under {HOST_BOUND_MS} ms)"
     ctx.launch_bound[key] = (f"{kind} at compile time (fused {fused:.4f} vs unfused {unfused:.4f} ms): "
-                             "fused, launched inline, for the run-time trial to settle")
+                             f"fused with {autotune.describe_config(choice.runner_up)}, launched inline, for the "
+                             "run-time trial to settle")
     return True
 
 

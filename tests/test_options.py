@@ -129,6 +129,20 @@ def test_mode_patches():
     assert patches == dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs"))
 
 
+def test_cudagraphs_by_mode_patch_or_inductor_global_config():
+    """Whether a graph runs under CUDA graphs (no host time per call to weigh, no run-time
+    trial): by the mode, by the user's Inductor patch, or by Inductor's own global setting."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": False}):
+        assert Options.parse("reduce-overhead").cudagraphs and not Options.parse(None).cudagraphs
+        assert not Options.parse("max-autotune-no-cudagraphs").cudagraphs
+        assert Options.parse(None, {"inductor_options": {"triton.cudagraphs": True}}).cudagraphs
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert Options.parse(None).cudagraphs
+        assert not Options.parse(None, {"inductor_options": {"triton.cudagraphs": False}}).cudagraphs
+
+
 # ----------------------------------------------------------------------------- through torch.compile
 
 def _f(x):

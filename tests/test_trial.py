@@ -216,18 +216,51 @@ def test_backend_trial_gradients_match_eager_at_every_call(monkeypatch, unfused_
     assert fusion_backend.counters[LBGR] == (0 if unfused_faster else 1)
 
 
-def test_trial_also_settles_sites_that_look_launch_bound_alone(monkeypatch):
+def test_no_trial_for_fused_sites_of_a_ms_or_more_even_with_a_site_fused_for_it(monkeypatch):
+    """A graph whose fused sites take 1 ms or more of GPU time gets no trial, also where one
+    site was fused only for the trial (the backend then rewrites it with the trial off, next
+    test): the trial is all or nothing, and would risk the sites that won outright."""
     from fusion_backend import autotune
     from fusion_backend.report import GraphReport, Site
 
     gpu = devices_like("nvidia")
     site = Site(LBGR, "relu", True, info={"key": "k1", "launch_bound": "launch-bound here: ..."})
     report = GraphReport(profile="nvidia", mode=None, sites=[site])
-    # 1.5 ms of tuned GPU time is above the trial's bound, but this site looked launch-bound alone
     monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", 1.5, 3.0))
-    assert backend._no_trial_reason(report, gpu, _options()) == ""
-    del site.info["launch_bound"]
     assert "1.500 ms" in backend._no_trial_reason(report, gpu, _options())
+    monkeypatch.setattr(autotune.TUNER, "lookup", lambda key: autotune.Choice({"BLOCK_M": 64}, "tuned", 0.5, 3.0))
+    assert backend._no_trial_reason(report, gpu, _options()) == ""
+
+
+@needs_interpreter
+def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
+    """A site fused only for the run-time trial, in a graph that will not get one (here
+    `_no_trial_reason` says so, as it does beside a site without tuned time or beside fused
+    sites of 1 ms or more): the backend rewrites the graph with the trial off, where the
+    compile-time decision leaves the site to Inductor; counters and reports say so, the result
+    matches eager."""
+    import patterns.linear_bn_gelu_relu as lbgr
+
+    def decision(ctx, key, call_op, call_unfused, static_shapes=False):
+        if ctx.options.trial:
+            ctx.launch_bound[key] = "a tie at compile time (test)"
+            return None
+        return "unfused path is faster here (test): left to Inductor"
+
+    monkeypatch.setattr(lbgr, "tuned_unfused_reason", decision)
+    monkeypatch.setattr(backend, "_no_trial_reason",
+                        lambda report, profile, opts: "no trial (test)" if opts.trial else "options['trial'] is False")
+    model = randomize(Block(24, 20)).eval()
+    eager = copy.deepcopy(model)
+    graphs = []
+    monkeypatch.setattr(backend, "_report_sinks", [graphs])
+    x = torch.randn(37, 24)
+    with torch.no_grad():
+        out = torch.compile(model, backend="fusedtriton")(x)
+    torch.testing.assert_close(out, eager(x))
+    (report,) = graphs
+    assert fusion_backend.counters[LBGR] == 0 and not report.fused
+    assert "left to Inductor" in report.skipped[0].reason
 
 
 @pytest.mark.parametrize("how", ["trial", "no-trial", "cudagraphs", "slow-kernel"])
@@ -253,7 +286,7 @@ def test_launch_bound_site_fused_for_the_trial_or_left_to_inductor(monkeypatch, 
 
     monkeypatch.setattr(common, "per_call_ms", lambda fn: 0.2 if fn is call_op else 0.1)
     opts = _options(trial=how != "no-trial", **({"mode": "reduce-overhead"} if how == "cudagraphs" else {}))
-    ctx = types.SimpleNamespace(tunes_at_compile_time=True, options=opts, launch_bound={})
+    ctx = types.SimpleNamespace(tunes_at_compile_time=True, options=opts, launch_bound={}, trial_configs={})
     reason = common.tuned_unfused_reason(ctx, "k1", call_op, call_unfused)
     if how == "trial":
         assert reason is None and "launch-bound" in ctx.launch_bound["k1"]
@@ -290,7 +323,7 @@ class _TieCtx:
         from fusion_backend.options import Options
 
         self.profile, self.tunes_at_compile_time = profile_named("h100-sxm"), True
-        self.options, self.launch_bound = Options.parse(None, options), {}
+        self.options, self.launch_bound, self.trial_configs = Options.parse(None, options), {}, {}
 
 
 POINTER = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
@@ -301,7 +334,7 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
     """A site whose best fused config tied with the unfused path (inside the tuner's margin,
     either way, or both under `_common.HOST_BOUND_MS`) is fused where the trial will settle it
     and the kernel launches inline; the fused choice is recorded and the site noted for the
-    trial. Anything else stays unfused."""
+    trial, for this compile only. Anything else stays unfused."""
     from fusion_backend import autotune
     from patterns._common import _fuse_for_the_trial
 
@@ -319,9 +352,11 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
     finally:
         autotune.TUNER.choices.pop(key, None)
     assert fused_now == case.startswith("tie")
+    # the tuner keeps its verdict (a later compile without the trial must not fuse the site)
+    assert after is choice and after.config is None
     if case.startswith("tie"):
-        assert after.config is POINTER and (after.fused_ms, after.unfused_ms) == (fused, unfused)
+        assert ctx.trial_configs == {key: runner_up}
         assert ("host-bound" if case == "tie_host_bound" else "a tie") in ctx.launch_bound[key]
         assert "for the run-time trial to settle" in ctx.launch_bound[key]
     else:
-        assert after.config is None and not ctx.launch_bound
+        assert not ctx.trial_configs and not ctx.launch_bound
