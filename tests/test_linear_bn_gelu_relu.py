@@ -516,6 +516,7 @@ class _Ctx:
         from fusion_backend.options import Options
 
         self.profile, self.tunes_at_compile_time, self.options = profile, tunes, Options.parse(None, options)
+        self.trial_configs = {}
 
 
 @pytest.mark.parametrize("case", ["pointer", "tma", "gluon", "unfused", "untuned", "dynamic", "option_off",
