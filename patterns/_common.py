@@ -76,7 +76,9 @@ def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
 
 
 def tensor_problem(nodes, *, device, profile) -> Optional[str]:
-    """Why these tensor nodes cannot feed a fused kernel (device, dtype), or None."""
+    """Why these tensor nodes cannot feed a fused kernel (device, dtype, a strided vector), or
+    None. The kernels read 2-D operands through their strides, but per-feature vectors (bias,
+    BatchNorm weight, bias and statistics) at stride 1."""
     for node in nodes:
         if node is None:
             continue
@@ -89,6 +91,9 @@ def tensor_problem(nodes, *, device, profile) -> Optional[str]:
             return f"unsupported dtype {val.dtype} ({node.name}); fused kernels take float32/float16/bfloat16"
         if str(val.dtype).replace("torch.", "") not in profile.input_dtypes:
             return f"dtype {val.dtype} ({node.name}) is not supported on profile {profile.name}"
+        if val.dim() == 1 and val.shape[0] != 1 and val.stride(0) != 1:
+            return (f"{node.name} is a strided vector (stride {val.stride(0)}); the fused kernels read "
+                    "per-feature vectors at stride 1")
     return None
 
 

@@ -219,11 +219,24 @@ class FiveWay(nn.Module):
         return torch.tanh(self.i2h(torch.cat(xs, 1)))
 
 
+class StridedBias(nn.Module):
+    """The bias is a strided view (every other element of a longer vector)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(H, I + H) / (I + H) ** 0.5)
+        self.bias2 = nn.Parameter(torch.randn(2 * H))
+
+    def forward(self, x, h):
+        return torch.tanh(nn.functional.linear(torch.cat((x, h), 1), self.weight, self.bias2[::2]))
+
+
 NEAR_MISSES = {  # id: (model factory, input shapes, expected reason)
     "cat_used_elsewhere": (CatReturned, [(B, I), (B, H)], "has other users"),
     "cat_dim0": (CatDim0, [(B, I), (B + 3, I)], "cat along dim 0"),
     "five_operands": (lambda: FiveWay([7, 9, 11, 13, 5]), [(B, w) for w in (7, 9, 11, 13, 5)],
                       "cat of 5 tensors; the kernel takes 1 to 4"),
+    "strided_bias": (StridedBias, [(B, I), (B, H)], "strided vector (stride 2)"),
 }
 
 

@@ -382,6 +382,25 @@ def test_near_miss_3d_batchnorm_input():
     _explain_and_check(model, torch.randn(8, 12, 20), "must be 2-D")
 
 
+class StridedBnVectors(LBGR):
+    """F.batch_norm with strided running statistics and weight (views of longer buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("stats", torch.rand(2, 2 * self.lin.out_features) + 0.5)
+
+    def forward(self, x):
+        y = self.lin(x)
+        y = torch.nn.functional.batch_norm(y, self.stats[0, ::2], self.stats[1, ::2], self.bn.weight, self.bn.bias,
+                                           False, 0.1, 1e-5)
+        return torch.relu(torch.nn.functional.gelu(y))
+
+
+def test_near_miss_strided_vectors():
+    torch.manual_seed(11)
+    _explain_and_check(randomize(StridedBnVectors()).eval(), torch.randn(M, K), "strided vector (stride 2)")
+
+
 def test_near_miss_float64():
     torch.manual_seed(10)
     model = randomize(LBGR()).double()
