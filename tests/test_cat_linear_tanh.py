@@ -554,13 +554,21 @@ def test_inline_cell_ops_match_eager(bias):
 
 
 def test_inline_cell_rewrite(monkeypatch):
-    """The rewrite with the inline cell op in the graph (forced here; on a GPU `inline_meta`
+    """The rewrite with the inline cell ops in the graph (forced here; on a GPU `inline_meta`
     decides), run as FX code since Inductor on a CPU cannot launch Triton kernels: a stateful
-    module over three calls, and gradients of the argument-style cell."""
+    module over three calls, its h2o on the inline h2o op reading the inline cell's output
+    (`CellH2O.check` bypassed: the interpreter profile has no h2o kernel that beats cuBLAS),
+    and gradients of the argument-style cell."""
     import patterns.cat_linear_tanh as clt
+    import patterns.cell_h2o as ch
     from fusion_backend import backend
 
-    monkeypatch.setattr(clt, "inline_meta", lambda ctx, key, static: INLINE_META if static else None)
+    def forced(ctx, key, static):
+        return INLINE_META if static else None
+
+    monkeypatch.setattr(clt, "inline_meta", forced)
+    monkeypatch.setattr(ch, "inline_meta", forced)
+    monkeypatch.setattr(ch.CellH2O, "check", lambda self, m, ctx: None)
     graphs = []
     monkeypatch.setattr(backend, "_inductor", lambda gm, example_inputs, options: graphs.append(gm) or gm)
     torch.manual_seed(32)
@@ -574,6 +582,8 @@ def test_inline_cell_rewrite(monkeypatch):
             assert_matches(model.hidden, eager.hidden, ref.hidden, f"hidden, call {step}")
     targets = [n.target for g in graphs for n in g.graph.nodes]
     assert clt.cat_linear_tanh_inline in targets and clt.cat_linear_tanh not in targets
+    assert ch.cell_h2o_inline in targets and ch.cell_h2o not in targets
+    assert fusion_backend.counters["cell_h2o"] == 1
     got, want, ref64 = cell_grads(RNNCell(), torch.randn(B, I) * 2, torch.randn(B, H))
     assert fusion_backend.counters[NAME] == 2
     assert_matches(got["hidden"], want["hidden"], ref64["hidden"], "hidden")
