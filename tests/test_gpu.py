@@ -543,17 +543,21 @@ def test_run_time_trial_gpu():
 ])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_inline_launch_gpu(M, K, N, dtype, precision, grad, train):
+def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
     """A site whose tuned config is a pointer kernel is launched from Inductor's generated code
     (`_common.inline_meta`): the compiled code holds the kernels, not the op; outputs, running
     statistics (train) and, with grad on, gradients through the op's autograd registration
     match eager and fp64. The tuner's choice is fixed beforehand, so the test does not depend
-    on which config wins."""
+    on which config wins; with grad on, the rule that leaves such sites to Inductor when tuned
+    (`linear_bn_gelu_relu.needs_backward`) is switched off to reach the op's backward."""
     import copy
 
     from torch._inductor.utils import run_and_get_code
 
+    import patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import autotune, devices
+
+    monkeypatch.setattr(lbgr, "needs_backward", lambda m: False)
 
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(M + K)
