@@ -227,13 +227,17 @@ def _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, 
     return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
 
 
-def _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out=None, mean=None, var=None):
-    """cuBLAS GEMM, a column reduction for the batch statistics, one pointwise pass."""
+def _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out=None, mean=None, var=None,
+                   kept_y=None):
+    """cuBLAS GEMM, a column reduction for the batch statistics, one pointwise pass; the GEMM's
+    output also lands in `kept_y` when one is given (`_launch_train`)."""
     y = torch.nn.functional.linear(x, weight, bias)
     v, m = torch.var_mean(y.float(), dim=0, correction=0)
     mean = m if mean is None else mean.copy_(m)
     var = v if var is None else var.copy_(v)
     out = y if out is None else out
+    if kept_y is not None and kept_y.numel():
+        kept_y.copy_(y)
     return _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile), mean, var
 
 
@@ -332,22 +336,25 @@ def _same(kernel):
 
 
 def _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, config, profile, out, mean, var,
-                  wrap=None):
+                  wrap=None, kept_y=None):
     """The fused training forward into (out, mean, var): GEMM + per-tile Welford partials,
-    their merge, the normalize + GELU + ReLU pass in place. `wrap` as in `_pointwise`."""
+    their merge, the normalize + GELU + ReLU pass, in place, or, given a non-empty `kept_y`
+    (for the backward: no GEMM to recompute there), from `kept_y` into `out`. `wrap` as in
+    `_pointwise`."""
     wrap = wrap or _same
+    y = kept_y if kept_y is not None and kept_y.numel() else out
     M, K = x.shape
     N = weight.shape[0]
     tiles = cdiv(M, config["BLOCK_M"])
     pmean = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
     pm2 = torch.empty((tiles, N), device=x.device, dtype=torch.float32)
     wrap(_gemm_bias_welford_kernel)[_gemm_grid(M, N, config)](
-        x, weight, bias if bias is not None else mean, out, pmean, pm2,
-        M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        x, weight, bias if bias is not None else mean, y, pmean, pm2,
+        M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, PRECISION=precision, EVEN_K=K % config["BLOCK_K"] == 0, **config)
     block_n = 128 if profile.name != "interpreter" else 16
     wrap(_merge_welford_kernel)[(cdiv(N, block_n),)](pmean, pm2, mean, var, M, N, config["BLOCK_M"], BLOCK_N=block_n)
-    return _pointwise(out, out, mean, var, gamma, beta, eps, approximate, profile, wrap), mean, var
+    return _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile, wrap), mean, var
 
 
 def eval_space(profile, dtype, precision, flop=math.inf):
@@ -377,30 +384,40 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
                                                    eps, approximate))
 
 
-def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, autotune_on=True, budget=30.0):
-    """Returns (out, batch mean, biased batch variance)."""
+def _kept_y(x, N, keep_y):
+    """The buffer the training forward keeps the Linear's output in for the backward, or an
+    empty tensor where no backward will run (an op's outputs may not alias each other)."""
+    return x.new_empty((x.shape[0], N) if keep_y else (0,))
+
+
+def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, autotune_on=True, budget=30.0,
+                  keep_y=False):
+    """Returns (out, batch mean, biased batch variance, the Linear's output if keep_y else empty)."""
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     mean = torch.empty((N,), device=x.device, dtype=torch.float32)
     var = torch.empty((N,), device=x.device, dtype=torch.float32)
+    y = _kept_y(x, N, keep_y)
     if M == 0:  # eager raises for batch size 1 before we get here; empty stays empty
-        return out, mean.fill_(float("nan")), var.fill_(float("nan"))
+        return out, mean.fill_(float("nan")), var.fill_(float("nan")), y
     profile, ctx_args = _runtime(x, autotune_on, budget)
 
     def run_fused(config):
-        return _launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, config, profile, out, mean,
-                             var)
+        return (*_launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, config, profile, out, mean,
+                               var, kept_y=y), y)
 
     def run_unfused():
-        return _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out, mean, var)
+        return (*_unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out, mean, var, y), y)
 
     def run_reference():
-        y = torch.nn.functional.linear(x, weight, bias)
-        v, m = torch.var_mean(y.float(), dim=0, correction=0)
-        z = torch.nn.functional.batch_norm(y, None, None, gamma, beta, True, 0.0, eps)
+        lin = torch.nn.functional.linear(x, weight, bias)
+        v, m = torch.var_mean(lin.float(), dim=0, correction=0)
+        z = torch.nn.functional.batch_norm(lin, None, None, gamma, beta, True, 0.0, eps)
         out.copy_(torch.relu(torch.nn.functional.gelu(z, approximate=approximate)))
-        return out, mean.copy_(m), var.copy_(v)
+        if y.numel():
+            y.copy_(lin)
+        return out, mean.copy_(m), var.copy_(v), y
 
     key = autotune.make_key("train:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
     return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype, tma=False), m=M,
@@ -414,20 +431,24 @@ def _fake_eval(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, e
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _fake_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, autotune_on, budget):
+def _fake_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, autotune_on, budget, keep_y=False):
     n = weight.shape[0]
     return (x.new_empty((x.shape[0], n)), x.new_empty((n,), dtype=torch.float32),
-            x.new_empty((n,), dtype=torch.float32))
+            x.new_empty((n,), dtype=torch.float32), _kept_y(x, n, keep_y))
 
 
 def _backward_common(ctx, grad_out, training):
     """Grads through relu(gelu(batchnorm(x W^T + b))) with eager's own backward kernels.
 
     Saved: x, W, b, gamma, beta, out, then (batch mean, biased var) in training or
-    (running_mean, running_var) in eval."""
-    x, weight, bias, gamma, beta, out, mean, var = ctx.saved_tensors
+    (running_mean, running_var) in eval, then in training the Linear's output (empty where the
+    forward did not keep it: recomputed here, a GEMM)."""
+    x, weight, bias, gamma, beta, out, mean, var, *kept = ctx.saved_tensors
     mean, invstd = mean.float(), torch.rsqrt(var.float() + ctx.eps)
-    y = torch.nn.functional.linear(x, weight, bias).float()  # recomputed: the forward kept no intermediate
+    if kept and kept[0].numel():
+        y = kept[0].float()
+    else:
+        y = torch.nn.functional.linear(x, weight, bias).float()
     z = (y - mean) * (invstd if gamma is None else invstd * gamma.float())
     if beta is not None:
         z = z + beta.float()
@@ -489,38 +510,41 @@ linear_bn_gelu_relu_eval_inline = define_inline_op(
 
 def _setup_train(ctx, inputs, output):
     x, weight, bias, gamma, beta, eps, approximate, *_ = inputs
-    out, mean, var = output
+    out, mean, var, kept_y = output
     ctx.eps, ctx.approximate = eps, approximate
-    ctx.save_for_backward(x, weight, bias, gamma, beta, out, mean, var)
+    ctx.save_for_backward(x, weight, bias, gamma, beta, out, mean, var, kept_y)
 
 
-def _backward_train(ctx, grad_out, _grad_mean, _grad_var):
+def _backward_train(ctx, grad_out, _grad_mean, _grad_var, _grad_kept_y):
     grads = _backward_common(ctx, grad_out, training=True)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 def _train_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], eps: float, approximate: str,
-                  precision: str, meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  precision: str, meta: List[int], keep_y: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The train op's fused path with its config fixed at compile time (see `_eval_inline`)."""
     M, N = x.shape[0], weight.shape[0]
     out = x.new_empty((M, N))
     mean = x.new_empty((N,), dtype=torch.float32)
     var = x.new_empty((N,), dtype=torch.float32)
+    y = _kept_y(x, N, keep_y)
     if M == 0:  # never fused (an empty training batch is left to Inductor); as the train op
-        return out, torch.full_like(mean, float("nan")), torch.full_like(var, float("nan"))
-    return _launch_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, meta_kwargs(meta),
-                         devices.tensor_profile(x), out, mean, var, torch.library.wrap_triton)
+        return out, torch.full_like(mean, float("nan")), torch.full_like(var, float("nan")), y
+    out, mean, var = _launch_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, meta_kwargs(meta),
+                                   devices.tensor_profile(x), out, mean, var, torch.library.wrap_triton, kept_y=y)
+    return out, mean, var, y
 
 
-def _backward_train_inline(ctx, grad_out, grad_mean, grad_var):
-    return (*_backward_train(ctx, grad_out, grad_mean, grad_var)[:8], None)
+def _backward_train_inline(ctx, grad_out, grad_mean, grad_var, grad_kept_y):
+    return (*_backward_train(ctx, grad_out, grad_mean, grad_var, grad_kept_y)[:8], None, None)
 
 
 linear_bn_gelu_relu_train = define_op(
     "linear_bn_gelu_relu_train",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, float eps, str approximate, "
-    "str precision, bool autotune_on, float budget) -> (Tensor, Tensor, Tensor)",
+    "str precision, bool autotune_on, float budget, bool keep_y=False) -> (Tensor, Tensor, Tensor, Tensor)",
     train_forward, _fake_train, _backward_train, _setup_train)
 
 linear_bn_gelu_relu_train_inline = define_inline_op(
@@ -601,12 +625,14 @@ class LinearBnGeluRelu(Pattern):
             # eager leaves the running statistics alone for an empty batch; Dynamo gives batch 0
             # a graph of its own, so this costs nothing elsewhere
             return "empty batch in training: left to Inductor"
-        if ctx.tunes_at_compile_time and needs_backward(m):
-            # H100, forward + backward with grad on, fp32 "highest": 4096x2048->2048 train fused
-            # 2.02 ms vs Inductor 1.61 (eval 1.88 vs 1.57), 16384x4096->4096 train 29.2 vs 22.8
-            # (NOTES.md, tenth session). With autotune off every site is fused, as documented.
-            return ("gradients needed: the fused op keeps no intermediate, so its backward recomputes the "
-                    "Linear (a GEMM), which costs more than fusing the forward saves: left to Inductor")
+        if not m.training and ctx.tunes_at_compile_time and needs_backward(m):
+            # H100, forward + backward with grad on, fp32 "highest", 4096x2048->2048 eval-mode BN:
+            # fused 1.88 ms vs Inductor 1.57 (NOTES.md, tenth session). The training op keeps the
+            # Linear's output for its backward instead (`keep_y`). With autotune off every site
+            # is fused, as documented.
+            return ("gradients needed in eval mode: the fused op keeps no intermediate, so its backward "
+                    "recomputes the Linear (a GEMM), which costs more than fusing the forward saves: left to "
+                    "Inductor")
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx),
                                     static_shapes=self._inline_shapes(m))
 
@@ -660,8 +686,10 @@ class LinearBnGeluRelu(Pattern):
             else:
                 op, tail = ((linear_bn_gelu_relu_train, tune) if meta is None
                             else (linear_bn_gelu_relu_train_inline, (meta,)))
+                # the Linear's output kept for the backward, where one will run (no GEMM to
+                # recompute there): M x N more memory, as eager and Inductor keep it too
                 res = graph.call_function(op, (x, w, b, m.gamma, m.beta, float(m.eps), m.approximate, precision,
-                                               *tail))
+                                               *tail, needs_backward(m)))
                 out = graph.call_function(_getitem, (res, 0))
                 if m.running_mean is not None:
                     self._update_running_stats(graph, m, res)

@@ -548,7 +548,8 @@ def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
     (`_common.inline_meta`): the compiled code holds the kernels, not the op; outputs, running
     statistics (train) and, with grad on, gradients through the op's autograd registration
     match eager and fp64. The tuner's choice is fixed beforehand, so the test does not depend
-    on which config wins; with grad on, the rule that leaves such sites to Inductor when tuned
+    on which config wins. With grad on, training keeps the Linear's output for the backward
+    (`keep_y`); in eval the rule that leaves such sites to Inductor when tuned
     (`linear_bn_gelu_relu.needs_backward`) is switched off to reach the op's backward."""
     import copy
 
@@ -557,7 +558,8 @@ def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
     import patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import autotune, devices
 
-    monkeypatch.setattr(lbgr, "needs_backward", lambda m: False)
+    if not train:
+        monkeypatch.setattr(lbgr, "needs_backward", lambda m: False)
 
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(M + K)

@@ -500,9 +500,12 @@ def test_inline_eval_op_matches_eager(spelling, approximate):
     assert empty.shape == (0, N)
 
 
-def test_inline_train_op_matches_eager():
+@pytest.mark.parametrize("keep_y", [False, True], ids=["recompute", "keep_y"])
+def test_inline_train_op_matches_eager(monkeypatch, keep_y):
     """The training op's triton_op form called eagerly: output, batch mean and biased variance
-    against eager's BatchNorm and fp64, gradients through its autograd registration."""
+    against eager's BatchNorm and fp64, gradients through its autograd registration; with
+    keep_y the Linear's output comes back for the backward, which then runs no GEMM of its own
+    to recompute it (counted), else it recomputes it."""
     from patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_train_inline as op
 
     torch.manual_seed(13)
@@ -511,9 +514,19 @@ def test_inline_train_op_matches_eager():
     grad_out = torch.randn(M, N)
     xi = x.clone().requires_grad_(True)
     bn = model.bn
-    out, mean, var = op(xi, model.lin.weight, model.lin.bias, bn.weight, bn.bias, bn.eps, "none", "ieee",
-                        INLINE_META)
+    out, mean, var, kept = op(xi, model.lin.weight, model.lin.bias, bn.weight, bn.bias, bn.eps, "none", "ieee",
+                              INLINE_META, keep_y)
+    if keep_y:
+        assert_matches(kept.detach(), F.linear(x, model.lin.weight, model.lin.bias).detach(),
+                       F.linear(x.double(), ref.lin.weight, ref.lin.bias).detach())
+    else:
+        assert kept.numel() == 0
+    recomputed = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: recomputed.append(1) or linear(*a))
     (out * grad_out).sum().backward()
+    monkeypatch.setattr(F, "linear", linear)
+    assert len(recomputed) == (0 if keep_y else 1)
     xe, xr = x.clone().requires_grad_(True), x.double().requires_grad_(True)
     e, r = eager(xe), ref(xr)
     (e * grad_out).sum().backward()

@@ -367,11 +367,13 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
 @needs_interpreter
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_tuned_site_needing_a_backward_is_left_to_inductor(monkeypatch, grad, train):
+def test_tuned_site_needing_a_backward(monkeypatch, grad, train):
     """Where sites are tuned at compile time (a GPU), a Linear+BN+GELU+ReLU site whose backward
-    will run (grad on, parameters requiring grad) is left to Inductor with the reason: the fused
-    op's backward recomputes the GEMM (H100: a training step 20-28% slower than Inductor's).
-    Without grad it goes on to the timing (faked here as a win). Results match eager either way."""
+    will run (grad on, parameters requiring grad): in eval mode it is left to Inductor with the
+    reason (the eval op keeps no intermediate, its backward would recompute the GEMM: H100, a
+    step 20% slower than Inductor's); in training the op keeps the Linear's output for the
+    backward (`keep_y` in the graph) and the site goes on to the timing (faked here as a win), as
+    it does without grad. Outputs and gradients match eager either way."""
     import patterns.linear_bn_gelu_relu as lbgr
 
     monkeypatch.setattr(backend.RewriteContext, "tunes_at_compile_time", property(lambda self: True))
@@ -380,16 +382,23 @@ def test_tuned_site_needing_a_backward_is_left_to_inductor(monkeypatch, grad, tr
     eager = copy.deepcopy(model)
     graphs = []
     monkeypatch.setattr(backend, "_report_sinks", [graphs])
+    gms = []
+    inductor = backend._inductor
+    monkeypatch.setattr(backend, "_inductor", lambda gm, ex, opts: gms.append(gm) or inductor(gm, ex, opts))
     x = torch.randn(37, 24)
     with torch.set_grad_enabled(grad):
         out = torch.compile(model, backend="fusedtriton")(x)
         want = eager(x)
     torch.testing.assert_close(out, want)
     (report,) = graphs
+    if grad and not train:
+        assert fusion_backend.counters[LBGR] == 0 and "gradients needed in eval mode" in report.skipped[0].reason
+    else:
+        assert fusion_backend.counters[LBGR] == 1
+    if train:
+        (call,) = [n for gm in gms for n in gm.graph.nodes if "linear_bn_gelu_relu_train" in str(n.target)]
+        assert call.args[-1] is grad  # keep_y: the Linear's output kept where a backward will run
     if grad:
-        assert fusion_backend.counters[LBGR] == 0 and "gradients needed" in report.skipped[0].reason
         out.sum().backward()
         want.sum().backward()
         torch.testing.assert_close(model.lin.weight.grad, eager.lin.weight.grad)
-    else:
-        assert fusion_backend.counters[LBGR] == 1
