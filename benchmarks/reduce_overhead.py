@@ -5,13 +5,14 @@ both without CUDA graphs. Each compiled model is timed 5 times by do_bench and b
     python benchmarks/reduce_overhead.py        # on the GPU machine, PYTHONPATH=$PWD
 """
 import statistics
-import time
 
 import torch
 import triton
 
 import fusion_backend
+from bench import bench
 from fusion_backend.models import MLPBlock
+from patterns._common import per_call_ms
 
 VARIANTS = {
     "Inductor reduce-overhead": dict(mode="reduce-overhead"),
@@ -20,17 +21,6 @@ VARIANTS = {
     "fusedtriton default (no trial)": dict(backend="fusedtriton", options={"trial": False}),
     "Inductor default": dict(),
 }
-
-
-def loop_ms(f, x, n=200):
-    for _ in range(10):
-        f(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f(x)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e3
 
 
 def main(rounds=5):
@@ -46,10 +36,10 @@ def main(rounds=5):
             f = torch.compile(model, **kwargs)
             for _ in range(5):  # compile, CUDA-graph warm-up and recording
                 f(x)
-            bench = [triton.testing.do_bench(lambda: f(x), return_mode="median") for _ in range(rounds)]
-            loops = [loop_ms(f, x) for _ in range(rounds)]
-            print(f"| {name} | {dict(fusion_backend.counters)} | {statistics.median(bench):.4f} | "
-                  f"{statistics.median(loops):.4f} | {' / '.join(f'{b:.4f}' for b in bench)} |", flush=True)
+            timed = [bench(lambda: f(x)) for _ in range(rounds)]
+            loops = [per_call_ms(lambda: f(x), calls=200) for _ in range(rounds)]
+            print(f"| {name} | {dict(fusion_backend.counters)} | {statistics.median(timed):.4f} | "
+                  f"{statistics.median(loops):.4f} | {' / '.join(f'{b:.4f}' for b in timed)} |", flush=True)
 
 
 if __name__ == "__main__":

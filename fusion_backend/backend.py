@@ -188,10 +188,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
             # sites fused only for the run-time trial, which this graph will not get: rewrite
             # again without it, so they go where the compile-time decision put them
             log.info("fusedtriton: no run-time trial (%s): sites fused for it are left unfused", why_not)
-            for site in report.fused:
-                counters[site.pattern] -= 1
-            return fusedtriton(_restore(gm, original), example_inputs, mode=mode,
-                               options=dict(options or {}, trial=False))
+            return _compile_again(report, _restore(gm, original), example_inputs, mode, options, trial=False)
     log.info(report.summary())
     for sink in _report_sinks:
         sink.append(report)
@@ -204,12 +201,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
             # the kernels Inductor was to launch itself: retry with the sites behind their ops
             warnings.warn(f"fusedtriton: Inductor failed on the graph with inline kernel launches "
                           f"({type(exc).__name__}: {exc}); retrying with options['inline']=False", RuntimeWarning)
-            for sink in _report_sinks:
-                sink.remove(report)
-            for site in report.fused:
-                counters[site.pattern] -= 1
-            return fusedtriton(_restore(gm, original), example_inputs, mode=mode,
-                               options=dict(options or {}, inline=False))
+            return _compile_again(report, _restore(gm, original), example_inputs, mode, options, inline=False)
         # Never break what Inductor alone compiles: retry without our rewrites.
         warnings.warn(f"fusedtriton: Inductor failed on the rewritten graph ({type(exc).__name__}: {exc}); "
                       "compiling the original graph instead", RuntimeWarning)
@@ -227,6 +219,16 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return compiled
     report.note = f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each)"
     return _trial.as_compiled_fn(_trial.GraphTrial(compiled, original_compiled, _trial_decided(report)))
+
+
+def _compile_again(report: GraphReport, gm, example_inputs, mode, options, **changed):
+    """Drop this rewrite's report and counts, and compile the original graph `gm` again with
+    `changed` options (the rewrite then decides every site afresh)."""
+    for sink in _report_sinks:
+        sink[:] = [r for r in sink if r is not report]
+    for site in report.fused:
+        counters[site.pattern] -= 1
+    return fusedtriton(gm, example_inputs, mode=mode, options=dict(options or {}, **changed))
 
 
 def _unfuse(report: GraphReport, reason: str):
