@@ -35,17 +35,25 @@ NAME = "linear_bn_gelu_relu"
 
 @triton.jit
 def _gemm_bn_gelu_relu_eval_kernel(
-        x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
+        x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, y_ptr,
         M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on, eps,
         HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-        APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+        APPROX_TANH: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr, KEEP_Y: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """KEEP_Y: the Linear's output x W^T + b is stored to `y_ptr` too (strides as out's), for
+    the backward of an eval-mode site with gradients (no GEMM to recompute there)."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = gemm_segment(acc, x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk,
                        offs_m % M, offs_n % N, K, BLOCK_K, PRECISION, EVEN_K)
+    if KEEP_Y:
+        y = acc
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
     store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr,
                     stride_om, stride_on, eps, HAS_BIAS, HAS_GAMMA, HAS_BETA, APPROX_TANH)
 
@@ -221,10 +229,18 @@ def _pointwise(y, out, mean, var, gamma, beta, eps, approximate, profile, wrap=N
     return out
 
 
-def _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile):
-    """The site as Inductor runs it: cuBLAS GEMM (+ bias), then one pointwise pass, in place."""
-    y = torch.nn.functional.linear(x, weight, bias)
-    return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
+def _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile,
+                  out=None, kept_y=None):
+    """The site as Inductor runs it: cuBLAS GEMM (+ bias), then one pointwise pass, in place,
+    or, given `kept_y` and `out`, the GEMM into `kept_y` and the pointwise pass from it into `out`."""
+    if kept_y is None:
+        y = torch.nn.functional.linear(x, weight, bias)
+        return _pointwise(y, y, running_mean, running_var, gamma, beta, eps, approximate, profile)
+    if bias is None:
+        torch.mm(x, weight.t(), out=kept_y)
+    else:
+        torch.addmm(bias, x, weight.t(), out=kept_y)
+    return _pointwise(kept_y, out, running_mean, running_var, gamma, beta, eps, approximate, profile)
 
 
 def _unfused_train(x, weight, bias, gamma, beta, eps, approximate, profile, out=None, mean=None, var=None,
@@ -300,15 +316,17 @@ def _eval_flags(bias, gamma, beta, approximate, precision):
                 APPROX_TANH=approximate == "tanh", PRECISION=precision)
 
 
-def _launch_eval_pointer(kernel, x, weight, tensors, eps, flags, config):
+def _launch_eval_pointer(kernel, x, weight, tensors, eps, flags, config, kept_y=None):
     """The pointer eval kernel (or its `wrap_triton` wrapper, from the inline op) into
-    `tensors[-1]`: x and W read through their strides, as stored."""
+    `tensors[-1]`: x and W read through their strides, as stored; the Linear's output also
+    into `kept_y` (contiguous, out's shape) where one is given."""
     M, K = x.shape
     N = weight.shape[0]
     out = tensors[-1]
     kernel[_gemm_grid(M, N, config)](
-        x, weight, *tensors, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        out.stride(0), out.stride(1), eps, EVEN_K=K % config["BLOCK_K"] == 0, **flags, **config)
+        x, weight, *tensors, kept_y if kept_y is not None else out, M, N, K, x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), eps, EVEN_K=K % config["BLOCK_K"] == 0,
+        KEEP_Y=kept_y is not None, **flags, **config)
     return out
 
 
@@ -384,6 +402,42 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
                                                    eps, approximate))
 
 
+def eval_keep_y_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
+                        precision, autotune_on=True, budget=30.0):
+    """The eval forward for a site whose backward will run (eval-mode BatchNorm with
+    gradients: fine-tuning with frozen statistics): (out, the Linear's output), the latter
+    stored by the same kernel's epilogue, kept for the backward. Pointer kernels only."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out, y
+    profile, ctx_args = _runtime(x, autotune_on, budget)
+    tensors = _eval_tensors(bias, gamma, beta, running_mean, running_var, out)
+    flags = _eval_flags(bias, gamma, beta, approximate, precision)
+
+    def run_fused(config):
+        return _launch_eval_pointer(_gemm_bn_gelu_relu_eval_kernel, x, weight, tensors, eps, flags, config, y), y
+
+    def run_unfused():
+        return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile,
+                             out, y), y
+
+    def run_reference():
+        y.copy_(torch.nn.functional.linear(x, weight, bias))
+        return out.copy_(_reference(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate)), y
+
+    key = autotune.make_key("eval_keep_y:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
+    return launch(key, ctx_args=ctx_args, space=lambda: eval_keep_y_space(profile, x.dtype, precision, 2 * M * N * K),
+                  m=M, run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
+
+
+def eval_keep_y_space(profile, dtype, precision, flop=math.inf):
+    """`eval_space` without the TMA kernels, which have no store of the Linear's output."""
+    return [c for c in eval_space(profile, dtype, precision, flop) if not c.get("TMA")]
+
+
 def _kept_y(x, N, keep_y):
     """The buffer the training forward keeps the Linear's output in for the backward, or an
     empty tensor where no backward will run (an op's outputs may not alias each other)."""
@@ -441,8 +495,8 @@ def _backward_common(ctx, grad_out, training):
     """Grads through relu(gelu(batchnorm(x W^T + b))) with eager's own backward kernels.
 
     Saved: x, W, b, gamma, beta, out, then (batch mean, biased var) in training or
-    (running_mean, running_var) in eval, then in training the Linear's output (empty where the
-    forward did not keep it: recomputed here, a GEMM)."""
+    (running_mean, running_var) in eval, then the Linear's output where the forward kept it
+    (the train op with keep_y, the eval keep_y op; absent or empty: recomputed here, a GEMM)."""
     x, weight, bias, gamma, beta, out, mean, var, *kept = ctx.saved_tensors
     mean, invstd = mean.float(), torch.rsqrt(var.float() + ctx.eps)
     if kept and kept[0].numel():
@@ -506,6 +560,53 @@ def _backward_eval_inline(ctx, grad_out):
 
 linear_bn_gelu_relu_eval_inline = define_inline_op(
     "linear_bn_gelu_relu_eval_inline", _eval_inline, _backward_eval_inline, _setup_eval)
+
+
+def _fake_eval_keep_y(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
+                      autotune_on, budget):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _setup_eval_keep_y(ctx, inputs, output):
+    x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, *_ = inputs
+    out, kept_y = output
+    ctx.eps, ctx.approximate = eps, approximate
+    ctx.save_for_backward(x, weight, bias, gamma, beta, out, running_mean, running_var, kept_y)
+
+
+def _backward_eval_keep_y(ctx, grad_out, _grad_kept_y):
+    return _backward_eval(ctx, grad_out)
+
+
+linear_bn_gelu_relu_eval_keep_y = define_op(
+    "linear_bn_gelu_relu_eval_keep_y",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+    "Tensor running_var, float eps, str approximate, str precision, bool autotune_on, float budget) -> (Tensor, Tensor)",
+    eval_keep_y_forward, _fake_eval_keep_y, _backward_eval_keep_y, _setup_eval_keep_y)
+
+
+def _eval_keep_y_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                        running_var: torch.Tensor, eps: float, approximate: str, precision: str,
+                        meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`eval_keep_y_forward`'s fused path with its config fixed at compile time (see `_eval_inline`)."""
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    if x.shape[0] == 0:
+        return out, y
+    tensors = _eval_tensors(bias, bn_weight, bn_bias, running_mean, running_var, out)
+    _launch_eval_pointer(torch.library.wrap_triton(_gemm_bn_gelu_relu_eval_kernel), x, weight, tensors, eps,
+                         _eval_flags(bias, bn_weight, bn_bias, approximate, precision), meta_kwargs(meta), y)
+    return out, y
+
+
+def _backward_eval_keep_y_inline(ctx, grad_out, _grad_kept_y):
+    return _backward_eval_inline(ctx, grad_out)
+
+
+linear_bn_gelu_relu_eval_keep_y_inline = define_inline_op(
+    "linear_bn_gelu_relu_eval_keep_y_inline", _eval_keep_y_inline, _backward_eval_keep_y_inline, _setup_eval_keep_y)
 
 
 def _setup_train(ctx, inputs, output):
@@ -625,14 +726,6 @@ class LinearBnGeluRelu(Pattern):
             # eager leaves the running statistics alone for an empty batch; Dynamo gives batch 0
             # a graph of its own, so this costs nothing elsewhere
             return "empty batch in training: left to Inductor"
-        if not m.training and ctx.tunes_at_compile_time and needs_backward(m):
-            # H100, forward + backward with grad on, fp32 "highest", 4096x2048->2048 eval-mode BN:
-            # fused 1.88 ms vs Inductor 1.57 (NOTES.md, tenth session). The training op keeps the
-            # Linear's output for its backward instead (`keep_y`). With autotune off every site
-            # is fused, as documented.
-            return ("gradients needed in eval mode: the fused op keeps no intermediate, so its backward "
-                    "recomputes the Linear (a GEMM), which costs more than fusing the forward saves: left to "
-                    "Inductor")
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx),
                                     static_shapes=self._inline_shapes(m))
 
@@ -647,7 +740,10 @@ class LinearBnGeluRelu(Pattern):
         dtype = example_value(m.linear).dtype  # x's, or the autocast dtype
         precision = ctx.dot_precision(dtype)
         M, K, N = hint(x_val.shape[0]), hint(x_val.shape[1]), hint(w_val.shape[0])
-        mode = "train" if m.training else "eval"
+        # eval-mode BatchNorm with gradients: the eval kernel also stores the Linear's output
+        # for the backward (H100, fwd + bwd, fp32 "highest", 4096x2048->2048: recomputing it
+        # there cost 1.88 ms vs Inductor's 1.57, NOTES.md, tenth session)
+        mode = "train" if m.training else "eval_keep_y" if needs_backward(m) else "eval"
         return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""),
                 "precision": precision, "gelu": m.approximate,
                 "autocast": any(example_value(n).dtype != dtype for n in (m.x, m.weight) if n is not None),
@@ -665,6 +761,13 @@ class LinearBnGeluRelu(Pattern):
             return (lambda: linear_bn_gelu_relu_train(x, w, b, g, be, eps, m.approximate, precision, True, budget),
                     lambda: _unfused_train(x, w, b, g, be, eps, m.approximate, ctx.profile))
         rm, rv = t(m.running_mean), t(m.running_var)
+        if needs_backward(m):
+            def unfused_keep_y():
+                y = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
+                return _unfused_eval(x, w, b, g, be, rm, rv, eps, m.approximate, ctx.profile, torch.empty_like(y), y)
+
+            return (lambda: linear_bn_gelu_relu_eval_keep_y(x, w, b, g, be, rm, rv, eps, m.approximate, precision,
+                                                            True, budget), unfused_keep_y)
         return (lambda: linear_bn_gelu_relu_eval(x, w, b, g, be, rm, rv, eps, m.approximate, precision, True, budget),
                 lambda: _unfused_eval(x, w, b, g, be, rm, rv, eps, m.approximate, ctx.profile))
 
@@ -678,11 +781,17 @@ class LinearBnGeluRelu(Pattern):
             meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
             if meta is not None:
                 site["launch"] = "inline"
-            if not m.training:
+            if site["mode"] == "eval":
                 op, tail = ((linear_bn_gelu_relu_eval, tune) if meta is None
                             else (linear_bn_gelu_relu_eval_inline, (meta,)))
                 out = graph.call_function(op, (x, w, b, m.gamma, m.beta, m.running_mean, m.running_var,
                                                float(m.eps), m.approximate, precision, *tail))
+            elif site["mode"] == "eval_keep_y":  # (out, the Linear's output for the backward)
+                op, tail = ((linear_bn_gelu_relu_eval_keep_y, tune) if meta is None
+                            else (linear_bn_gelu_relu_eval_keep_y_inline, (meta,)))
+                res = graph.call_function(op, (x, w, b, m.gamma, m.beta, m.running_mean, m.running_var,
+                                               float(m.eps), m.approximate, precision, *tail))
+                out = graph.call_function(_getitem, (res, 0))
             else:
                 op, tail = ((linear_bn_gelu_relu_train, tune) if meta is None
                             else (linear_bn_gelu_relu_train_inline, (meta,)))

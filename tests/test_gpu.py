@@ -548,18 +548,13 @@ def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
     (`_common.inline_meta`): the compiled code holds the kernels, not the op; outputs, running
     statistics (train) and, with grad on, gradients through the op's autograd registration
     match eager and fp64. The tuner's choice is fixed beforehand, so the test does not depend
-    on which config wins. With grad on, training keeps the Linear's output for the backward
-    (`keep_y`); in eval the rule that leaves such sites to Inductor when tuned
-    (`linear_bn_gelu_relu.needs_backward`) is switched off to reach the op's backward."""
+    on which config wins. With grad on, the Linear's output is kept for the backward (the
+    train op's `keep_y`, in eval mode the eval keep_y op)."""
     import copy
 
     from torch._inductor.utils import run_and_get_code
 
-    import patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import autotune, devices
-
-    if not train:
-        monkeypatch.setattr(lbgr, "needs_backward", lambda m: False)
 
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(M + K)
@@ -572,7 +567,8 @@ def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
     eager, m64 = copy.deepcopy(m), copy.deepcopy(m).double()
     x = torch.randn(M, 2 * K, device="cuda", dtype=dtype)[:, ::2]  # strided: read without a copy
     profile = devices.tensor_profile(x)
-    key = autotune.make_key(("train" if train else "eval") + ":linear_bn_gelu_relu", profile.name, dtype, profile.dot_precision(dtype), M, K=K, N=N)
+    mode = "train" if train else "eval_keep_y" if grad else "eval"
+    key = autotune.make_key(mode + ":linear_bn_gelu_relu", profile.name, dtype, profile.dot_precision(dtype), M, K=K, N=N)
     config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
     try:

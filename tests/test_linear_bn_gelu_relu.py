@@ -541,6 +541,57 @@ def test_inline_train_op_matches_eager(monkeypatch, keep_y):
         torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"grad {name} vs fp64: {m}")
 
 
+@pytest.mark.parametrize("path", ["op", "inline", "unfused"])
+@pytest.mark.parametrize("spelling", ["modules", "no_bias"])
+def test_eval_keep_y_op_matches_eager(monkeypatch, path, spelling):
+    """The eval op for sites whose backward will run (eval-mode BatchNorm with grad): its
+    kernel stores the Linear's output beside the block's output, in the opaque op (fused, with
+    the interpreter's config), its triton_op form, and through the unfused path (cuBLAS into
+    the kept buffer, the pointwise pass from it). Outputs, the kept output and gradients
+    against eager and fp64; the backward runs no GEMM of its own to recompute the Linear."""
+    import patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend import autotune
+
+    torch.manual_seed(16)
+    model, eager, ref = trio(randomize(LBGR(spelling, "tanh")), False)
+    x = torch.randn(M, 2 * K + 1)[:, 1::2]  # non-contiguous
+    grad_out = torch.randn(M, N)
+    xi = x.clone().requires_grad_(True)
+    bn, lin = model.bn, model.lin
+    args = (xi, lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, "tanh", "ieee")
+    if path == "inline":
+        out, kept = lbgr.linear_bn_gelu_relu_eval_keep_y_inline(*args, INLINE_META)
+    else:
+        key = autotune.make_key("eval_keep_y:" + NAME, "interpreter", torch.float32, "ieee", M, K=K, N=N)
+        if path == "unfused":
+            monkeypatch.setitem(autotune.TUNER.choices, key, autotune.Choice(None, "tuned"))
+            monkeypatch.setattr(lbgr, "_launch_eval_pointer", None)  # the fused path would fail...
+        out, kept = lbgr.linear_bn_gelu_relu_eval_keep_y(*args, False, 1.0)
+        assert autotune.TUNER.choices[key].source != "fallback"  # ...and be recorded as such
+    assert_matches(kept.detach(), F.linear(x, lin.weight, lin.bias).detach(),
+                   F.linear(x.double(), ref.lin.weight, ref.lin.bias).detach())
+    recomputed = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: recomputed.append(1) or linear(*a))
+    (out * grad_out).sum().backward()
+    monkeypatch.setattr(F, "linear", linear)
+    assert recomputed == []
+    xe, xr = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    e, r = eager(xe), ref(xr)
+    (e * grad_out).sum().backward()
+    (r * grad_out.double()).sum().backward()
+    assert_matches(out.detach(), e.detach(), r.detach())
+    grads = [("x", xi.grad, xe.grad, xr.grad), ("W", lin.weight.grad, eager.lin.weight.grad, ref.lin.weight.grad),
+             ("gamma", bn.weight.grad, eager.bn.weight.grad, ref.bn.weight.grad)]
+    if spelling != "no_bias":
+        grads.append(("b", lin.bias.grad, eager.lin.bias.grad, ref.lin.bias.grad))
+    for name, got, want, ref64 in grads:
+        torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"grad {name} vs eager: {m}")
+        torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"grad {name} vs fp64: {m}")
+    empty, kept_empty = lbgr.linear_bn_gelu_relu_eval_keep_y(x[:0], *args[1:], False, 1.0)
+    assert empty.shape == kept_empty.shape == (0, N)
+
+
 class _Ctx:
     """What `inline_meta` reads of the backend's RewriteContext."""
 
@@ -607,7 +658,8 @@ def test_inline_rewrite(monkeypatch, train, grad):
     assert site.info["launch"] == "inline"
     targets = [n.target for n in graphs[-1].graph.nodes]
     inline, opaque = ((lbgr.linear_bn_gelu_relu_train_inline, lbgr.linear_bn_gelu_relu_train) if train else
-                      (lbgr.linear_bn_gelu_relu_eval_inline, lbgr.linear_bn_gelu_relu_eval))
+                      (lbgr.linear_bn_gelu_relu_eval_keep_y_inline, lbgr.linear_bn_gelu_relu_eval_keep_y) if grad
+                      else (lbgr.linear_bn_gelu_relu_eval_inline, lbgr.linear_bn_gelu_relu_eval))
     assert inline in targets and opaque not in targets
     assert_matches(outs[0].detach(), outs[1].detach(), outs[2].detach())
     if train:
