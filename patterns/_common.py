@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import time
 from typing import Optional
 
@@ -66,8 +67,7 @@ def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
             storages.add(StorageWeakRef(val.untyped_storage()))
     node = first.next
     while node is not last and node.op != "output":
-        if writes_in_place(node):
-            target = node.args[0] if node.args else None
+        for target in written_nodes(node):
             val = example_value(target)
             if isinstance(val, torch.Tensor) and StorageWeakRef(val.untyped_storage()) in storages:
                 return f"{node.name} writes in place to memory of a fused input before the fused op would run"
@@ -97,16 +97,57 @@ def tensor_problem(nodes, *, device, profile) -> Optional[str]:
     return None
 
 
+def linear_shape_problem(weight: fx.Node, vectors) -> Optional[str]:
+    """Why the Linear's weight is not (N, K) or a per-feature vector (bias, BatchNorm's) is not
+    exactly (N,), or None. Eager broadcasts a 0-d or (1,) bias; the kernels would read N values."""
+    w = example_value(weight)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return f"Linear weight {getattr(weight, 'name', weight)} is not 2-D: left to Inductor"
+    n = hint(w.shape[0])
+    for node in vectors:
+        val = example_value(node) if isinstance(node, fx.Node) else None
+        if node is not None and (val is None or val.dim() != 1 or hint(val.shape[0]) != n):
+            shape = None if val is None else tuple(hint(d) for d in val.shape)
+            return (f"{node.name} has shape {shape}, not ({n},): a broadcast per-feature vector is "
+                    "left to Inductor")
+    return None
+
+
 def mutated_in_graph(node: fx.Node) -> bool:
     """True if an in-place method or op of the graph writes to `node`."""
-    return any(writes_in_place(user) and user.args and user.args[0] is node for user in node.users)
+    return any(node in written_nodes(user) for user in node.users)
+
+
+# Dynamo records `t += u` on a tensor as operator.iadd(t, u), which writes t
+_AUGMENTED = {getattr(operator, name) for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
+                                                    "imatmul", "iand", "ior", "ixor", "ilshift", "irshift")}
+
+
+def written_nodes(node: fx.Node) -> list:
+    """The nodes whose memory `node` writes in place: the first argument of an in-place op or
+    method (`add_`, `copy_`, an aten overload with a mutable schema), of an item assignment or
+    of an augmented assignment (`t += u`), and the `out=` tensors of any call."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    written = []
+    out = node.kwargs.get("out")
+    if out is not None:
+        written += [n for n in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(n, fx.Node)]
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        mutable = target._schema.is_mutable
+    else:
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        mutable = ((name.endswith("_") and not name.startswith("_")) or name == "setitem"
+                   or any(target is f for f in _AUGMENTED))
+    if mutable and node.args and isinstance(node.args[0], fx.Node):
+        written.append(node.args[0])
+    return written
 
 
 def writes_in_place(node: fx.Node) -> bool:
-    """Whether `node` writes to its first argument: an in-place op or method (`add_`,
-    `copy_`, ...) or an item assignment."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return (name.endswith("_") and not name.startswith("_")) or name == "setitem"
+    """Whether `node` writes to memory it did not allocate (`written_nodes`)."""
+    return bool(written_nodes(node))
 
 
 _warned = set()

@@ -21,8 +21,9 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, 
                                        store_cell_tile, tanh, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
-                      gluon_code, hint, inline_meta, launch, meta_kwargs, mutated_in_graph, only_user, space,
-                      static_shapes, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
+                      gluon_code, hint, inline_meta, launch, linear_shape_problem, meta_kwargs, mutated_in_graph,
+                      only_user, space, static_shapes, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason,
+                      written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -318,22 +319,26 @@ def _fake(xs, weight, bias, precision, autotune_on, budget):
 
 def _setup(ctx, inputs, output):
     xs, weight, bias = inputs[:3]
-    ctx.num_segments = len(xs)
+    ctx.widths = [x.shape[1] for x in xs]
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(weight, output, *xs)
+    # dW needs the cat operands, saved as they are (the cat is never built). A copy made here
+    # does not help under torch.compile: AOT's partitioner recomputes it in the backward from
+    # the operand, so a caller writing to an operand in place before the backward gets
+    # autograd's "modified by an inplace operation" error (README, known limits)
+    ctx.save_for_backward(weight, output, *(xs if weight.requires_grad else ()))
 
 
 def _backward(ctx, grad_out):
     weight, out, *xs = ctx.saved_tensors
     dz = grad_out * (1 - out * out)  # tanh' from the saved output
     grads_x, grads_w, start = [], [], 0
-    for x in xs:  # per cat operand: the cat is not built in the backward either
-        w_seg = weight[:, start:start + x.shape[1]]
-        grads_x.append(dz @ w_seg)
-        grads_w.append(dz.t() @ x)
-        start += x.shape[1]
+    for i, width in enumerate(ctx.widths):  # per cat operand: the cat is not built in the backward either
+        grads_x.append(dz @ weight[:, start:start + width])
+        if xs:
+            grads_w.append(dz.t() @ xs[i])
+        start += width
     db = dz.sum(0) if ctx.has_bias else None
-    return grads_x, torch.cat(grads_w, 1), db, None, None, None
+    return grads_x, torch.cat(grads_w, 1) if xs else None, db, None, None, None
 
 
 cat_linear_tanh = define_op(
@@ -423,7 +428,8 @@ class CatLinearTanh(Pattern):
             return "cat operands must be 2-D (batch, features)"
         if m.dim not in (1, -1):
             return f"cat along dim {m.dim}; only the feature dim (1 / -1) is fused"
-        problem = tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, profile=ctx.profile)
+        problem = (tensor_problem(tensors + [m.weight, m.bias], device=ctx.device, profile=ctx.profile)
+                   or linear_shape_problem(m.weight, [m.bias]))
         if problem:
             return problem
         dtype, problem = compute_dtype(m.linear, tensors + [m.weight, m.bias], ctx.profile)

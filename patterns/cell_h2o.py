@@ -21,8 +21,8 @@ from fusion_backend import autotune
 from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
-from ._common import (define_inline_op, define_op, hint, inline_meta, mutated_in_graph, static_shapes, tensor_problem,
-                      tuned_unfused_reason)
+from ._common import (define_inline_op, define_op, hint, inline_meta, linear_shape_problem, mutated_in_graph,
+                      static_shapes, tensor_problem, tuned_unfused_reason)
 from .cat_linear_tanh import cat_linear_tanh, cat_linear_tanh_inline, cell_space, inline_forward, linear_forward
 
 NAME = "cell_h2o"
@@ -91,7 +91,8 @@ class CellH2O(Pattern):
             return (f"profile {ctx.profile.name} has no kernel for a plain Linear that can beat cuBLAS at "
                     f"{str(dtype).replace('torch.', '')} / {precision!r} (3xTF32 at fp32 'highest', or the "
                     "W x^T tiles of Hopper-class GPUs): left to Inductor")
-        problem = tensor_problem([m.weight, m.bias], device=ctx.device, profile=ctx.profile)
+        problem = (tensor_problem([m.weight, m.bias], device=ctx.device, profile=ctx.profile)
+                   or linear_shape_problem(m.weight, [m.bias]))
         if problem:
             return problem
         for node in (m.weight, m.bias):

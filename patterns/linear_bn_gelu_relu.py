@@ -24,9 +24,9 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_seg
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
-                      gluon_code, heuristic_kwargs, hint, inline_meta, launch, meta_kwargs, mutated_in_graph,
-                      only_user, space, static_shapes, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
-                      written_inside)
+                      gluon_code, heuristic_kwargs, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
+                      mutated_in_graph, only_user, space, static_shapes, tensor_problem, tf32_split, tma_ready,
+                      tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -697,8 +697,9 @@ class LinearBnGeluRelu(Pattern):
         if x_val is None or x_val.dim() != 2:
             rank = None if x_val is None else x_val.dim()
             return f"BatchNorm1d input must be 2-D (batch, features) to fuse; got rank {rank}"
-        problem = tensor_problem([m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var],
-                                 device=ctx.device, profile=ctx.profile)
+        problem = (tensor_problem([m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var],
+                                  device=ctx.device, profile=ctx.profile)
+                   or linear_shape_problem(m.weight, [m.bias, m.gamma, m.beta, m.running_mean, m.running_var]))
         if problem:
             return problem
         dtype, problem = compute_dtype(m.linear, [m.x, m.weight, m.bias], ctx.profile)

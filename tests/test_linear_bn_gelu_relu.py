@@ -401,6 +401,22 @@ def test_near_miss_strided_vectors():
     _explain_and_check(randomize(StridedBnVectors()).eval(), torch.randn(M, K), "strided vector (stride 2)")
 
 
+class BroadcastBias(LBGR):
+    """`x @ W.T + b` with a bias of one element, broadcast over the N features."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Parameter(torch.randn(1))
+
+    def forward(self, x):
+        return self.relu(self.gelu(self.bn(x @ self.lin.weight.T + self.b1)))
+
+
+def test_near_miss_broadcast_bias():
+    torch.manual_seed(12)
+    _explain_and_check(randomize(BroadcastBias()).eval(), torch.randn(M, K), "not (75,): a broadcast per-feature")
+
+
 def test_near_miss_float64():
     torch.manual_seed(10)
     model = randomize(LBGR()).double()
