@@ -132,6 +132,13 @@ def _read(path: str, environment: str) -> Dict[str, dict]:
         return {}
 
 
+def _times_ok(entry: dict) -> bool:
+    """Whether a cache entry's times are numbers or absent (a hand-edited or foreign entry is
+    tuned again rather than failing later, in explain() or the run-time trial's rule)."""
+    return all(entry.get(k) is None or (isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool))
+               for k in ("fused_ms", "unfused_ms"))
+
+
 @contextlib.contextmanager
 def _locked(path: str):
     try:
@@ -231,7 +238,7 @@ class Tuner:
         entry = _read(path, environment).get(disk_key)
         # a cached config must still be in the space (spaces change between releases); the
         # space's own entry is served (JSON turned its tuples into lists)
-        cached = entry.get("config", False) if isinstance(entry, dict) else False
+        cached = entry.get("config", False) if isinstance(entry, dict) and _times_ok(entry) else False
         stored = _jsonable(space)
         if cached is None or cached in stored:
             stats["cache_hits"] += 1

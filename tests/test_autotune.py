@@ -385,6 +385,23 @@ def test_bad_cache_file_is_ignored_with_one_warning(kind, tmp_cache, caplog):
     assert any(k.startswith(KEY + "|src=") for k in data["entries"])
 
 
+@pytest.mark.parametrize("bad", ["0.5", [1], True])
+def test_cache_entry_with_bad_times_is_tuned_again(bad, tmp_cache):
+    """A hand-edited entry whose times are not numbers is tuned again, not served (describe()
+    and the run-time trial's rule would fail on it later)."""
+    choose(Tuner(timer=stub_timer))
+    path = _cache_path()
+    with open(path) as f:
+        data = json.load(f)
+    for entry in data["entries"].values():
+        entry["fused_ms"] = bad
+    with open(path, "w") as f:
+        json.dump(data, f)
+    choice = choose(Tuner(timer=stub_timer))
+    assert choice.source == "tuned" and isinstance(choice.fused_ms, float)
+    choice.describe()
+
+
 def test_unwritable_cache_dir_does_not_break_tuning(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
