@@ -10,11 +10,12 @@ import torch
 import triton
 
 import fusion_backend
+from fusion_backend import autotune
 from fusion_backend.backend import _report_sinks
 from fusion_backend.models import MLPBlock
 
 CASES = ((4096, 2048, 2048, "highest", True), (4096, 2048, 2048, "highest", False),
-         (16384, 4096, 4096, "highest", True))
+         (16384, 4096, 4096, "highest", True), (16384, 4096, 4096, "highest", False))
 
 
 def run(M, K, N, precision, train):
@@ -40,7 +41,9 @@ def run(M, K, N, precision, train):
             step()
         _report_sinks.remove(reports)
         if name.startswith("fusedtriton"):
-            print(f"  {name}: {[site.line().strip() for r in reports for site in r.sites]}", flush=True)
+            for site in (site for r in reports for site in r.sites):
+                choice = autotune.TUNER.lookup(site.info.get("key"))
+                print(f"  {name}: {site.line().strip()}; {choice.describe() if choice else 'no choice'}", flush=True)
         times[name] = statistics.median(triton.testing.do_bench(step, return_mode="median") for _ in range(3))
     print(f"{M}x{K}->{N} {precision} {'train' if train else 'eval'}, forward + backward ms: "
           + ", ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
