@@ -24,7 +24,7 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import cdiv, define_op, hint, kernel_kwargs, log, space, writes_in_place
+from ._common import cdiv, define_op, hint, kernel_kwargs, log, space, writes_in_place, written_inside
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -295,7 +295,7 @@ class RnnSequence(Pattern):
                 return f"input {x.name} of a step depends on an earlier step"
             if _impure_ancestor_after(x, chain[0].cat):
                 return f"input {x.name} is computed by an in-place op inside the sequence"
-        return None
+        return _moved_across(chain, xs, h0)
 
     def replace(self, chain, ctx) -> dict:
         graph = ctx.gm.graph
@@ -310,7 +310,10 @@ class RnnSequence(Pattern):
         for x in xs:  # move each input's computation before the first step
             _move_before(x, first.cat)
         with graph.inserting_before(first.cat):
-            stacked = _whole_of(xs) or graph.call_function(torch.stack, (list(xs),))
+            # with a backward to run, the Linear saves its input for dW: that must be a copy, as
+            # eager's cats are, not the user's tensor, which may be changed in place before backward
+            whole = None if _needs_backward(chain, xs, h0) else _whole_of(xs)
+            stacked = whole or graph.call_function(torch.stack, (list(xs),))
             w_x = graph.call_function(torch.narrow, (weight, 1, 0, in_width))
             w_h = graph.call_function(torch.narrow, (weight, 1, in_width, hidden))
             p = graph.call_function(torch.nn.functional.linear, (stacked, w_x, bias))
@@ -342,7 +345,8 @@ def _whole_of(xs) -> Optional[fx.Node]:
         bases.add(x.args[0])
     base = bases.pop() if len(bases) == 1 else None
     val = example_value(base) if isinstance(base, fx.Node) else None
-    if val is None or val.dim() != 3 or hint(val.shape[0]) != len(xs):
+    # (a tuple for the rows of `xs.unbind(0)`)
+    if not isinstance(val, torch.Tensor) or val.dim() != 3 or hint(val.shape[0]) != len(xs):
         return None
     return base
 
@@ -350,17 +354,10 @@ def _whole_of(xs) -> Optional[fx.Node]:
 def _hoist_output_projection(graph, rows, hs) -> bool:
     """If every h_t feeds one Linear with the same weights (the h2o), run it once over all
     steps; a torch.stack of exactly those outputs becomes that result itself."""
-    from fusion_backend.normalize import LINEAR, is_op
-
-    linears = []
-    for row in rows:
-        users = [u for u in row.users if is_op(u, LINEAR) and u.args[0] is row]
-        if len(users) != 1:
-            return False
-        linears.append(users[0])
-    weight, bias = linears[0].args[1], linears[0].args[2]
-    if any(lin.args[1] is not weight or lin.args[2] is not bias for lin in linears):
+    linears = _output_linears(rows)
+    if linears is None:
         return False
+    weight, bias = linears[0].args[1], linears[0].args[2]
     if any(_after(n, hs) for n in (weight, bias) if isinstance(n, fx.Node)):
         return False  # the weights are computed after the recurrence
     with graph.inserting_before(rows[-1].next):
@@ -381,6 +378,75 @@ def _hoist_output_projection(graph, rows, hs) -> bool:
         if not out_row.users:
             graph.erase_node(out_row)
     return True
+
+
+def _output_linears(hs_nodes) -> Optional[list]:
+    """The Linear each h_t feeds when all of them share weights (the h2o `_hoist_output_projection`
+    turns into one GEMM), else None. Works on the tanh nodes before the rewrite and on the rows after."""
+    from fusion_backend.normalize import LINEAR, is_op
+
+    linears = []
+    for h in hs_nodes:
+        users = [u for u in h.users if is_op(u, LINEAR) and u.args[0] is h]
+        if len(users) != 1:
+            return None
+        linears.append(users[0])
+    weight, bias = linears[0].args[1], linears[0].args[2]
+    if any(lin.args[1] is not weight or lin.args[2] is not bias for lin in linears):
+        return None
+    return linears
+
+
+#: words in the names of the nodes by which Dynamo records a switch of grad mode, autocast,
+#: inference mode or saved-tensor hooks (torch._C._set_grad_enabled, _enter_autocast /
+#: _exit_autocast, _enter_inference_mode, _saved_tensors_hooks_disable, and the
+#: wrap_with_set_grad_enabled / wrap_with_autocast higher-order ops): ops before and after one
+#: run in different modes
+_MODE_SWITCH_WORDS = ("grad", "autocast", "inference_mode", "saved_tensors_hooks")
+
+
+def _switches_mode(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    return any(word in name for word in _MODE_SWITCH_WORDS)
+
+
+def _moved_across(chain, xs, h0) -> Optional[str]:
+    """Why the rewrite would change what the chain computes by moving work to the first step's
+    cat (the inputs' computations, the projections of all steps, the recurrence, the h2o GEMM),
+    or None. Moved across a grad-mode or autocast switch, that work would run in the wrong mode
+    (no_grad steps trained, trained steps without grad, an autocast h2o in fp32); moved across
+    an in-place write, it would read the memory before the write where eager reads it after."""
+    first, last = chain[0].cat, chain[-1].tanh
+    tanhs = [step.tanh for step in chain]
+    # the h2o Linears move to the first cat too when they are hoisted (decided after the
+    # rewrite; judged here on the same structure, so possibly more often than they are)
+    h2o = _output_linears(tanhs) or []
+    end = h2o[-1] if h2o else last  # (the last h2o reads the last h_t: it comes after it)
+    node = first.next
+    while node is not end and node.op != "output":
+        if _switches_mode(node):
+            return (f"{node.name} ({getattr(node.target, '__name__', node.target)}) switches grad mode or "
+                    "autocast inside the sequence: the fused form would move steps across it")
+        node = node.next
+    # everything the hoisted projection and the recurrence read: x_t and the inputs of the
+    # nodes computing them that move, h0, W, b; and the h_t themselves (a write to one between
+    # steps is what step t+1 reads in eager)
+    moved = [n for x in xs for n in _after(x, first)]
+    reads = [*xs, *(i for n in moved for i in n.all_input_nodes), h0, chain[0].weight, chain[0].bias, *tanhs]
+    problem = written_inside(first, last, reads)
+    if problem is None and h2o:  # the h2o GEMM reads its weights and every h_t at the first cat
+        problem = written_inside(first, end, [h2o[0].args[1], h2o[0].args[2], *tanhs])
+    return problem
+
+
+def _needs_backward(chain, xs, h0) -> bool:
+    """Whether the compiled graph will run the chain's backward: grad enabled while compiling
+    (Dynamo guards the grad mode) and an input or the weights requiring grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(n, fx.Node) and getattr(example_value(n), "requires_grad", False)
+        for n in (*xs, h0, chain[0].weight, chain[0].bias))
 
 
 def _depends_on(node: fx.Node, targets: set) -> bool:

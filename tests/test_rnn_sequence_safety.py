@@ -1,0 +1,262 @@
+"""Pattern `rnn_sequence` where moving work to the first step would change the result: grad-mode
+and autocast switches inside the unrolled loop, in-place writes between steps, the user's xs
+changed in place between forward and backward, and steps over `xs.unbind(0)`.
+
+The rewrite hoists every step's input projection (and the h2o of every step) to the first
+step's cat and runs the recurrence there. Across a no_grad / autocast region or an in-place
+write, that computes something else than eager: the chain must be left unfused (with the
+reason in explain()) or be fused in a form that matches eager in outputs, gradients and dtypes.
+Tiny shapes, a few steps: the kernels run under Triton's interpreter (conftest).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusion_backend
+from fusion_backend import devices, models
+from tolerances import HALF, grad_close, rel_err, tolerance
+
+pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
+
+SEQ = "rnn_sequence"
+T, B, I, H, O = 4, 3, 5, 7, 3  # steps, batch, input width, hidden width, h2o width
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.i2h = nn.Linear(I + H, H)
+        self.h2o = nn.Linear(H, O)
+
+    def step(self, x, h):
+        return torch.tanh(self.i2h(torch.cat((x, h), 1)))
+
+
+def compile_(model):
+    return torch.compile(model, backend="fusedtriton")
+
+
+def refused(model, *inputs, reason):
+    """explain() leaves the sequence unfused, naming `reason`; inputs are cloned (the models
+    may write to them)."""
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    report = fusion_backend.explain(model, *(t.clone() for t in inputs))
+    assert not [s for s in report.fused if s.pattern == SEQ], str(report)
+    sites = [s for s in report.skipped if s.pattern == SEQ]
+    assert sites and all(reason in s.reason for s in sites), str(report)
+    assert sites[0].reason in str(report)
+    assert fusion_backend.counters[SEQ] == 0, dict(fusion_backend.counters)
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+
+
+def assert_close_to(got, eager, ref64=None):
+    """fp32 within the "highest" tolerance of fp64 (and of eager); bf16/fp16 within HALF of eager."""
+    assert got.dtype == eager.dtype and got.shape == eager.shape, (got.dtype, eager.dtype)
+    if got.dtype in (torch.float16, torch.bfloat16):
+        assert rel_err(got, eager) <= HALF
+        return
+    tol = tolerance(torch.float32, "highest", eager_err=rel_err(eager, ref64))
+    assert rel_err(got, ref64) <= tol and rel_err(got, eager) <= tol
+
+
+def train_step(model, xs, h0):
+    """(compiled result, eager result, fp64 result, the three models) after backward of sum()."""
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    results = []
+    for m, fn, dtype in ((model, compile_(model), torch.float32), (eager, eager, torch.float32),
+                         (ref, ref, torch.float64)):
+        out = fn(xs.to(dtype), h0.to(dtype))
+        if out.requires_grad:
+            out.float().square().sum().backward()
+        results.append(out)
+    return (*results, (model, eager, ref))
+
+
+def assert_grads_match(models_):
+    got, want, ref = (dict(m.named_parameters()) for m in models_)
+    for name in got:
+        g, w, r = got[name].grad, want[name].grad, ref[name].grad
+        assert (g is None) == (w is None), f"{name}: grad {'missing' if g is None else 'computed'} unlike eager"
+        if w is not None:
+            torch.testing.assert_close(g, w, **grad_close(r), msg=lambda m: f"grad {name} vs eager: {m}")
+
+
+# ----------------------------------------------------------------------------- grad mode, autocast
+
+class TruncatedBPTT(Base):
+    """Burn-in steps without grad, then steps trained with backpropagation through time."""
+
+    def forward(self, xs, h):
+        with torch.no_grad():
+            for t in range(2):
+                h = self.step(xs[t], h)
+        for t in range(2, xs.shape[0]):
+            h = self.step(xs[t], h)
+        return h
+
+
+class FrozenEncoder(Base):
+    """Each step's input goes through an embedding under no_grad (frozen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(I, I)
+
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            with torch.no_grad():
+                x = self.emb(xs[t])
+            h = self.step(x, h)
+        return h
+
+
+@pytest.mark.parametrize("model_cls", [TruncatedBPTT, FrozenEncoder])
+def test_no_grad_inside_the_sequence_is_refused_and_grads_match(model_cls):
+    torch.manual_seed(1)
+    model = model_cls()
+    xs, h0 = torch.randn(T + 1, B, I), torch.randn(B, H)
+    out, e, r, models_ = train_step(copy.deepcopy(model), xs, h0)
+    assert out.requires_grad == e.requires_grad is True
+    assert_close_to(out, e, r)
+    assert_grads_match(models_)  # TBPTT: i2h trained; FrozenEncoder: emb has no grad, as in eager
+    assert fusion_backend.counters[SEQ] == 0
+    refused(model, xs, h0, reason="switches grad mode or autocast")
+
+
+class AutocastReadoutPerStep(Base):
+    """Only the h2o of each step runs under autocast (bf16)."""
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(self.h2o(h))
+        return torch.stack(outs)
+
+
+class AutocastReadoutAfterLoop(Base):
+    """The recurrence in fp32; the h2o of all steps afterwards, under autocast: hoisting the
+    h2o to the first step would take it out of the autocast region."""
+
+    def forward(self, xs, h):
+        hs = []
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            hs.append(h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.stack([self.h2o(h) for h in hs])
+
+
+@pytest.mark.parametrize("model_cls", [AutocastReadoutPerStep, AutocastReadoutAfterLoop])
+def test_autocast_h2o_is_not_hoisted_out_of_autocast(model_cls):
+    torch.manual_seed(2)
+    model = model_cls()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with torch.no_grad():
+        out, e = compile_(model)(xs, h0), model(xs, h0)
+    assert e.dtype == torch.bfloat16
+    assert_close_to(out, e)
+    assert fusion_backend.counters[SEQ] == 0
+    refused(model, xs, h0, reason="switches grad mode or autocast")
+
+
+# ----------------------------------------------------------------------------- in-place writes
+
+class XsScaled(Base):
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            xs.mul_(0.5)  # later steps read the rescaled input
+        return h
+
+
+class HiddenViewZeroed(Base):
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            h[:, :2].zero_()  # step t+1 reads h_t with its first columns zeroed
+        return h
+
+
+class WeightViewScaled(Base):
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            self.i2h.weight[:, :I].mul_(0.5)  # W_x changes between steps
+        return h
+
+
+class H2OWeightScaled(Base):
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            outs.append(self.h2o(h))
+            self.h2o.weight.mul_(0.5)  # the next step's h2o reads the scaled weight
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("model_cls", [XsScaled, HiddenViewZeroed, WeightViewScaled, H2OWeightScaled])
+def test_in_place_write_between_steps_is_refused(model_cls):
+    torch.manual_seed(3)
+    model = model_cls()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with torch.no_grad():
+        eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+        xs_c, xs_e, xs_r = xs.clone(), xs.clone(), xs.double()
+        out = compile_(model)(xs_c, h0.clone())
+        e, r = eager(xs_e, h0.clone()), ref(xs_r, h0.double())
+    assert_close_to(out, e, r)
+    torch.testing.assert_close(xs_c, xs_e, rtol=0, atol=0)  # the writes themselves happened
+    for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert fusion_backend.counters[SEQ] == 0
+    with torch.no_grad():
+        refused(copy.deepcopy(eager), xs, h0, reason="writes in place")
+
+
+# ----------------------------------------------------------------------------- xs after forward
+
+def test_xs_changed_in_place_before_backward_keeps_weight_grads():
+    """Eager's cats copy x_t; the fused form must not save the user's xs for dW either."""
+    torch.manual_seed(4)
+    model = models.UnrolledRNN(I, H, O)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    runs = []
+    for m, fn, dtype in ((model, compile_(model), torch.float32), (eager, eager, torch.float32),
+                         (ref, ref, torch.float64)):
+        x = xs.clone().to(dtype)
+        out, h = fn(x, h0.to(dtype))
+        x.zero_()  # the input buffer reused before backward
+        (out.square().sum() + h.sum()).backward()
+        runs.append((out.detach(), h.detach()))
+    assert fusion_backend.counters[SEQ] == 1  # still fused, from a copy of xs
+    for got, want, r in zip(*runs):
+        assert_close_to(got, want, r)
+    assert_grads_match((model, eager, ref))
+
+
+# ----------------------------------------------------------------------------- xs.unbind(0)
+
+class Unbound(Base):
+    def forward(self, xs, h):
+        for x in xs.unbind(0):
+            h = self.step(x, h)
+        return h
+
+
+def test_steps_over_unbind_are_fused_and_match():
+    torch.manual_seed(5)
+    model = Unbound()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, e, r, models_ = train_step(model, xs, h0)
+    assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
+    assert_close_to(out, e, r)
+    assert_grads_match(models_)
