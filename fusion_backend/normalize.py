@@ -6,19 +6,25 @@ Canonical forms (all call_function):
   TANH(x)                                 torch.tanh, Tensor.tanh, F.tanh, nn.Tanh
   GELU(x, approximate=...)                F.gelu, nn.GELU
   RELU(x)                                 torch.relu, F.relu, Tensor.relu, nn.ReLU; in-place forms
-                                          only when the input has no other user
+                                          only when the input is a fresh tensor nothing else sees
   BATCH_NORM(x, rm, rv, w, b, training, momentum, eps)  F.batch_norm, torch.batch_norm, nn.BatchNorm1d
-Nodes are rewritten in place (target/args changed); nothing is erased but the transposes that
-become dead.
+Nodes are rewritten in place (target/args changed); nothing is erased but the transposes and
+matmuls that normalization itself left dead. A node that writes (an `out=` kwarg) is never
+rewritten nor erased; a node whose normalization raises is left as it was.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
+
+log = logging.getLogger(__name__)
 
 LINEAR = F.linear
 CAT = torch.cat
@@ -49,25 +55,49 @@ def _is_call(node, functions=(), methods=()) -> bool:
     return node.op == "call_method" and node.target in methods
 
 
+_MISSING = object()
+
+
+def _arg(node, i, *names, default=_MISSING):
+    """Argument `i` of a call, whether passed positionally or by any of `names`."""
+    if len(node.args) > i:
+        return node.args[i]
+    for name in names:
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return default
+
+
+def _permute_dims(node):
+    # permute(x, (1, 0)), x.permute(1, 0), permute(x, dims=(1, 0)), x.permute(dims=[1, 0])
+    if len(node.args) > 2:
+        return tuple(node.args[1:])
+    dims = _arg(node, 1, "dims", default=None)
+    return tuple(dims) if isinstance(dims, (list, tuple)) else None
+
+
 def _transposed_2d(node):
     """If `node` is the transpose of a 2-D tensor, that tensor; else None."""
+    if not isinstance(node, fx.Node) or "out" in node.kwargs:
+        return None
     if _is_call(node, (torch.t,), ("t",)):
-        src = node.args[0]
-    elif _is_call(node, (torch.transpose,), ("transpose",)) and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0], [0, -1]):
-        src = node.args[0]
-    elif _is_call(node, (torch.permute,), ("permute",)) and tuple(node.args[1:] if len(node.args) > 2 else node.args[1]) == (1, 0):
-        src = node.args[0]
-    elif node is not None and isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
+        src = _arg(node, 0, "input", default=None)
+    elif _is_call(node, (torch.transpose,), ("transpose",)) and \
+            {_arg(node, 1, "dim0", default=None), _arg(node, 2, "dim1", default=None)} in ({0, 1}, {-2, -1}, {-1, 0}):
+        src = _arg(node, 0, "input", default=None)
+    elif _is_call(node, (torch.permute,), ("permute",)) and _permute_dims(node) == (1, 0):
+        src = _arg(node, 0, "input", default=None)
+    elif node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
         src = node.args[0]
     else:
         return None
     val = example_value(src)
-    return src if val is not None and val.dim() == 2 else None
+    return src if isinstance(val, torch.Tensor) and val.dim() == 2 else None
 
 
 def _rank(node):
     val = example_value(node)
-    return None if val is None else val.dim()
+    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 def _set(node, target, args, kwargs=None):
@@ -134,20 +164,46 @@ def _normalize_bn(node):
         _set(node, BATCH_NORM, tuple(bound.arguments.values()))
 
 
-def _only_user_of_input(node) -> bool:
-    src = node.args[0]
-    return isinstance(src, fx.Node) and len(src.users) == 1 and src.op != "placeholder"
+def _storages(value):
+    return {StorageWeakRef(t.untyped_storage()) for t in tree_leaves(value) if isinstance(t, torch.Tensor)}
+
+
+def _fresh_private_input(node, src) -> bool:
+    """Whether the in-place op `node` on `src` may be made out-of-place: `src` is a fresh tensor
+    (not an input, a parameter or a view) that nothing else reads or aliases, so no write of the
+    in-place op is visible through another name. A view shares its base's storage, so a single
+    user is not enough (relu_ on z[:, :4] or buf.view(-1) must still write z / buf)."""
+    if not isinstance(src, fx.Node) or src.op not in ("call_function", "call_method", "call_module") \
+            or len(src.users) != 1:
+        return False
+    val = example_value(src)
+    if not isinstance(val, torch.Tensor) or val._is_view():
+        return False
+    mine = StorageWeakRef(val.untyped_storage())
+    for other in node.graph.nodes:
+        if other is node:
+            break  # later nodes can alias src only through node's own result
+        if other is src:
+            continue
+        # (Dynamo gives every tensor-producing node an example value; nodes without one, such
+        # as its grad-mode and autocast switches, produce no tensor)
+        if mine in _storages(example_value(other)):
+            return False
+    return True
 
 
 def _normalize_activation(node):
     if _is_call(node, (torch.tanh, F.tanh), ("tanh",)) and len(node.args) == 1 and not node.kwargs:
         _set(node, TANH, node.args)
     elif _is_call(node, (torch.relu, F.relu), ("relu",)):
-        inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
-        if not inplace or _only_user_of_input(node):
-            _set(node, RELU, node.args[:1])
-    elif _is_call(node, (torch.relu_, F.relu_), ("relu_",)) and _only_user_of_input(node):
-        _set(node, RELU, node.args[:1])
+        src = _arg(node, 0, "input", default=None)
+        inplace = _arg(node, 1, "inplace", default=False)
+        if src is not None and (not inplace or _fresh_private_input(node, src)):
+            _set(node, RELU, (src,))
+    elif _is_call(node, (torch.relu_, F.relu_), ("relu_",)):
+        src = _arg(node, 0, "input", default=None)
+        if src is not None and _fresh_private_input(node, src):
+            _set(node, RELU, (src,))
     elif is_op(node, F.gelu):
         src = node.args[0] if node.args else node.kwargs.get("input")
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
@@ -159,19 +215,42 @@ def _normalize_activation(node):
         _set(node, CAT, (tensors, dim))
 
 
+_STEPS = (_normalize_matmul, _normalize_linear, _normalize_addmm, _normalize_bn, _normalize_activation)
+
+
+def _writes(node) -> bool:
+    # an `out=` call writes a tensor the program may read later: it is not ours to respell or drop
+    return "out" in node.kwargs
+
+
+def _normalize_node(node):
+    """Normalize one node; on an unexpected spelling, leave it (and the users a step may have
+    rewritten) as it was, so one odd node never costs the whole graph its fusions."""
+    if _writes(node):
+        return
+    touched = [node, *node.users]
+    saved = [(n, n.op, n.target, n.args, dict(n.kwargs)) for n in touched]
+    try:
+        for step in _STEPS:
+            step(node)
+    except Exception as exc:
+        for n, op, target, args, kwargs in saved:
+            n.op, n.target, n.args, n.kwargs = op, target, args, kwargs
+        log.info("fusedtriton: normalizing %s (%s) failed (%s: %s); left as it was",
+                 node.name, node.target, type(exc).__name__, exc)
+
+
 def normalize(gm: fx.GraphModule) -> None:
     graph = gm.graph
+    used = {node for node in graph.nodes if node.users}
     for node in list(graph.nodes):
-        _normalize_matmul(node)
-        _normalize_linear(node)
-        _normalize_addmm(node)
-        _normalize_bn(node)
-        _normalize_activation(node)
-    # drop only what normalization orphaned (transposes, a matmul folded into a linear);
-    # every other node, even an unused one, is Inductor's business
+        _normalize_node(node)
+    # drop only what normalization orphaned (transposes, a matmul folded into a linear): a
+    # node the user left unused, or one that writes (mm(..., out=buf)), is Inductor's business
     for node in reversed(list(graph.nodes)):
-        if not node.users and (_is_call(node, _ORPHANABLE_FUNCS, _ORPHANABLE_METHODS)
-                               or (node.op == "call_function" and node.target is getattr)):
+        if node in used and not node.users and not _writes(node) \
+                and (_is_call(node, _ORPHANABLE_FUNCS, _ORPHANABLE_METHODS)
+                     or (node.op == "call_function" and node.target is getattr)):
             graph.erase_node(node)
     graph.lint()
 

@@ -11,7 +11,8 @@ OPTION_DOCS = {
     "patterns": "names of the patterns to enable (default: all registered but the experimental ones)",
     "autotune": "benchmark configs (and the unfused path) per shape key; False = heuristic pick (default True)",
     "tune_budget_s": "time budget in seconds for tuning one key (default 30)",
-    "only_named_devices": "fuse only on the MI300X and RTX 4090 profiles, Inductor alone elsewhere (default False)",
+    "only_named_devices": "fuse only on the MI300X and RTX 4090 profiles (and the CPU interpreter profile, which "
+                          "exists for tests), Inductor alone elsewhere (default False)",
     "trial": "where the fused sites take under 1 ms of GPU time a call, also compile the original graph and "
              "time both over the first calls at run time, keeping the faster (default True; off under CUDA graphs)",
     "inline": "launch a fused kernel from Inductor's generated code (torch.library.triton_op) where its tuned "
@@ -19,8 +20,41 @@ OPTION_DOCS = {
               "less host time a call (default True; GPU profiles only)",
     "mode": "Inductor mode for the rest of the graph; use this when also passing options, since "
             "torch.compile accepts mode= or options=, not both",
-    "inductor_options": "dict of extra Inductor config patches for the rest of the graph",
+    "inductor_options": "dict of extra Inductor config patches for the rest of the graph; keys as "
+                        "torch._inductor.list_options() names them, nested ones dotted ('triton.cudagraphs')",
 }
+
+
+def _inductor_patches(extra) -> dict:
+    """options['inductor_options'] checked against torch._inductor.config here, so that a typo is
+    a ValueError naming the key, not an Inductor failure deep in the compile (after a fallback
+    and a second compile). Keys are spelled as torch.compile's own options= takes them:
+    dotted for nested configs ("triton.cudagraphs"), '-' accepted for '_'."""
+    if not isinstance(extra, Mapping):
+        raise ValueError("fusedtriton: options['inductor_options'] must be a dict of Inductor config patches")
+    import difflib
+
+    import torch._inductor.config
+
+    valid = torch._inductor.config.get_config_copy()
+    patches, bad = {}, []
+    for key, value in extra.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in valid:
+            patches[name] = value
+        else:
+            bad.append(key)
+    if bad:
+        bad = sorted(bad, key=str)
+        close = {k: difflib.get_close_matches(k, list(valid), n=1) for k in bad if isinstance(k, str)}
+        hints = ", ".join(f"{m[0]!r} for {k!r}" for k, m in close.items() if m)
+        raise ValueError(
+            f"fusedtriton: unknown Inductor option(s) {bad} in options['inductor_options']"
+            + (f" (did you mean {hints}?)" if hints else "")
+            + "; valid keys are listed by torch._inductor.list_options(), nested ones dotted as in "
+              "'triton.cudagraphs'"
+        )
+    return patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +111,7 @@ class Options:
         inline = options.get("inline", True)
         if not isinstance(inline, bool):
             raise ValueError(f"fusedtriton: options['inline'] must be True or False, got {inline!r}")
-        extra = options.get("inductor_options", {})
-        if not isinstance(extra, Mapping):
-            raise ValueError("fusedtriton: options['inductor_options'] must be a dict of Inductor config patches")
+        extra = _inductor_patches(options.get("inductor_options", {}))
         return Options(
             mode=None if mode == "default" else mode, patterns=patterns, autotune=autotune,
             tune_budget_s=float(budget), only_named_devices=only_named, trial=trial, inline=inline,

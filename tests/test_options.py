@@ -189,3 +189,45 @@ def test_compile_max_autotune_no_cudagraphs():
     x = torch.randn(8)
     out = torch.compile(_f, backend="fusedtriton", options={"mode": "max-autotune-no-cudagraphs"})(x)
     torch.testing.assert_close(out, _f(x))
+
+
+# ----------------------------------------------------------------------------- inductor_options keys
+
+def test_inductor_options_keys_checked_against_inductor_config():
+    with pytest.raises(ValueError) as err:
+        Options.parse(None, {"inductor_options": {"no_such_knob": 1, "max_autotune_gem": True,
+                                                  "max_autotune_gemm": False}})
+    msg = str(err.value)
+    assert "no_such_knob" in msg and "'max_autotune_gem'" in msg and "inductor_options" in msg
+    assert "'max_autotune_gemm' for 'max_autotune_gem'" in msg  # the close match is suggested
+    assert "torch._inductor.list_options()" in msg  # how to list the valid keys
+
+
+def test_inductor_options_nested_key_checked():
+    with pytest.raises(ValueError, match=r"triton\.cudagraph\b.*list_options"):
+        Options.parse(None, {"inductor_options": {"triton.cudagraph": True}})
+    with pytest.raises(ValueError, match="no_such_knob"):
+        Options.parse(None, {"inductor_options": {"triton.no_such_knob": True}})
+
+
+def test_inductor_options_spelled_as_torch_compile_takes_them():
+    """Dotted names for nested configs, '-' for '_', as torch.compile(options=...) accepts."""
+    opts = Options.parse(None, {"inductor_options": {"triton.cudagraphs": False, "max-autotune-gemm": True}})
+    assert opts.inductor_config_patches() == {"triton.cudagraphs": False, "max_autotune_gemm": True}
+    assert not opts.cudagraphs
+    with torch._inductor.config.patch(opts.inductor_config_patches()):  # Inductor takes them as they are
+        assert torch._inductor.config.max_autotune_gemm is True
+
+
+def test_compile_rejects_unknown_inductor_option(monkeypatch, recwarn):
+    """Rejected before anything is compiled: no 'Inductor failed' fallback, no second compile."""
+    compiles = []
+    real = backend_mod._inductor
+    monkeypatch.setattr(backend_mod, "_inductor", lambda *a: compiles.append(1) or real(*a))
+    with pytest.raises(Exception) as err:
+        torch.compile(_f, backend="fusedtriton", options={"inductor_options": {"no_such_knob": 1}})(torch.randn(8))
+    msg = str(err.value)
+    assert "no_such_knob" in msg and "list_options" in msg
+    assert isinstance(err.value, ValueError) or "ValueError" in msg or isinstance(err.value.__cause__, ValueError)
+    assert compiles == []
+    assert not [w for w in recwarn if "fusedtriton" in str(w.message)]

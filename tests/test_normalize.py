@@ -1,0 +1,350 @@
+"""fusion_backend/normalize.py on the CPU: the canonical spellings must never change what the
+program does. The whole normalized graph goes to Inductor whenever a site fuses, so an
+in-place write dropped here (relu_ on a view, an `out=` call) is silently lost.
+
+Every model puts an MLP block (Linear -> BatchNorm1d -> GELU -> ReLU) next to the op under
+test: the block fuses, so the normalized graph is the one that runs. Buffers and inputs the
+program writes must hold eager's values afterwards; outputs match eager (and a float64 copy).
+"""
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusion_backend
+import fusion_backend.normalize as normalize
+from fusion_backend import devices
+from fusion_backend.models import MLPBlock
+from tolerances import assert_matches
+
+LBGR = "linear_bn_gelu_relu"
+
+needs_interpreter = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                       reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
+
+
+def capture(fn, *args):
+    """The first FX graph Dynamo hands a backend for fn(*args)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=record)(*args)
+    torch._dynamo.reset()
+    return graphs[0]
+
+
+def calls(gm):
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+def compile_quietly(model):
+    """torch.compile(model, backend="fusedtriton"), failing on any fusedtriton warning (a
+    warning means the graph fell back to Inductor unfused)."""
+    compiled = torch.compile(model, backend="fusedtriton")
+
+    def run(*args):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = compiled(*args)
+        assert not [str(w.message) for w in caught if "fusedtriton" in str(w.message)]
+        return out
+
+    return run
+
+
+def block(k=16, n=16, seed=0):
+    torch.manual_seed(seed)
+    blk = MLPBlock(k, n).eval()
+    with torch.no_grad():
+        blk.batch_norm.running_mean.uniform_(-0.5, 0.5)
+        blk.batch_norm.running_var.uniform_(0.5, 1.5)
+    return blk
+
+
+class InplaceReluMLP(nn.Module):
+    """Linear -> BatchNorm1d -> GELU -> nn.ReLU(inplace=True): the GELU output is fresh, so the
+    in-place ReLU may (and must, for the pattern) become torch.relu."""
+
+    def __init__(self, k=16, n=16):
+        super().__init__()
+        self.gemm = nn.Linear(k, n)
+        self.batch_norm = nn.BatchNorm1d(n)
+        self.gelu = nn.GELU()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.gelu(self.batch_norm(self.gemm(x))))
+
+
+def inplace_mlp(seed=0):
+    torch.manual_seed(seed)
+    m = InplaceReluMLP().eval()
+    with torch.no_grad():
+        m.batch_norm.running_mean.uniform_(-0.5, 0.5)
+        m.batch_norm.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+# ----------------------------------------------------------------------------- in-place ReLU on aliases
+
+VIEW_WRITES = {
+    "F.relu(z[:, :4], inplace=True)": lambda z: F.relu(z[:, :4], inplace=True),
+    "F.relu(input=z[2:], inplace=True)": lambda z: F.relu(input=z[2:], inplace=True),
+    "z[:, 1:].relu_()": lambda z: z[:, 1:].relu_(),
+    "torch.relu_(z.t())": lambda z: torch.relu_(z.t()),
+    "F.relu_(z.view(-1))": lambda z: F.relu_(z.view(-1)),
+    "nn.ReLU(inplace=True)(z.T)": lambda z: nn.ReLU(inplace=True)(z.T),
+    # contiguous() of a contiguous tensor is z itself: no view op, but the same storage
+    "F.relu(z.contiguous(), inplace=True)": lambda z: F.relu(z.contiguous(), inplace=True),
+}
+
+
+class WritesInput(nn.Module):
+    def __init__(self, write):
+        super().__init__()
+        self.blk = inplace_mlp()
+        self.write = write
+
+    def forward(self, x, z):
+        y = self.blk(x)
+        self.write(z)  # eager writes z through the alias
+        return y, z * 2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("spelling", list(VIEW_WRITES))
+def test_inplace_relu_through_an_alias_writes_the_input(spelling):
+    model = WritesInput(VIEW_WRITES[spelling])
+    torch.manual_seed(1)
+    x, z = torch.randn(8, 16), torch.randn(8, 8)
+    z_eager, z_compiled = z.clone(), z.clone()
+    with torch.no_grad():
+        y_eager, z2_eager = model(x, z_eager)
+        y, z2 = compile_quietly(model)(x, z_compiled)
+    assert dict(fusion_backend.counters) == {LBGR: 1}  # the in-place ReLU after GELU still fuses
+    assert not torch.equal(z_eager, z)  # eager did write z
+    torch.testing.assert_close(z_compiled, z_eager, rtol=0, atol=0)
+    torch.testing.assert_close(z2, z2_eager, rtol=0, atol=0)
+    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
+
+
+class WritesState(nn.Module):
+    """In-place ReLUs on views of a registered buffer and of a plain tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk = inplace_mlp()
+        torch.manual_seed(2)
+        self.register_buffer("state", torch.randn(4, 4))
+        self.plain = torch.randn(4, 4)
+
+    def forward(self, x):
+        self.state.view(-1).relu_()
+        F.relu(self.plain.t(), inplace=True)
+        return self.blk(x)
+
+
+@needs_interpreter
+def test_inplace_relu_on_views_of_module_state_writes_it():
+    eager, model = WritesState(), WritesState()
+    assert (model.state < 0).any() and (model.plain < 0).any()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        y_eager = eager(x)
+        y = compile_quietly(model)(x)
+    assert dict(fusion_backend.counters) == {LBGR: 1}
+    torch.testing.assert_close(model.state, eager.state, rtol=0, atol=0)
+    torch.testing.assert_close(model.plain, eager.plain, rtol=0, atol=0)
+    assert_matches(y, y_eager, copy.deepcopy(eager.blk).double()(x.double()))
+
+
+def test_inplace_relu_normalized_only_on_a_fresh_private_input():
+    """Graph level: the ReLU after GELU becomes torch.relu; those on a view, a placeholder or
+    the alias contiguous() returns keep their in-place spelling."""
+    blk = inplace_mlp()
+
+    def f(x, z):
+        F.relu(z[:, :4], inplace=True)
+        z.relu_()
+        F.relu(z.contiguous(), inplace=True)
+        return blk(x)
+
+    gm = capture(f, torch.randn(8, 16), torch.randn(8, 8))
+    normalize.normalize(gm)
+    relus = [n for n in calls(gm) if "relu" in str(n.target)]
+    assert len(relus) == 4
+    fresh = [n for n in relus if n.args and normalize.is_op(n.args[0], normalize.GELU)]
+    assert len(fresh) == 1 and fresh[0].target is normalize.RELU and not fresh[0].kwargs
+    for node in relus:
+        if node is not fresh[0]:
+            assert node.target is not normalize.RELU, node.format_node()
+
+
+# ----------------------------------------------------------------------------- out= calls
+
+class ModeSwitchesThenInplaceMLP(nn.Module):
+    """Grad-mode and autocast regions (nodes without a tensor example value) before a block
+    whose ReLU is in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = inplace_mlp()
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = x * 2
+        with torch.autocast("cpu", enabled=False):
+            x = x + 1
+        return self.mlp(torch.sin(x))
+
+
+@needs_interpreter
+def test_inplace_relu_block_after_mode_switches_still_fuses():
+    model = ModeSwitchesThenInplaceMLP()
+    x = torch.randn(9, 16)
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        out = compile_quietly(model)(x)
+        want = eager(x)
+    assert fusion_backend.counters[LBGR] == 1
+    assert_matches(out, want, eager.double()(x.double()))
+
+
+class WritesOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = block()
+
+    def forward(self, x, a, buf1, buf2, buf3):
+        torch.cat((a, a), dim=0, out=buf1)
+        torch.mm(a, a.t(), out=buf2)  # unused result: the write is the point
+        torch.matmul(a, a.t(), out=buf3)
+        return self.blk(x)
+
+
+@needs_interpreter
+def test_out_calls_keep_writing():
+    model = WritesOut()
+    torch.manual_seed(3)
+    x, a = torch.randn(8, 16), torch.randn(2, 3)
+    bufs_eager = [torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(2, 2)]
+    bufs = [b.clone() for b in bufs_eager]
+    with torch.no_grad():
+        y_eager = model(x, a, *bufs_eager)
+        y = compile_quietly(model)(x, a, *bufs)
+    assert dict(fusion_backend.counters) == {LBGR: 1}
+    for got, want in zip(bufs, bufs_eager):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want)
+    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
+
+
+def test_out_calls_are_neither_respelled_nor_erased():
+    def f(a, b1, b2, b3):
+        torch.cat([a, a], 0, out=b1)
+        torch.mm(a, a.t(), out=b2)
+        torch.matmul(a, a.t(), out=b3)
+        return a + 1
+
+    gm = capture(f, torch.randn(2, 3), torch.zeros(4, 3), torch.zeros(2, 2), torch.zeros(2, 2))
+    before = [(n.target, n.args, dict(n.kwargs)) for n in calls(gm) if "out" in n.kwargs]
+    assert len(before) == 3
+    normalize.normalize(gm)
+    assert [(n.target, n.args, dict(n.kwargs)) for n in calls(gm) if "out" in n.kwargs] == before
+
+
+# ----------------------------------------------------------------------------- keyword spellings
+
+W = torch.randn(4, 16)
+
+TRANSPOSES = {
+    "torch.permute(w, dims=(1, 0))": lambda w: torch.permute(w, dims=(1, 0)),
+    "w.permute(dims=(1, 0))": lambda w: w.permute(dims=(1, 0)),
+    "torch.transpose(w, dim0=0, dim1=1)": lambda w: torch.transpose(w, dim0=0, dim1=1),
+    "w.transpose(dim0=-1, dim1=-2)": lambda w: w.transpose(dim0=-1, dim1=-2),
+}
+
+
+@pytest.mark.parametrize("spelling", list(TRANSPOSES))
+def test_keyword_transpose_becomes_linear(spelling):
+    transpose = TRANSPOSES[spelling]
+    gm = capture(lambda x: x @ transpose(W), torch.randn(8, 16))
+    normalize.normalize(gm)
+    (node,) = calls(gm)  # the transpose, orphaned by the rewrite, is gone
+    assert node.target is normalize.LINEAR and node.args[2] is None
+
+
+class UnrelatedMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = block()
+        self.w = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return self.blk(x), x @ torch.permute(self.w, dims=(1, 0))
+
+
+@needs_interpreter
+def test_permute_with_dims_keyword_does_not_unfuse_the_graph():
+    model = UnrelatedMatmul()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        y_eager, p_eager = model(x)
+        y, p = compile_quietly(model)(x)
+    assert dict(fusion_backend.counters) == {LBGR: 1}
+    torch.testing.assert_close(p, p_eager)
+    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
+
+
+# ----------------------------------------------------------------------------- one bad node
+
+def _broken_on_tanh(node):
+    # half-rewrites the node, then fails: the node must come back whole
+    if normalize._is_call(node, (torch.tanh,), ("tanh",)):
+        node.target = torch.sigmoid
+        node.args = ()
+        raise IndexError("unexpected spelling")
+
+
+class BlockAndTanh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = inplace_mlp()
+
+    def forward(self, x):
+        y = self.blk(x)
+        return y, x.tanh()
+
+
+def test_failing_node_is_left_as_it_was(monkeypatch, caplog):
+    monkeypatch.setattr(normalize, "_STEPS", (_broken_on_tanh,) + normalize._STEPS)
+    model = BlockAndTanh()
+    gm = capture(model, torch.randn(8, 16))
+    tanh = next(n for n in calls(gm) if n.target == "tanh")
+    before = (tanh.op, tanh.target, tanh.args, dict(tanh.kwargs))
+    with caplog.at_level(logging.INFO, logger="fusion_backend"):
+        normalize.normalize(gm)
+    assert (tanh.op, tanh.target, tanh.args, dict(tanh.kwargs)) == before
+    assert any("tanh" in r.getMessage() and "IndexError" in r.getMessage() for r in caplog.records)
+    # the other nodes were still normalized: the nn.ReLU(inplace=True) after GELU is torch.relu
+    assert any(n.target is normalize.RELU and not n.kwargs for n in calls(gm))
+
+
+@needs_interpreter
+def test_failing_node_does_not_unfuse_the_graph(monkeypatch):
+    monkeypatch.setattr(normalize, "_STEPS", (_broken_on_tanh,) + normalize._STEPS)
+    model = BlockAndTanh()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        y_eager, t_eager = model(x)
+        y, t = compile_quietly(model)(x)
+    assert dict(fusion_backend.counters) == {LBGR: 1}
+    torch.testing.assert_close(t, t_eager)
+    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
