@@ -56,7 +56,7 @@ def loop_ms(fn, calls=50, runs=5):
     """Back-to-back calls: median over `runs` of the wall time per call of `calls` calls."""
     import statistics
 
-    from patterns._common import per_call_ms
+    from fusion_backend.patterns._common import per_call_ms
 
     return statistics.median(per_call_ms(fn, calls) for _ in range(runs))
 
@@ -106,7 +106,7 @@ def eval_block_references(rows, tag, args, ref, profile):
     them after the sweep."""
     import torch.nn.functional as F
 
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     reference(rows, tag, "cuBLAS GEMM alone", lambda x=args[0], w=args[1]: F.linear(x, w))
     unfused = lambda t=tuple(args): lbgr._unfused_eval(*t, 1e-5, "none", profile)  # noqa: E731
@@ -116,7 +116,7 @@ def eval_block_references(rows, tag, args, ref, profile):
 def eval_block_inputs(M, K, N, dtype, device="cuda"):
     """Seeded random inputs of the Linear+BN+GELU+ReLU eval block, (x, w, b, gamma, beta,
     running_mean, running_var), and its fp64 reference output; for the kernel sweeps."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     torch.manual_seed(0)
     x = torch.randn(M, K, device=device).to(dtype)

@@ -10,11 +10,11 @@ Median do_bench ms and rel. error vs fp64 per variant; a table last.
 import torch
 import torch.nn.functional as F
 
-import patterns.cat_linear_tanh as clt
+import fusion_backend.patterns.cat_linear_tanh as clt
 from bench import bench, print_variants, rel_err, try_variant
 from fusion_backend import config_spaces, devices
 from fusion_backend.config_spaces import HALF, _g, _w
-from patterns._common import kernel_kwargs, space
+from fusion_backend.patterns._common import kernel_kwargs, space
 
 # tiles measured and left out of the space, for comparison (BLOCK_M = batch rows, BLOCK_N =
 # rows of W; H100 TF32 i2h 0.90-1.77 ms, h2o 0.25-0.31 vs the space's 0.865 / 0.228)

@@ -8,10 +8,10 @@ fastest variants and the references again, timed in interleaved rounds).
 """
 import torch
 
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from bench import eval_block_inputs, eval_block_references, print_variants, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
-from patterns._common import kernel_kwargs
+from fusion_backend.patterns._common import kernel_kwargs
 
 
 def g(bm, bn, bk, w, s, tma):

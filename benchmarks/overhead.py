@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 import fusion_backend
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend.models import MLPBlock
-from patterns._common import per_call_ms
+from fusion_backend.patterns._common import per_call_ms
 
 
 @triton.jit

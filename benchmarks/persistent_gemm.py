@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from bench import bench, eval_block_inputs, mkn_args, print_variants, try_variant
 from fusion_backend import config_spaces, devices
 from fusion_backend.triton_lib import store_eval_tile
-from patterns._common import descriptor, kernel_kwargs
+from fusion_backend.patterns._common import descriptor, kernel_kwargs
 
 
 @triton.jit

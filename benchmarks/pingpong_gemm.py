@@ -26,13 +26,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from persistent_gemm import persistent_eval
 from bench import eval_block_inputs, eval_block_references, print_variants, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
 from fusion_backend.triton_lib import store_eval_tile
-from patterns._cell_gluon import _acc_layout, _descriptor, _tma_load
-from patterns._common import kernel_kwargs
+from fusion_backend.patterns._cell_gluon import _acc_layout, _descriptor, _tma_load
+from fusion_backend.patterns._common import kernel_kwargs
 
 
 @gluon.jit

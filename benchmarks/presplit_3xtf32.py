@@ -19,11 +19,11 @@ error 1.7-2.5e-7 (3.2e-6 on a cancelling CPU case); NaN masked every K step: ~10
 import torch
 import torch.nn.functional as F
 
-import patterns.cat_linear_tanh as clt
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.cat_linear_tanh as clt
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from bench import bench, eval_block_inputs, print_variants, reference, rel_err, sweep_args, try_variant
 from fusion_backend import config_spaces, devices
-from patterns._common import kernel_kwargs, space, tf32_split
+from fusion_backend.patterns._common import kernel_kwargs, space, tf32_split
 
 # tiles measured and left out of the space, for comparison (256-row tiles spill: 7-40 ms),
 # then tiles not measured yet (fourth session: the cell needs ~5% to hold 3.4 ms reliably)

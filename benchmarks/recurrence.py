@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-import patterns.rnn_sequence as seq
+import fusion_backend.patterns.rnn_sequence as seq
 from bench import bench
 from fusion_backend import devices
 

@@ -12,7 +12,7 @@ import triton
 import fusion_backend
 from bench import bench
 from fusion_backend.models import MLPBlock
-from patterns._common import per_call_ms
+from fusion_backend.patterns._common import per_call_ms
 
 VARIANTS = {
     "Inductor reduce-overhead": dict(mode="reduce-overhead"),

@@ -1,6 +1,6 @@
 """Pattern registry: the backend rewrites with every registered pattern and knows none by name.
 
-A pattern (one module in the top-level `patterns/` package, discovered by file) is a small
+A pattern (one module in the `fusion_backend.patterns` package, discovered by file) is a small
 class in the style of Inductor's fx_passes:
 
     @register_pattern
@@ -83,11 +83,11 @@ def discover() -> None:
     global _discovered
     if _discovered:
         return
-    import patterns
+    from . import patterns
 
     for info in sorted(pkgutil.iter_modules(patterns.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
-            importlib.import_module(f"patterns.{info.name}")
+            importlib.import_module(f"{patterns.__name__}.{info.name}")
     _discovered = True
 
 

@@ -79,7 +79,7 @@ def test_make_key_buckets_m_keeps_k_n():
 def test_source_hashes_are_the_same_in_every_process():
     """The disk cache is keyed by the patterns' source hashes: they must not change between
     processes (a plain Python function hashed by its repr, an address, did for the RNN cell)."""
-    code = ("import patterns.cat_linear_tanh as c, patterns.linear_bn_gelu_relu as l; "
+    code = ("import fusion_backend.patterns.cat_linear_tanh as c, fusion_backend.patterns.linear_bn_gelu_relu as l; "
             "print(c._SRC, l._SRC)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                                        os.environ.get("PYTHONPATH", "")]))

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_backend
-import patterns._common
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns._common as common
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend import autotune, devices
 from fusion_backend.backend import fusedtriton
 from tolerances import assert_matches, rel_err, tolerance
@@ -259,7 +259,7 @@ class _RaisingLauncher:
 @needs_interpreter
 def test_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel", _RaisingLauncher())
-    monkeypatch.setattr(patterns._common, "_warned", set())
+    monkeypatch.setattr(common, "_warned", set())
     _RaisingLauncher.calls = 0
     torch.manual_seed(36)
     model = randomize(Block(24, 20))
@@ -529,7 +529,7 @@ def test_inference_twins_only_where_nothing_can_turn_grad_on():
     subgraph could hold one) is in the graph."""
     from torch import fx
 
-    import patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.cat_linear_tanh as clt
     from fusion_backend import registry
 
     def graph(*extra):

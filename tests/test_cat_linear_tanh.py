@@ -402,7 +402,7 @@ def test_sequence_hoists_both_projections_and_refuses_feedback():
 def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
     import logging
 
-    import patterns.rnn_sequence as seq
+    import fusion_backend.patterns.rnn_sequence as seq
 
     class Raising:
         def __getitem__(self, grid):
@@ -463,7 +463,7 @@ def test_recurrence_kernel_grid_barrier_path(precision, resident):
     wait forever), so here a single program takes the barrier path (H <= BLOCK_N), with W
     streamed per step or held in registers, and the multi-program split is checked on the GPU
     (tests/test_gpu.py)."""
-    import patterns.rnn_sequence as seq
+    import fusion_backend.patterns.rnn_sequence as seq
 
     torch.manual_seed(14)
     T, hidden = 9, 15
@@ -483,7 +483,7 @@ def test_recurrence_kernel_grid_barrier_path(precision, resident):
 def test_recurrence_config_follows_the_dot_precision():
     """On the H100 profile 3xTF32 splits the reduction into 4 chunks, TF32 does not (measured:
     benchmarks/recurrence.py); the interpreter has one config for all."""
-    import patterns.rnn_sequence as seq
+    import fusion_backend.patterns.rnn_sequence as seq
     from conftest import profile_named
 
     h100 = profile_named("h100-sxm")
@@ -497,7 +497,7 @@ def test_recurrence_config_follows_the_dot_precision():
 @pytest.mark.parametrize("block_b,H,resident", [(16, 256, True), (16, 300, True), (16, 513, False),
                                                 (32, 256, True), (64, 256, False), (64, 100, True)])
 def test_resident_w_limit_scales_with_the_batch(block_b, H, resident):
-    import patterns.rnn_sequence as seq
+    import fusion_backend.patterns.rnn_sequence as seq
 
     config = dict(RESIDENT=True, RESIDENT_MAX_K=512)
     assert seq.keeps_w_resident(config, block_b, H) == resident
@@ -546,7 +546,7 @@ def test_sequence_refused_for_a_batch_over_the_kernel_limit():
 def test_grid_barrier_program_count_stays_resident(monkeypatch):
     """All programs of the recurrence wait on each other, so their number stays far below what
     the GPU can hold at once: capped, and scaled down when MPS limits this process."""
-    import patterns.rnn_sequence as seq
+    import fusion_backend.patterns.rnn_sequence as seq
     from conftest import profile_named
 
     h100 = profile_named("h100-sxm")
@@ -570,8 +570,8 @@ def test_inline_cell_ops_match_eager(bias):
     """The triton_op forms of the cell kernel (what Inductor launches itself on a GPU, see
     `_common.inline_meta`), called eagerly: a 3-way cat with odd widths and a strided operand,
     and the h2o Linear (no tanh); outputs and gradients against eager and fp64."""
-    from patterns.cat_linear_tanh import cat_linear_tanh_inline
-    from patterns.cell_h2o import cell_h2o_inline
+    from fusion_backend.patterns.cat_linear_tanh import cat_linear_tanh_inline
+    from fusion_backend.patterns.cell_h2o import cell_h2o_inline
 
     torch.manual_seed(31)
     model = RNNCell((11,), bias)
@@ -601,8 +601,8 @@ def test_inline_cell_rewrite(monkeypatch):
     module over three calls, its h2o on the inline h2o op reading the inline cell's output
     (`CellH2O.check` bypassed: the interpreter profile has no h2o kernel that beats cuBLAS),
     and gradients of the argument-style cell."""
-    import patterns.cat_linear_tanh as clt
-    import patterns.cell_h2o as ch
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.cell_h2o as ch
     from fusion_backend import backend
 
     def forced(ctx, key, static):

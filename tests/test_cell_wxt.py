@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import patterns.cat_linear_tanh as clt
+import fusion_backend.patterns.cat_linear_tanh as clt
 from fusion_backend import config_spaces, devices
-from patterns._common import kernel_kwargs
+from fusion_backend.patterns._common import kernel_kwargs
 from conftest import profile_named
 from tolerances import rel_err, tolerance
 
@@ -118,7 +118,7 @@ def test_runner_takes_the_pointer_kernel_where_tma_cannot_read():
 def test_wxt_configs_are_in_the_cell_space_only():
     """The cell's space has the WXT tiles on Hopper-class profiles at TF32 and not at 3xTF32;
     the eval kernel of linear_bn_gelu_relu never gets them."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     profile = profile_named("h100-sxm")
     assert any(c.get("WXT") for c in clt.cell_space(profile, torch.float32, "tf32"))

@@ -85,7 +85,7 @@ def test_for_dtype_filters_half_only_entries(h100):
 
 
 def test_presplit_entries_only_for_3xtf32(h100):
-    from patterns._common import space
+    from fusion_backend.patterns._common import space
 
     highest = space(h100, cs.GEMM, torch.float32, precision="tf32x3")
     high = space(h100, cs.GEMM, torch.float32, precision="tf32")
@@ -231,8 +231,8 @@ def test_persistent_tiles_only_for_the_eval_kernel_at_tf32_and_half(h100):
     assert cs.validate(h100, cs.GEMM, _gemm(TMA=True, PERSISTENT=True)) == []
     for bad in (_gemm(PERSISTENT=True), _gemm(**cs.PRESPLIT, PERSISTENT=True), _gemm(**cs.WXT, PERSISTENT=True)):
         assert _has(cs.validate(h100, cs.GEMM, bad), "PERSISTENT")
-    import patterns.cat_linear_tanh as clt
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     assert any(c.get("PERSISTENT") for c in lbgr.eval_space(h100, torch.float32, "tf32"))
     assert any(c.get("PERSISTENT") for c in lbgr.eval_space(h100, torch.bfloat16, "ieee"))
@@ -254,8 +254,8 @@ def test_gluon_kernels_only_on_sm90_at_3xtf32(h100):
     assert _has(cs.validate(blackwell, cs.GEMM, gluon), "GLUON", "sm_100")
     assert not any(c.get("GLUON") for c in cs.space_for(blackwell, cs.GEMM))
     assert _has(cs.validate(h100, cs.GEMM, _gemm(TMA=True, GLUON=True)), "GLUON", "PRESPLIT")
-    import patterns.cat_linear_tanh as clt
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     for space in (clt.cell_space, lbgr.eval_space):
         assert any(c.get("GLUON") for c in space(h100, torch.float32, "tf32x3"))
@@ -267,8 +267,8 @@ def test_tuner_times_the_specialized_kernels_first(h100, tmp_path, monkeypatch):
     """The tuner stops at its time budget, so on the H100 it times the Gluon and pre-split
     tiles first at "highest", the TMA tiles first at TF32 / bf16 (the eval space) and the W x^T
     tiles first for the cell, each group in its listed order."""
-    import patterns.cat_linear_tanh as clt
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import autotune
 
     monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path))
@@ -306,8 +306,8 @@ def test_validate_recurrence_rules(h100):
 def test_small_eval_gemms_take_inline_launchable_tiles_only(dtype, precision):
     """Up to INLINE_MAX_FLOP the eval space holds only tiles an inline op can launch (the
     others gain nothing there and need the opaque op's host time); above it, every tile."""
-    import patterns.linear_bn_gelu_relu as lbgr
-    from patterns._common import INLINE_MAX_FLOP, inlinable
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend.patterns._common import INLINE_MAX_FLOP, inlinable
 
     h100 = profile_named("h100-sxm")
     small = lbgr.eval_space(h100, dtype, precision, 2 * 512 * 1024 * 1024)
@@ -322,8 +322,8 @@ def test_small_eval_gemms_take_inline_launchable_tiles_only(dtype, precision):
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "tf32"), (torch.float32, "tf32x3")])
 def test_small_cell_gemms_take_inline_launchable_tiles_only(dtype, precision):
     """The cell's space follows the same rule as the eval block's (above)."""
-    import patterns.cat_linear_tanh as clt
-    from patterns._common import inlinable
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    from fusion_backend.patterns._common import inlinable
 
     h100 = profile_named("h100-sxm")
     small = clt.cell_space(h100, dtype, precision, 2 * 64 * 1024 * 512)

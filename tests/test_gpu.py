@@ -123,7 +123,7 @@ def test_cat_linear_tanh_gpu(B, I, H, O, dtype, precision):
     assert fusion_backend.counters["cat_linear_tanh"] == 1
     # h2o runs in the cell's kernels at 3xTF32 and where the profile has the W x^T tiles
     # (TF32/fp16/bf16); untuned here, so the fusing is not left to a timing
-    import patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.cat_linear_tanh as clt
     from fusion_backend import devices
 
     profile = devices.device_profile(torch.device("cuda"))
@@ -226,7 +226,7 @@ def test_rnn_sequence_gpu_seed_sizes(precision):
 def test_recurrence_kernel_gpu_multi_program(B, H, dtype, precision):
     """The recurrence with its hidden columns split over programs that meet at a grid barrier
     after each step (a missing or broken barrier shows as a wrong, run-to-run varying result)."""
-    import patterns.rnn_sequence as seq
+    import fusion_backend.patterns.rnn_sequence as seq
     from fusion_backend import config_spaces, devices
 
     torch.set_float32_matmul_precision(precision)
@@ -258,9 +258,9 @@ def test_tma_eval_kernel_gpu(M, K, N, dtype, precision):
     """Each TMA config of the profile's GEMM space against the fp64 reference, within the
     error of the same precision class (bf16 with K = 100 has 200-byte rows: not TMA-ready,
     the pointer kernel runs with the same tiles)."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import config_spaces, devices
-    from patterns._common import kernel_kwargs
+    from fusion_backend.patterns._common import kernel_kwargs
 
     torch.manual_seed(M + K)
     profile = devices.device_profile(torch.device("cuda"))
@@ -296,8 +296,8 @@ def _presplit_configs(space_fn):
 def test_presplit_cell_kernel_gpu(M, widths, N, apply_tanh):
     """Each pre-split 3xTF32 config of the cell kernel (out^T = W x^T, the cat operands split
     once per call) against fp64, within fp32 "highest"'s class."""
-    import patterns.cat_linear_tanh as clt
-    from patterns._common import kernel_kwargs
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    from fusion_backend.patterns._common import kernel_kwargs
 
     profile, configs = _presplit_configs(lambda p: clt.cell_space(p, torch.float32, "tf32x3"))
     torch.set_float32_matmul_precision("highest")
@@ -320,8 +320,8 @@ def test_presplit_eval_kernel_without_affine_bias_tanh_gpu(M, K, N):
     """Each pre-split 3xTF32 config of the eval kernel (`tl` and Gluon) on a block without
     bias and without BatchNorm affine, GELU in its tanh form, batch of one and odd sizes, vs
     fp64 within fp32 "highest"'s class."""
-    import patterns.linear_bn_gelu_relu as lbgr
-    from patterns._common import kernel_kwargs
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend.patterns._common import kernel_kwargs
 
     profile, configs = _presplit_configs(lambda p: lbgr.eval_space(p, torch.float32, "tf32x3"))
     torch.set_float32_matmul_precision("highest")
@@ -340,8 +340,8 @@ def test_presplit_eval_kernel_without_affine_bias_tanh_gpu(M, K, N):
 def test_presplit_eval_kernel_nan_inf_gpu():
     """inf and NaN in x: the same non-finite positions as eager (cuBLAS fp32), the rest within
     fp32 "highest"'s class, for each pre-split config of the eval kernel."""
-    import patterns.linear_bn_gelu_relu as lbgr
-    from patterns._common import kernel_kwargs
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
+    from fusion_backend.patterns._common import kernel_kwargs
 
     profile, configs = _presplit_configs(
         lambda p: lbgr.eval_space(p, torch.float32, "tf32x3"))
@@ -369,8 +369,8 @@ def test_presplit_cell_kernel_nan_inf_large_gpu(apply_tanh):
     """inf and NaN in the hidden state, |x| up to 1e4, odd widths (3-way cat) and a non-contiguous
     operand: the same non-finite positions as eager (cuBLAS fp32), the rest within fp32
     "highest"'s class, for each pre-split 3xTF32 config of the cell (tl and Gluon kernels)."""
-    import patterns.cat_linear_tanh as clt
-    from patterns._common import kernel_kwargs
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    from fusion_backend.patterns._common import kernel_kwargs
 
     profile, configs = _presplit_configs(lambda p: clt.cell_space(p, torch.float32, "tf32x3"))
     torch.set_float32_matmul_precision("highest")
@@ -400,9 +400,9 @@ def test_presplit_cell_kernel_nan_inf_large_gpu(apply_tanh):
 def test_wxt_cell_kernel_gpu(M, widths, N, apply_tanh, dtype):
     """Each W x^T config of the cell kernel (TF32 / bf16, split-K) against fp64, with an inf
     and a NaN in the batch: eager's non-finite positions, the rest within the class."""
-    import patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.cat_linear_tanh as clt
     from fusion_backend import devices
-    from patterns._common import kernel_kwargs
+    from fusion_backend.patterns._common import kernel_kwargs
 
     profile = devices.device_profile(torch.device("cuda"))
     precision = profile.dot_precision(dtype, "high")

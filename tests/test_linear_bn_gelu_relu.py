@@ -457,7 +457,7 @@ def test_tma_eval_kernel_matches_pointer_kernel(monkeypatch, approximate, varian
     tiles walked by one program (the interpreter profile's one multiprocessor) or by 4."""
     import dataclasses
 
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import devices
 
     monkeypatch.setattr(lbgr, "tma_ready", lambda t: True)
@@ -487,7 +487,7 @@ def test_inline_eval_op_matches_eager(spelling, approximate):
     """The triton_op form of the eval kernel (what Inductor launches itself on a GPU, see
     `_common.inline_meta`), called eagerly: the same kernel, launched directly. Odd sizes, a
     strided x, gradients through its autograd registration vs eager and fp64."""
-    from patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_eval_inline as op
+    from fusion_backend.patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_eval_inline as op
 
     torch.manual_seed(11)
     model, eager, ref = trio(randomize(LBGR(spelling, approximate)), False)
@@ -522,7 +522,7 @@ def test_inline_train_op_matches_eager(monkeypatch, keep_y):
     against eager's BatchNorm and fp64, gradients through its autograd registration; with
     keep_y the Linear's output comes back for the backward, which then runs no GEMM of its own
     to recompute it (counted), else it recomputes it."""
-    from patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_train_inline as op
+    from fusion_backend.patterns.linear_bn_gelu_relu import linear_bn_gelu_relu_train_inline as op
 
     torch.manual_seed(13)
     model, eager, ref = trio(randomize(LBGR("modules", "none")), True)
@@ -565,7 +565,7 @@ def test_eval_keep_y_op_matches_eager(monkeypatch, path, spelling):
     the interpreter's config), its triton_op form, and through the unfused path (cuBLAS into
     the kept buffer, the pointwise pass from it). Outputs, the kept output and gradients
     against eager and fp64; the backward runs no GEMM of its own to recompute the Linear."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import autotune
 
     torch.manual_seed(16)
@@ -623,7 +623,7 @@ class _Ctx:
 def test_inline_meta_only_for_pointer_configs_tuned_at_compile_time(case):
     from conftest import profile_named
     from fusion_backend import autotune
-    from patterns._common import inline_meta
+    from fusion_backend.patterns._common import inline_meta
 
     h100, mi300x = profile_named("h100-sxm"), profile_named("mi300x")
     config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
@@ -652,7 +652,7 @@ def test_inline_rewrite(monkeypatch, train, grad):
     forced, and the rewritten graph runs as FX code instead of through Inductor, which on a
     CPU cannot launch Triton kernels): the graph holds the inline op, the report says so, and
     outputs and gradients match eager and fp64."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import backend
 
     monkeypatch.setattr(lbgr, "inline_meta", lambda ctx, key, static: INLINE_META if static else None)
@@ -693,7 +693,7 @@ def test_inline_rewrite(monkeypatch, train, grad):
 def test_inline_compile_failure_falls_back_to_the_op(monkeypatch):
     """If Inductor cannot compile a graph with inline kernel launches, the backend warns and
     compiles the site behind its opaque op instead (still fused, counted once, correct)."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
     from fusion_backend import backend
 
     monkeypatch.setattr(lbgr, "inline_meta",  # what _common.inline_meta says where it is allowed

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import fusion_backend
-import patterns.cat_linear_tanh as clt
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.cat_linear_tanh as clt
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend import devices
-from patterns._common import tf32_split, tf32_split_all
+from fusion_backend.patterns._common import tf32_split, tf32_split_all
 from test_cat_linear_tanh import B, H, I, O, RNNCell, assert_grads_close, cell_grads, compile_
 from tolerances import assert_matches, rel_err, tolerance
 
@@ -245,8 +245,8 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import patterns.cat_linear_tanh as clt
-import patterns.linear_bn_gelu_relu as lbgr
+import fusion_backend.patterns.cat_linear_tanh as clt
+import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
 kernel, sig, const = json.loads(sys.argv[1])
 from fusion_backend.triton_lib import tf32_split_kernel
@@ -292,8 +292,8 @@ try:
     from triton.experimental.gluon._runtime import GluonASTSource
 except ImportError:
     from triton.experimental.gluon import GluonASTSource
-import patterns._cell_gluon as cg
-import patterns._eval_gluon as eg
+import fusion_backend.patterns._cell_gluon as cg
+import fusion_backend.patterns._eval_gluon as eg
 
 kernel, (BM, BN, BK, stages, warps, segments) = json.loads(sys.argv[1])
 w_desc, x_desc = cg._descriptor(torch.empty(1024, 512), BN, BK), cg._descriptor(torch.empty(256, 512), BM, BK)

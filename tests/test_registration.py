@@ -80,7 +80,8 @@ _IMPORT_ONLY = """
     print(json.dumps({
         "triton": "triton" in sys.modules,
         "loaded": sorted(m for m in sys.modules
-                         if m == "patterns" or m.startswith("patterns.") or m == "fusion_backend.triton_lib"),
+                         if m == "fusion_backend.patterns" or m.startswith("fusion_backend.patterns.")
+                         or m == "fusion_backend.triton_lib"),
         "cuda_initialized": torch.cuda.is_initialized(),
     }))
 """
@@ -104,3 +105,16 @@ def test_import_does_not_import_triton(tmp_path):
     if baseline["triton"]:
         pytest.skip("torch._dynamo itself imports triton; see test_import_loads_no_pattern_and_no_cuda")
     assert _run(_IMPORT_ONLY, tmp_path)["triton"] is False
+
+
+def test_a_users_own_patterns_module_does_not_shadow_ours(tmp_path):
+    """The patterns live in `fusion_backend.patterns`: a `patterns.py` (or package) of the
+    user's own, first on sys.path, is neither imported by the backend nor hides its patterns."""
+    (tmp_path / "patterns.py").write_text("raise RuntimeError('the user module must not be imported')\n")
+    result = _run("""
+        import json, sys
+        import torch
+        import fusion_backend
+        print(json.dumps({"names": fusion_backend.pattern_names(), "user": "patterns" in sys.modules}))
+    """, tmp_path)
+    assert result == {"names": ["cat_linear_tanh", "cell_h2o", "linear_bn_gelu_relu", "rnn_sequence"], "user": False}

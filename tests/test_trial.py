@@ -239,7 +239,7 @@ def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
     sites of 1 ms or more): the backend rewrites the graph with the trial off, where the
     compile-time decision leaves the site to Inductor; counters and reports say so, the result
     matches eager."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     def decision(ctx, key, call_op, call_unfused, static_shapes=False):
         if ctx.options.trial:
@@ -271,7 +271,7 @@ def test_launch_bound_site_fused_for_the_trial_or_left_to_inductor(monkeypatch, 
     Inductor with the reason; under CUDA graphs host time is not weighed at all."""
     import types
 
-    import patterns._common as common
+    import fusion_backend.patterns._common as common
     from fusion_backend import autotune
 
     kernel_ms = 2.0 if how == "slow-kernel" else 0.02
@@ -300,7 +300,7 @@ def test_launch_bound_site_fused_for_the_trial_or_left_to_inductor(monkeypatch, 
 def test_launch_bound_note_reaches_the_report(monkeypatch):
     """A site fused although it looked launch-bound alone carries the note in its report
     (explain() prints it), which is what gives its graph the run-time trial."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     def launch_bound(ctx, key, call_op, call_unfused, static_shapes=False):
         ctx.launch_bound[key] = "launch-bound here: fused op 0.2 ms/call vs unfused 0.1 ms/call"
@@ -336,7 +336,7 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
     and the kernel launches inline; the fused choice is recorded and the site noted for the
     trial, for this compile only. Anything else stays unfused."""
     from fusion_backend import autotune
-    from patterns._common import _fuse_for_the_trial
+    from fusion_backend.patterns._common import _fuse_for_the_trial
 
     fused, unfused = {"tie_fused_slower": (0.210, 0.207), "tie_host_bound": (0.0196, 0.0179),
                       "fused_slower": (0.214, 0.207),
@@ -374,7 +374,7 @@ def test_tuned_site_needing_a_backward(monkeypatch, grad, train):
     Inductor's): in training the train op's `keep_y`, in eval mode the eval keep_y op; the
     site goes on to the timing (faked here as a win), as it does without grad. Outputs and
     gradients match eager either way."""
-    import patterns.linear_bn_gelu_relu as lbgr
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
     monkeypatch.setattr(backend.RewriteContext, "tunes_at_compile_time", property(lambda self: True))
     monkeypatch.setattr(lbgr, "tuned_unfused_reason", lambda ctx, key, call_op, call_unfused, static_shapes=False: None)
