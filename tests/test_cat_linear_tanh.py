@@ -192,6 +192,18 @@ def test_gradients_match_eager():
     assert_grads_close(got, want, ref64, ("x", "h", "W", "b"))
 
 
+def test_gradients_with_a_frozen_weight():
+    """i2h's weight frozen (requires_grad False): the op saves no cat operands (no dW to
+    compute) and x, h and the bias still get eager's gradients."""
+    torch.manual_seed(27)
+    model = RNNCell()
+    model.i2h.weight.requires_grad_(False)
+    got, want, ref64 = cell_grads(model, torch.randn(B, I), torch.randn(B, H))
+    assert fusion_backend.counters[NAME] == 1
+    assert got["W"] is None and want["W"] is None
+    assert_grads_close(got, want, ref64, ("x", "h", "b"))
+
+
 # ----------------------------------------------------------------------------- near-misses
 
 class CatReturned(RNNCell):
