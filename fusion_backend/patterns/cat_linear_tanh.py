@@ -321,10 +321,11 @@ def _setup(ctx, inputs, output):
     xs, weight, bias = inputs[:3]
     ctx.widths = [x.shape[1] for x in xs]
     ctx.has_bias = bias is not None
-    # dW needs the cat operands, saved as they are (the cat is never built). A copy made here
-    # does not help under torch.compile: AOT's partitioner recomputes it in the backward from
-    # the operand, so a caller writing to an operand in place before the backward gets
-    # autograd's "modified by an inplace operation" error (README, known limits)
+    # dW needs the cat operands, saved as they are (the cat is never built). A copy (clone or
+    # cat) made here does not help under torch.compile: nothing in the forward reads it, so
+    # AOT's partitioner computes it in the backward, from the operand; a caller writing to an
+    # operand in place before the backward gets autograd's "modified by an inplace operation"
+    # error (README, known limits)
     ctx.save_for_backward(weight, output, *(xs if weight.requires_grad else ()))
 
 
