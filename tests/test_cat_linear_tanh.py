@@ -319,12 +319,14 @@ class MutatesAliasAfterCat(nn.Module):
             h *= 2  # Dynamo: operator.imul
         elif self.how == "iadd":
             h += 1  # operator.iadd
+        elif self.how == "relu(inplace=True)":
+            nn.functional.relu(h, inplace=True)
         else:
             torch.add(h, 1, out=h)
         return torch.tanh(self.i2h(combined))
 
 
-@pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "out="])
+@pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "relu(inplace=True)", "out="])
 def test_inplace_write_to_cat_operand_alias_after_cat(how):
     """Any spelling of an in-place write to a cat operand between the cat and the tanh leaves
     the site unfused (the fused op would read the written value), with the reason."""

@@ -125,7 +125,7 @@ def test_no_grad_inside_the_sequence_is_refused_and_grads_match(model_cls):
     assert_close_to(out, e, r)
     assert_grads_match(models_)  # TBPTT: i2h trained; FrozenEncoder: emb has no grad, as in eager
     assert fusion_backend.counters[SEQ] == 0
-    refused(model, xs, h0, reason="switches grad mode or autocast")
+    refused(model, xs, h0, reason="runs in another grad mode or autocast region")
 
 
 class AutocastReadoutPerStep(Base):
@@ -163,7 +163,48 @@ def test_autocast_h2o_is_not_hoisted_out_of_autocast(model_cls):
     assert e.dtype == torch.bfloat16
     assert_close_to(out, e)
     assert fusion_backend.counters[SEQ] == 0
-    refused(model, xs, h0, reason="switches grad mode or autocast")
+    refused(model, xs, h0, reason="runs in another grad mode or autocast region")
+
+
+class _Scale(torch.autograd.Function):
+    """A custom autograd.Function (Dynamo: autograd_function_apply, which switches no mode)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class CustomFunctionReadout(Base):
+    def forward(self, xs, h):
+        return torch.stack([_Scale.apply(self.h2o(h := self.step(xs[t], h))) for t in range(xs.shape[0])])
+
+
+class NoGradStatBetweenSteps(Base):
+    """A no_grad block between steps that holds no node of the chain (a statistic of h_t)."""
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            with torch.no_grad():
+                scale = h.abs().amax() + 1
+            outs.append(self.h2o(h) / scale)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("model_cls", [CustomFunctionReadout, NoGradStatBetweenSteps])
+def test_mode_switches_that_do_not_touch_the_chain_keep_it_fused(model_cls):
+    torch.manual_seed(3)
+    model = model_cls()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, e, r, models_ = train_step(copy.deepcopy(model), xs, h0)
+    assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
+    assert_close_to(out, e, r)
+    assert_grads_match(models_)
 
 
 # ----------------------------------------------------------------------------- in-place writes
@@ -173,6 +214,15 @@ class XsScaled(Base):
         for t in range(xs.shape[0]):
             h = self.step(xs[t], h)
             xs.mul_(0.5)  # later steps read the rescaled input
+        return h
+
+
+class XsRectified(Base):
+    def forward(self, xs, h):
+        xs = xs * 1.0  # an intermediate: normalize leaves an in-place ReLU on it as it is
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            nn.functional.relu(xs, inplace=True)  # what nn.ReLU(inplace=True) becomes
         return h
 
 
@@ -202,7 +252,7 @@ class H2OWeightScaled(Base):
         return torch.stack(outs)
 
 
-@pytest.mark.parametrize("model_cls", [XsScaled, HiddenViewZeroed, WeightViewScaled, H2OWeightScaled])
+@pytest.mark.parametrize("model_cls", [XsScaled, XsRectified, HiddenViewZeroed, WeightViewScaled, H2OWeightScaled])
 def test_in_place_write_between_steps_is_refused(model_cls):
     torch.manual_seed(3)
     model = model_cls()

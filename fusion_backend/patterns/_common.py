@@ -125,8 +125,9 @@ _AUGMENTED = {getattr(operator, name) for name in ("iadd", "isub", "imul", "itru
 
 def written_nodes(node: fx.Node) -> list:
     """The nodes whose memory `node` writes in place: the first argument of an in-place op or
-    method (`add_`, `copy_`, an aten overload with a mutable schema), of an item assignment or
-    of an augmented assignment (`t += u`), and the `out=` tensors of any call."""
+    method (`add_`, `copy_`, an aten overload with a mutable schema), of an item assignment, of
+    an augmented assignment (`t += u`) and of a call with `inplace=True` (`F.relu(t,
+    inplace=True)`), and the `out=` tensors of any call."""
     if node.op not in ("call_function", "call_method"):
         return []
     written = []
@@ -140,9 +141,38 @@ def written_nodes(node: fx.Node) -> list:
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
         mutable = ((name.endswith("_") and not name.startswith("_")) or name == "setitem"
                    or any(target is f for f in _AUGMENTED))
-    if mutable and node.args and isinstance(node.args[0], fx.Node):
-        written.append(node.args[0])
+    mutable = mutable or _inplace_flag(node)
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if mutable and isinstance(first, fx.Node):
+        written.append(first)
     return written
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target) -> Optional[int]:
+    """The position of a function's `inplace` parameter (F.relu, F.dropout, F.hardtanh, ...),
+    or None where it has none (or no Python signature)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    """Whether a call writes its input through `inplace=True` (nn.ReLU(inplace=True) reaches the
+    graph as F.relu(x, inplace=True)), by keyword or by position."""
+    if node.op != "call_function" or not callable(node.target):
+        return False
+    if "inplace" in node.kwargs:
+        return node.kwargs["inplace"] is True
+    try:
+        position = _inplace_position(node.target)
+    except TypeError:  # an unhashable target
+        return False
+    return position is not None and len(node.args) > position and node.args[position] is True
 
 
 def writes_in_place(node: fx.Node) -> bool:

@@ -397,25 +397,34 @@ def _output_linears(hs_nodes) -> Optional[list]:
     return linears
 
 
-#: words in the names of the nodes by which Dynamo records a switch of grad mode, autocast,
-#: inference mode or saved-tensor hooks (torch._C._set_grad_enabled, _enter_autocast /
-#: _exit_autocast, _enter_inference_mode, _saved_tensors_hooks_disable, and the
-#: wrap_with_set_grad_enabled / wrap_with_autocast higher-order ops): ops before and after one
-#: run in different modes
-_MODE_SWITCH_WORDS = ("grad", "autocast", "inference_mode", "saved_tensors_hooks")
+#: the calls by which Dynamo records a switch of grad mode (`torch._C._set_grad_enabled`), and
+#: the entry and exit of autocast, inference mode and disabled saved-tensor hooks regions
+_SET_GRAD = "_set_grad_enabled"
+_ENTERS = {"_enter_autocast", "_enter_inference_mode", "_saved_tensors_hooks_disable"}
+_EXITS = {"_exit_autocast", "_exit_inference_mode", "_saved_tensors_hooks_enable"}
 
 
-def _switches_mode(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    name = getattr(node.target, "__name__", None) or str(node.target)
-    return any(word in name for word in _MODE_SWITCH_WORDS)
+def _modes(graph) -> dict:
+    """The mode each node runs in: (grad enabled, the regions it is inside, by their entry
+    nodes), from the grad mode the graph was compiled in (Dynamo guards it). Higher-order ops
+    that wrap a region (wrap_with_set_grad_enabled, ...) hold it in a subgraph of their own."""
+    grad, regions, modes = torch.is_grad_enabled(), [], {}
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name == _SET_GRAD and node.args:
+            grad = bool(node.args[0])
+        elif name in _ENTERS:
+            regions.append(node)
+        elif name in _EXITS and regions:
+            regions.pop()
+        modes[node] = (grad, tuple(regions))
+    return modes
 
 
 def _moved_across(chain, xs, h0) -> Optional[str]:
     """Why the rewrite would change what the chain computes by moving work to the first step's
     cat (the inputs' computations, the projections of all steps, the recurrence, the h2o GEMM),
-    or None. Moved across a grad-mode or autocast switch, that work would run in the wrong mode
+    or None. Work from another grad mode or autocast region would run in the wrong mode there
     (no_grad steps trained, trained steps without grad, an autocast h2o in fp32); moved across
     an in-place write, it would read the memory before the write where eager reads it after."""
     first, last = chain[0].cat, chain[-1].tanh
@@ -424,16 +433,15 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
     # rewrite; judged here on the same structure, so possibly more often than they are)
     h2o = _output_linears(tanhs) or []
     end = h2o[-1] if h2o else last  # (the last h2o reads the last h_t: it comes after it)
-    node = first.next
-    while node is not end and node.op != "output":
-        if _switches_mode(node):
-            return (f"{node.name} ({getattr(node.target, '__name__', node.target)}) switches grad mode or "
-                    "autocast inside the sequence: the fused form would move steps across it")
-        node = node.next
+    moved = [n for x in xs for n in _after(x, first)]
+    modes = _modes(first.graph)
+    for node in [n for step in chain for n in (step.cat, step.linear, step.tanh)] + moved + h2o:
+        if modes[node] != modes[first]:
+            return (f"{node.name} runs in another grad mode or autocast region than the first step: the fused "
+                    "form would move it")
     # everything the hoisted projection and the recurrence read: x_t and the inputs of the
     # nodes computing them that move, h0, W, b; and the h_t themselves (a write to one between
     # steps is what step t+1 reads in eager)
-    moved = [n for x in xs for n in _after(x, first)]
     reads = [*xs, *(i for n in moved for i in n.all_input_nodes), h0, chain[0].weight, chain[0].bias, *tanhs]
     problem = written_inside(first, last, reads)
     if problem is None and h2o:  # the h2o GEMM reads its weights and every h_t at the first cat
