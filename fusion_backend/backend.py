@@ -217,7 +217,8 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         log.warning("fusedtriton: Inductor failed on the original graph (%s: %s); no run-time trial",
                     type(exc).__name__, exc)
         return compiled
-    report.note = f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each)"
+    report.note = (f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each, "
+                   f"in blocks of {_trial.TRIAL_BLOCK})")
     return _trial.as_compiled_fn(_trial.GraphTrial(compiled, original_compiled, _trial_decided(report)))
 
 
@@ -266,7 +267,8 @@ def _no_trial_reason(report: GraphReport, profile, opts: Options) -> str:
 
 def _trial_decided(report: GraphReport):
     def decided(fused_ms: float, unfused_ms: float, keep_fused: bool):
-        times = f"{fused_ms:.4f} ms/call fused vs {unfused_ms:.4f} unfused (median of {_trial.TRIAL_CALLS})"
+        times = (f"{fused_ms:.4f} ms/call fused vs {unfused_ms:.4f} unfused "
+                 f"(median of blocks of {_trial.TRIAL_BLOCK} back-to-back calls)")
         if keep_fused:
             report.note = f"run-time trial: fused graph kept, {times}"
         else:

@@ -9,9 +9,13 @@ quickstart's small RNN cell ran fused 0.40 ms vs Inductor's 0.50 on one H100 hos
 host time as never overlapping was tried and reverted: it also gave away a 1.9x win.
 
 So where the fused sites' tuned GPU time is small, the backend compiles both graphs and
-`GraphTrial` alternates between them for the first calls, timing each whole call with CUDA
-events (a host-bound call shows up as the GPU waiting for it), and then keeps the faster one
-for good. Nothing synchronizes: the decision waits until the events have completed. Both
+`GraphTrial` alternates between them for the first calls, in blocks of back-to-back calls of
+one graph, timing each block with CUDA events (a host-bound graph shows up as the GPU waiting
+for it within its block), and then keeps the faster one for good. Single alternating calls
+were timed before: a call queued behind the other graph's longer GPU work found the GPU busy,
+so its own host time never showed (H100, the quickstart's stateful cell: trial 0.27 ms fused
+vs 0.50, while back to back the fused graph ran 0.52-0.99 ms a call vs Inductor's 0.50 on one
+host; benchmarks/back_to_back.py). Nothing synchronizes: the decision waits until the events have completed. Both
 graphs compute the same thing, so alternating changes no result beyond each graph's own
 rounding (both are within the precision class; a user who wants one fixed graph turns the
 trial off with options={"trial": False}).
@@ -25,6 +29,8 @@ from typing import Callable, Optional
 TRIAL_BELOW_MS = 1.0
 #: timed calls per graph, after one untimed warm-up call of each
 TRIAL_CALLS = 8
+#: back-to-back calls of one graph per timed block (the graphs alternate block by block)
+TRIAL_BLOCK = 4
 
 
 class CudaClock:
@@ -58,19 +64,22 @@ class CudaClock:
 
 
 class GraphTrial:
-    """Alternates calls between `fused` and `unfused` (compiled graphs of the same arguments),
-    times `calls` calls of each after one warm-up call each, then sends every call to the
-    faster one (by median; the fused graph on a tie) and calls `on_decided(fused_ms,
+    """Runs `fused` and `unfused` (compiled graphs of the same arguments) one warm-up call each,
+    then in alternating blocks of `block` back-to-back calls until each has had `calls` timed
+    calls (rounded up to whole blocks), then sends every call to the faster one (by the median
+    of its blocks' time per call; the fused graph on a tie) and calls `on_decided(fused_ms,
     unfused_ms, keep_fused)` once."""
 
     def __init__(self, fused: Callable, unfused: Callable, on_decided: Callable, calls: int = TRIAL_CALLS,
-                 clock=None):
+                 clock=None, block: int = TRIAL_BLOCK):
         self.graphs = (fused, unfused)
         self.on_decided = on_decided
-        self.calls = calls
+        self.block = block
+        self.blocks = max(1, -(-calls // block))  # timed blocks per graph
         self.clock = clock if clock is not None else CudaClock()
         self.spans: tuple = ([], [])
         self.count = 0
+        self._start = None
         self.chosen: Optional[Callable] = None
 
     def __call__(self, args: tuple):
@@ -81,23 +90,27 @@ class GraphTrial:
         if self._done_timing():
             self._decide()
             return (self.chosen or self.graphs[0])(*args)
-        which = self.count % 2
-        timed = self.count >= 2  # the first call of each graph warms it up
+        n = self.count
         self.count += 1
-        if not timed:
-            return self.graphs[which](*args)
-        start = self.clock.start()
+        if n < 2:  # the first call of each graph warms it up
+            return self.graphs[n](*args)
+        block, i = divmod(n - 2, self.block)
+        which = block % 2
+        if i == 0:
+            self._start = self.clock.start()
         out = self.graphs[which](*args)
-        self.spans[which].append(self.clock.stop(start))
+        if i == self.block - 1:
+            self.spans[which].append(self.clock.stop(self._start))
         return out
 
     def _done_timing(self) -> bool:
-        return all(len(s) >= self.calls for s in self.spans)
+        return all(len(s) >= self.blocks for s in self.spans)
 
     def _decide(self):
         if not all(self.clock.ready(span) for spans in self.spans for span in spans):
             return  # the GPU has not reached the last events yet: the fused graph meanwhile
-        fused_ms, unfused_ms = (statistics.median(self.clock.ms(s) for s in spans) for spans in self.spans)
+        fused_ms, unfused_ms = (statistics.median(self.clock.ms(s) / self.block for s in spans)
+                                for spans in self.spans)
         keep_fused = fused_ms <= unfused_ms
         self.chosen = self.graphs[0 if keep_fused else 1]
         self.spans = ([], [])

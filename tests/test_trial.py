@@ -20,11 +20,11 @@ from tolerances import assert_matches, grad_close
 
 class FakeClock:
     """Spans in the order they are stopped: even ones are the fused graph's (the trial
-    alternates fused, unfused, ...), timed `fused_ms` / `unfused_ms`; `ready` and
-    `capturing` are switches."""
+    alternates blocks of `block` calls: fused, unfused, ...), timed `fused_ms` / `unfused_ms`
+    a call; `ready` and `capturing` are switches."""
 
-    def __init__(self, fused_ms=1.0, unfused_ms=2.0):
-        self.times = (fused_ms, unfused_ms)
+    def __init__(self, fused_ms=1.0, unfused_ms=2.0, block=trial.TRIAL_BLOCK):
+        self.times = (fused_ms * block, unfused_ms * block)
         self.stopped = 0
         self.ready_now = True
         self.capturing_now = False
@@ -64,12 +64,14 @@ def _graphs():
 def test_trial_alternates_then_keeps_the_faster(fused_ms, unfused_ms, winner):
     fused, unfused, calls = _graphs()
     decisions = []
-    clock = FakeClock(fused_ms, unfused_ms)
+    clock = FakeClock(fused_ms, unfused_ms, block=2)
     run = trial.as_compiled_fn(trial.GraphTrial(fused, unfused, lambda *d: decisions.append(d), calls=3,
-                                                clock=clock))
-    outs = [run() for _ in range(2 + 2 * 3)]
-    assert calls == ["fused", "unfused"] * 4 and outs == ["F", "U"] * 4
-    assert clock.stopped == 6  # the first call of each graph is not timed
+                                                clock=clock, block=2))
+    outs = [run() for _ in range(2 + 2 * 4)]  # 3 timed calls each, rounded up to 2 blocks of 2
+    # one warm-up call each, then blocks of back-to-back calls of one graph, alternating
+    assert calls == ["fused", "unfused"] + ["fused", "fused", "unfused", "unfused"] * 2
+    assert outs == ["F", "U"] + ["F", "F", "U", "U"] * 2
+    assert clock.stopped == 4  # one span per block; the warm-up calls are not timed
     assert decisions == []
     outs = [run() for _ in range(5)]
     assert outs == [winner] * 5
@@ -79,9 +81,9 @@ def test_trial_alternates_then_keeps_the_faster(fused_ms, unfused_ms, winner):
 def test_trial_waits_for_the_events_and_skips_captures():
     fused, unfused, calls = _graphs()
     decisions = []
-    clock = FakeClock(2.0, 1.0)
+    clock = FakeClock(2.0, 1.0, block=2)
     run = trial.as_compiled_fn(trial.GraphTrial(fused, unfused, lambda *d: decisions.append(d), calls=2,
-                                                clock=clock))
+                                                clock=clock, block=2))
     clock.capturing_now = True
     assert [run() for _ in range(3)] == ["F"] * 3 and clock.stopped == 0  # capture: fused, nothing timed
     clock.capturing_now = False
