@@ -15,7 +15,9 @@ for it within its block), and then keeps the faster one for good. Single alterna
 were timed before: a call queued behind the other graph's longer GPU work found the GPU busy,
 so its own host time never showed (H100, the quickstart's stateful cell: trial 0.27 ms fused
 vs 0.50, while back to back the fused graph ran 0.52-0.99 ms a call vs Inductor's 0.50 on one
-host; benchmarks/back_to_back.py). Nothing synchronizes: the decision waits until the events have completed. Both
+host; benchmarks/back_to_back.py). A program that runs other work between its calls of this
+graph (other models, in turn) has that work inside every block of either graph alike: the
+comparison holds, but the time per call reported includes it. Nothing synchronizes: the decision waits until the events have completed. Both
 graphs compute the same thing, so alternating changes no result beyond each graph's own
 rounding (both are within the precision class; a user who wants one fixed graph turns the
 trial off with options={"trial": False}).
