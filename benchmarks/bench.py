@@ -185,6 +185,7 @@ def first(out):
 def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1):
     import fusion_backend
     from fusion_backend.backend import _report_sinks
+    from fusion_backend.trial import TRIAL_CALLS
 
     kind, dims, dtype, precision, train = CASES[name]
     torch.set_float32_matmul_precision(precision)
@@ -253,7 +254,7 @@ def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1)
         row["fused_first_call_s"] = time.perf_counter() - t0
         row["err_fused"] = rel_err(out, ref)
         # the run-time trial of a small graph (trial.py) decides over its first calls
-        for _ in range(20):
+        for _ in range(2 + 2 * TRIAL_CALLS + 2):
             ft(*inputs)
         fns["fusedtriton"] = lambda: ft(*inputs)
         for _ in range(rounds):

@@ -10,14 +10,17 @@ host time as never overlapping was tried and reverted: it also gave away a 1.9x 
 
 So where the fused sites' tuned GPU time is small, the backend compiles both graphs and
 `GraphTrial` alternates between them for the first calls, in blocks of back-to-back calls of
-one graph, timing each block with CUDA events (a host-bound graph shows up as the GPU waiting
-for it within its block), and then keeps the faster one for good. Single alternating calls
+one graph. Before each block the trial waits for the GPU to finish what is queued (the only
+synchronization, once per block), then times the block with CUDA events: the block starts on
+an idle GPU, so a host-bound graph shows up as the GPU waiting for it. Single alternating calls
 were timed before: a call queued behind the other graph's longer GPU work found the GPU busy,
 so its own host time never showed (H100, the quickstart's stateful cell: trial 0.27 ms fused
 vs 0.50, while back to back the fused graph ran 0.52-0.99 ms a call vs Inductor's 0.50 on one
-host; benchmarks/back_to_back.py). A program that runs other work between its calls of this
-graph (other models, in turn) has that work inside every block of either graph alike: the
-comparison holds, but the time per call reported includes it. Nothing synchronizes: the decision waits until the events have completed. Both
+host; benchmarks/back_to_back.py); blocks without the wait still inherit the other graph's
+backlog. A program that runs other work between its calls of this graph (other models, in
+turn) has that work inside every block of either graph alike: the comparison holds, but the
+time per call reported includes it. The decision waits until the last events have completed
+(no further synchronization), then keeps the faster graph for good. Both
 graphs compute the same thing, so alternating changes no result beyond each graph's own
 rounding (both are within the precision class; a user who wants one fixed graph turns the
 trial off with options={"trial": False}).
@@ -29,8 +32,8 @@ from typing import Callable, Optional
 
 #: a graph gets a trial when its fused sites' tuned GPU time adds up to less than this (ms a call)
 TRIAL_BELOW_MS = 1.0
-#: timed calls per graph, after one untimed warm-up call of each
-TRIAL_CALLS = 8
+#: timed calls per graph, after one untimed warm-up call of each (3 blocks: one outlier cannot decide)
+TRIAL_CALLS = 12
 #: back-to-back calls of one graph per timed block (the graphs alternate block by block)
 TRIAL_BLOCK = 4
 
@@ -44,6 +47,9 @@ class CudaClock:
         self._torch = torch
 
     def start(self):
+        """An event recorded once the GPU has finished all queued work: what follows runs on an
+        idle GPU."""
+        self._torch.cuda.current_stream().synchronize()
         ev = self._torch.cuda.Event(enable_timing=True)
         ev.record()
         return ev
@@ -88,6 +94,7 @@ class GraphTrial:
         if self.chosen is not None:
             return self.chosen(*args)
         if self.clock.capturing():  # no events and no switching inside a CUDA graph capture
+            self._drop_open_block()  # its span would hold the capture
             return self.graphs[0](*args)
         if self._done_timing():
             self._decide()
@@ -104,6 +111,12 @@ class GraphTrial:
         if i == self.block - 1:
             self.spans[which].append(self.clock.stop(self._start))
         return out
+
+    def _drop_open_block(self):
+        """Rewind to the first call of a block that has started but not stopped."""
+        if self.count > 2:
+            self.count -= (self.count - 2) % self.block
+        self._start = None
 
     def _done_timing(self) -> bool:
         return all(len(s) >= self.blocks for s in self.spans)

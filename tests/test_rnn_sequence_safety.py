@@ -207,6 +207,33 @@ def test_mode_switches_that_do_not_touch_the_chain_keep_it_fused(model_cls):
     assert_grads_match(models_)
 
 
+class GradInsideNoGradCall(Base):
+    """The loop under `torch.enable_grad()`, the model called under no_grad: the graph starts
+    without grad, the chain runs with it."""
+
+    def forward(self, xs, h):
+        with torch.enable_grad():
+            for t in range(xs.shape[0]):
+                h = self.step(xs[t], h)
+        return h
+
+
+def test_xs_changed_before_backward_with_grad_enabled_inside_the_graph():
+    torch.manual_seed(4)
+    model = GradInsideNoGradCall()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    grads = []
+    for m, f in ((model, compile_(model)), (copy.deepcopy(model), None)):
+        x = xs.clone()
+        with torch.no_grad():
+            h = (m if f is None else f)(x, h0.clone())
+        x.zero_()  # after the forward, before the backward: eager's cats copied it
+        h.sum().backward()
+        grads.append(m.i2h.weight.grad)
+    assert fusion_backend.counters[SEQ] == 1
+    torch.testing.assert_close(grads[0], grads[1], **grad_close(grads[1]))
+
+
 # ----------------------------------------------------------------------------- in-place writes
 
 class XsScaled(Base):

@@ -23,17 +23,21 @@ class FakeClock:
     alternates blocks of `block` calls: fused, unfused, ...), timed `fused_ms` / `unfused_ms`
     a call; `ready` and `capturing` are switches."""
 
-    def __init__(self, fused_ms=1.0, unfused_ms=2.0, block=trial.TRIAL_BLOCK):
+    def __init__(self, fused_ms=1.0, unfused_ms=2.0, block=trial.TRIAL_BLOCK, calls=None):
         self.times = (fused_ms * block, unfused_ms * block)
         self.stopped = 0
         self.ready_now = True
         self.capturing_now = False
+        self.calls = calls  # the graphs' call log, if given: each span records which calls it covers
+        self.covered = []
 
     def start(self):
-        return None
+        return None if self.calls is None else len(self.calls)
 
     def stop(self, start):
         self.stopped += 1
+        if self.calls is not None:
+            self.covered.append(self.calls[start:])
         return self.times[(self.stopped - 1) % 2]
 
     def ready(self, span):
@@ -76,6 +80,26 @@ def test_trial_alternates_then_keeps_the_faster(fused_ms, unfused_ms, winner):
     outs = [run() for _ in range(5)]
     assert outs == [winner] * 5
     assert decisions == [(fused_ms, unfused_ms, winner == "F")]
+
+
+def test_each_span_covers_one_whole_block_and_a_capture_drops_the_open_block():
+    """Every timed span holds exactly `block` back-to-back calls of one graph; a CUDA-graph
+    capture that starts inside a block drops that block (its span would hold the capture):
+    the block is run again from its first call."""
+    fused, unfused, calls = _graphs()
+    decisions = []
+    clock = FakeClock(1.0, 2.0, block=3, calls=calls)
+    run = trial.as_compiled_fn(trial.GraphTrial(fused, unfused, lambda *d: decisions.append(d), calls=6,
+                                                clock=clock, block=3))
+    for _ in range(2 + 2):  # warm-ups, then two calls into the first fused block
+        run()
+    clock.capturing_now = True
+    run()
+    clock.capturing_now = False
+    for _ in range(4 * 3):  # 2 blocks of 3 calls each
+        run()
+    assert clock.covered == [["fused"] * 3, ["unfused"] * 3] * 2
+    assert decisions == [] and run() == "F" and decisions == [(1.0, 2.0, True)]
 
 
 def test_trial_waits_for_the_events_and_skips_captures():

@@ -450,9 +450,12 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
 
 
 def _needs_backward(chain, xs, h0) -> bool:
-    """Whether the compiled graph will run the chain's backward: grad enabled while compiling
-    (Dynamo guards the grad mode) and an input or the weights requiring grad."""
-    return torch.is_grad_enabled() and any(
+    """Whether the compiled graph will run the chain's backward: grad enabled where the chain
+    runs (the mode the graph was compiled in, Dynamo guards it, as switched inside the graph:
+    `with torch.enable_grad():` in a call made under no_grad) and an input or the weights
+    requiring grad."""
+    grad_enabled, _ = _modes(chain[0].cat.graph)[chain[0].cat]
+    return grad_enabled and any(
         isinstance(n, fx.Node) and getattr(example_value(n), "requires_grad", False)
         for n in (*xs, h0, chain[0].weight, chain[0].bias))
 
