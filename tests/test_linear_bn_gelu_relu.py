@@ -622,6 +622,24 @@ def test_eval_keep_y_op_matches_eager(monkeypatch, path, spelling):
     assert empty.shape == kept_empty.shape == (0, N)
 
 
+class GradInsideBlock(LBGR):
+    def forward(self, x):
+        with torch.enable_grad():
+            return super().forward(x)
+
+
+@pytest.mark.parametrize("outside", ["no_grad", "grad"])
+def test_backward_judged_by_the_grad_mode_where_the_site_runs(outside):
+    """A block under `torch.enable_grad()` in a model called under no_grad will run a backward:
+    it keeps the Linear's output (the graph starts without grad, the site runs with it)."""
+    torch.manual_seed(17)
+    model = randomize(GradInsideBlock()).eval()
+    with torch.set_grad_enabled(outside == "grad"):
+        report = fusion_backend.explain(model, torch.randn(M, K))
+    (site,) = report.fused
+    assert site.info["mode"] == "eval_keep_y"
+
+
 class _Ctx:
     """What `inline_meta` reads of the backend's RewriteContext."""
 

@@ -92,6 +92,18 @@ def inplace_mlp(seed=0):
     return m
 
 
+def assert_block_fused_beside(model):
+    """`model(x)` returns (its MLP block `model.blk` of x, something else): compiled, the block
+    fuses once and both outputs match eager (the block also fp64)."""
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        y_eager, other_eager = model(x)
+        y, other = compile_quietly(model)(x)
+    assert dict(fusion_backend.counters) == {LBGR: 1}
+    torch.testing.assert_close(other, other_eager)
+    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
+
+
 # ----------------------------------------------------------------------------- in-place ReLU on aliases
 
 VIEW_WRITES = {
@@ -293,14 +305,7 @@ class UnrelatedMatmul(nn.Module):
 
 @needs_interpreter
 def test_permute_with_dims_keyword_does_not_unfuse_the_graph():
-    model = UnrelatedMatmul()
-    x = torch.randn(8, 16)
-    with torch.no_grad():
-        y_eager, p_eager = model(x)
-        y, p = compile_quietly(model)(x)
-    assert dict(fusion_backend.counters) == {LBGR: 1}
-    torch.testing.assert_close(p, p_eager)
-    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
+    assert_block_fused_beside(UnrelatedMatmul())
 
 
 # ----------------------------------------------------------------------------- one bad node
@@ -340,11 +345,4 @@ def test_failing_node_is_left_as_it_was(monkeypatch, caplog):
 @needs_interpreter
 def test_failing_node_does_not_unfuse_the_graph(monkeypatch):
     monkeypatch.setattr(normalize, "_STEPS", (_broken_on_tanh,) + normalize._STEPS)
-    model = BlockAndTanh()
-    x = torch.randn(8, 16)
-    with torch.no_grad():
-        y_eager, t_eager = model(x)
-        y, t = compile_quietly(model)(x)
-    assert dict(fusion_backend.counters) == {LBGR: 1}
-    torch.testing.assert_close(t, t_eager)
-    assert_matches(y, y_eager, copy.deepcopy(model.blk).double()(x.double()))
+    assert_block_fused_beside(BlockAndTanh())

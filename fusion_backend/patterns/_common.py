@@ -113,6 +113,39 @@ def linear_shape_problem(weight: fx.Node, vectors) -> Optional[str]:
     return None
 
 
+#: the calls by which Dynamo records a switch of grad mode (`torch._C._set_grad_enabled`), and
+#: the entry and exit of autocast, inference mode and disabled saved-tensor hooks regions
+_SET_GRAD = "_set_grad_enabled"
+_ENTERS = {"_enter_autocast", "_enter_inference_mode", "_saved_tensors_hooks_disable"}
+_EXITS = {"_exit_autocast", "_exit_inference_mode", "_saved_tensors_hooks_enable"}
+
+
+def grad_modes(graph) -> dict:
+    """The mode each node runs in: (grad enabled, the regions it is inside, by their entry
+    nodes), from the grad mode the graph was compiled in (Dynamo guards it). Higher-order ops
+    that wrap a region (wrap_with_set_grad_enabled, ...) hold it in a subgraph of their own."""
+    grad, regions, modes = torch.is_grad_enabled(), [], {}
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name == _SET_GRAD and node.args:
+            grad = bool(node.args[0])
+        elif name in _ENTERS:
+            regions.append(node)
+        elif name in _EXITS and regions:
+            regions.pop()
+        modes[node] = (grad, tuple(regions))
+    return modes
+
+
+def backward_will_run(at: fx.Node, inputs) -> bool:
+    """Whether the compiled graph will run the backward of the site at `at`: grad enabled where
+    it runs (the mode the graph was compiled in, as switched inside the graph: `with
+    torch.enable_grad():` in a call made under no_grad) and one of `inputs` requiring grad."""
+    grad_enabled, _ = grad_modes(at.graph)[at]
+    return grad_enabled and any(isinstance(n, fx.Node) and getattr(example_value(n), "requires_grad", False)
+                                for n in inputs)
+
+
 def mutated_in_graph(node: fx.Node) -> bool:
     """True if an in-place method or op of the graph writes to `node`."""
     return any(node in written_nodes(user) for user in node.users)

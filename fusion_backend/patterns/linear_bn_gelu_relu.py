@@ -23,8 +23,8 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
-                      gluon_code, heuristic_kwargs, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
+from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
+                      descriptor, gluon_code, heuristic_kwargs, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
                       mutated_in_graph, only_user, space, static_shapes, tensor_problem, tf32_split, tma_ready,
                       tuned_unfused_reason, written_inside)
 
@@ -523,9 +523,11 @@ def _backward_common(ctx, grad_out, training):
 
 
 def _setup_eval(ctx, inputs, output):
+    """For the eval ops: `output` is out, or (out, the Linear's output) from the keep_y ones."""
     x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, *_ = inputs
+    out, *kept_y = output if isinstance(output, tuple) else (output,)
     ctx.eps, ctx.approximate = eps, approximate
-    ctx.save_for_backward(x, weight, bias, gamma, beta, output, running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, gamma, beta, out, running_mean, running_var, *kept_y)
 
 
 def _backward_eval(ctx, grad_out):
@@ -547,11 +549,18 @@ def _eval_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """The eval op's fused path with its config fixed at compile time (`meta`, see
     `_common.inline_meta`): Inductor emits this kernel launch in the compiled graph's code."""
     out = x.new_empty((x.shape[0], weight.shape[0]))
-    if x.shape[0] == 0:
-        return out
-    tensors = _eval_tensors(bias, bn_weight, bn_bias, running_mean, running_var, out)
-    return _launch_eval_pointer(torch.library.wrap_triton(_gemm_bn_gelu_relu_eval_kernel), x, weight, tensors, eps,
-                                _eval_flags(bias, bn_weight, bn_bias, approximate, precision), meta_kwargs(meta))
+    _launch_eval_inline(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
+                        meta, out)
+    return out
+
+
+def _launch_eval_inline(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, precision, meta,
+                        out, kept_y=None):
+    """The eval pointer kernel through `wrap_triton` into `out` (and `kept_y`), for the inline ops."""
+    if x.shape[0]:
+        _launch_eval_pointer(torch.library.wrap_triton(_gemm_bn_gelu_relu_eval_kernel), x, weight,
+                             _eval_tensors(bias, gamma, beta, running_mean, running_var, out), eps,
+                             _eval_flags(bias, gamma, beta, approximate, precision), meta_kwargs(meta), kept_y)
 
 
 def _backward_eval_inline(ctx, grad_out):
@@ -568,13 +577,6 @@ def _fake_eval_keep_y(x, weight, bias, bn_weight, bn_bias, running_mean, running
     return x.new_empty(shape), x.new_empty(shape)
 
 
-def _setup_eval_keep_y(ctx, inputs, output):
-    x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, *_ = inputs
-    out, kept_y = output
-    ctx.eps, ctx.approximate = eps, approximate
-    ctx.save_for_backward(x, weight, bias, gamma, beta, out, running_mean, running_var, kept_y)
-
-
 def _backward_eval_keep_y(ctx, grad_out, _grad_kept_y):
     return _backward_eval(ctx, grad_out)
 
@@ -583,7 +585,7 @@ linear_bn_gelu_relu_eval_keep_y = define_op(
     "linear_bn_gelu_relu_eval_keep_y",
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
     "Tensor running_var, float eps, str approximate, str precision, bool autotune_on, float budget) -> (Tensor, Tensor)",
-    eval_keep_y_forward, _fake_eval_keep_y, _backward_eval_keep_y, _setup_eval_keep_y)
+    eval_keep_y_forward, _fake_eval_keep_y, _backward_eval_keep_y, _setup_eval)
 
 
 def _eval_keep_y_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -593,11 +595,8 @@ def _eval_keep_y_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """`eval_keep_y_forward`'s fused path with its config fixed at compile time (see `_eval_inline`)."""
     out = x.new_empty((x.shape[0], weight.shape[0]))
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    if x.shape[0] == 0:
-        return out, y
-    tensors = _eval_tensors(bias, bn_weight, bn_bias, running_mean, running_var, out)
-    _launch_eval_pointer(torch.library.wrap_triton(_gemm_bn_gelu_relu_eval_kernel), x, weight, tensors, eps,
-                         _eval_flags(bias, bn_weight, bn_bias, approximate, precision), meta_kwargs(meta), y)
+    _launch_eval_inline(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
+                        meta, out, y)
     return out, y
 
 
@@ -606,7 +605,7 @@ def _backward_eval_keep_y_inline(ctx, grad_out, _grad_kept_y):
 
 
 linear_bn_gelu_relu_eval_keep_y_inline = define_inline_op(
-    "linear_bn_gelu_relu_eval_keep_y_inline", _eval_keep_y_inline, _backward_eval_keep_y_inline, _setup_eval_keep_y)
+    "linear_bn_gelu_relu_eval_keep_y_inline", _eval_keep_y_inline, _backward_eval_keep_y_inline, _setup_eval)
 
 
 def _setup_train(ctx, inputs, output):
@@ -655,11 +654,9 @@ linear_bn_gelu_relu_train_inline = define_inline_op(
 # ----------------------------------------------------------------------------- the graph pattern
 
 def needs_backward(m) -> bool:
-    """Whether the compiled graph will run this site's backward: grad enabled while compiling
-    (Dynamo guards the grad mode) and x, W, b or the BatchNorm affine parameters requiring grad."""
-    return torch.is_grad_enabled() and any(
-        isinstance(n, fx.Node) and getattr(example_value(n), "requires_grad", False)
-        for n in (m.x, m.weight, m.bias, m.gamma, m.beta))
+    """Whether the compiled graph will run this site's backward (x, W, b or the BatchNorm
+    affine parameters requiring grad): then the Linear's output is kept for it."""
+    return backward_will_run(m.linear, (m.x, m.weight, m.bias, m.gamma, m.beta))
 
 
 class _Match:

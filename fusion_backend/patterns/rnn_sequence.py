@@ -24,7 +24,8 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import cdiv, define_op, hint, kernel_kwargs, log, space, writes_in_place, written_inside
+from ._common import (backward_will_run, cdiv, define_op, grad_modes, hint, kernel_kwargs, log, space,
+                      writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -397,30 +398,6 @@ def _output_linears(hs_nodes) -> Optional[list]:
     return linears
 
 
-#: the calls by which Dynamo records a switch of grad mode (`torch._C._set_grad_enabled`), and
-#: the entry and exit of autocast, inference mode and disabled saved-tensor hooks regions
-_SET_GRAD = "_set_grad_enabled"
-_ENTERS = {"_enter_autocast", "_enter_inference_mode", "_saved_tensors_hooks_disable"}
-_EXITS = {"_exit_autocast", "_exit_inference_mode", "_saved_tensors_hooks_enable"}
-
-
-def _modes(graph) -> dict:
-    """The mode each node runs in: (grad enabled, the regions it is inside, by their entry
-    nodes), from the grad mode the graph was compiled in (Dynamo guards it). Higher-order ops
-    that wrap a region (wrap_with_set_grad_enabled, ...) hold it in a subgraph of their own."""
-    grad, regions, modes = torch.is_grad_enabled(), [], {}
-    for node in graph.nodes:
-        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-        if name == _SET_GRAD and node.args:
-            grad = bool(node.args[0])
-        elif name in _ENTERS:
-            regions.append(node)
-        elif name in _EXITS and regions:
-            regions.pop()
-        modes[node] = (grad, tuple(regions))
-    return modes
-
-
 def _moved_across(chain, xs, h0) -> Optional[str]:
     """Why the rewrite would change what the chain computes by moving work to the first step's
     cat (the inputs' computations, the projections of all steps, the recurrence, the h2o GEMM),
@@ -434,7 +411,7 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
     h2o = _output_linears(tanhs) or []
     end = h2o[-1] if h2o else last  # (the last h2o reads the last h_t: it comes after it)
     moved = [n for x in xs for n in _after(x, first)]
-    modes = _modes(first.graph)
+    modes = grad_modes(first.graph)
     for node in [n for step in chain for n in (step.cat, step.linear, step.tanh)] + moved + h2o:
         if modes[node] != modes[first]:
             return (f"{node.name} runs in another grad mode or autocast region than the first step: the fused "
@@ -450,14 +427,7 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
 
 
 def _needs_backward(chain, xs, h0) -> bool:
-    """Whether the compiled graph will run the chain's backward: grad enabled where the chain
-    runs (the mode the graph was compiled in, Dynamo guards it, as switched inside the graph:
-    `with torch.enable_grad():` in a call made under no_grad) and an input or the weights
-    requiring grad."""
-    grad_enabled, _ = _modes(chain[0].cat.graph)[chain[0].cat]
-    return grad_enabled and any(
-        isinstance(n, fx.Node) and getattr(example_value(n), "requires_grad", False)
-        for n in (*xs, h0, chain[0].weight, chain[0].bias))
+    return backward_will_run(chain[0].cat, (*xs, h0, chain[0].weight, chain[0].bias))
 
 
 def _depends_on(node: fx.Node, targets: set) -> bool:
