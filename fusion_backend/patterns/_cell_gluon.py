@@ -25,7 +25,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fusion_backend.triton_lib import finish_3xtf32, store_cell_tile, tf32_round
 
-from ._common import cdiv, tf32_split_all
+from ._common import cached_descriptor, cdiv, tf32_split_all
 
 # the TMA load was renamed in Triton 3.8 (3.9 keeps the old name as a stub that raises)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -171,7 +171,11 @@ _GL_DTYPES = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.floa
 
 def _descriptor(t, rows, cols):
     """Host TMA descriptor of (rows x cols) tiles of the 2-D tensor `t`, in the NVMMA shared
-    layout wgmma reads."""
+    layout wgmma reads (built once per address and shape: `_common.cached_descriptor`)."""
+    return cached_descriptor(_make_descriptor, t, rows, cols)
+
+
+def _make_descriptor(t, rows, cols):
     layout = gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[t.dtype])
     return TensorDescriptor.from_tensor(t, [rows, cols], layout)
 
