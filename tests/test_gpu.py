@@ -643,3 +643,57 @@ def test_inline_cell_launch_gpu(precision):
             autotune.TUNER.choices.pop(key, None)
     assert fusion_backend.counters["cat_linear_tanh"] == 1 and fusion_backend.counters["cell_h2o"] == 1
     assert "_cat_gemm_tanh_kernel" in codes[0] and "torch.ops.fusedtriton" not in codes[0], codes[0][-3000:]
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_replayed_launch_gpu(precision, monkeypatch):
+    """The cell's opaque launches replayed as CUDA graphs (`_common.replay_launch`): for the
+    pre-split / Gluon (3xTF32) and W x^T (TF32) configs, over calls with fresh activations and
+    after a weight changed in place, the results are the direct launch's, bit for bit; inside
+    another capture the launch is direct (and captured with it)."""
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    from fusion_backend import devices
+    from fusion_backend.patterns import _common
+
+    profile = devices.device_profile(torch.device("cuda"))
+    flag = "PRESPLIT" if precision == "tf32x3" else "WXT"
+    configs = [c for c in clt.cell_space(profile, torch.float32, precision) if c.get(flag)]
+    configs = [c for c in configs if c.get("GLUON")][:1] + [c for c in configs if not c.get("GLUON")][:2]
+    if not configs:
+        pytest.skip(f"no {flag} configs on profile {profile.name} ({profile.arch})")
+    monkeypatch.setattr(_common, "_REPLAYS", {})
+    torch.manual_seed(7)
+    M, widths, N = 40, (100, 76), 75
+    w = torch.randn(N, sum(widths), device="cuda") / 14
+    b = torch.randn(N, device="cuda")
+    for config in configs:
+        kwargs = _common.kernel_kwargs(config, profile)
+        for step in range(4):
+            if step == 3:
+                w.mul_(-0.5)  # in place: the graph reads the weight where it is
+            xs = [torch.randn(M, k, device="cuda") for k in widths]
+            direct = torch.empty(M, N, device="cuda")
+            clt.runner(xs, w, b, precision, direct)(kwargs)
+            out = torch.full((M, N), float("nan"), device="cuda")
+            replay = _common.Replay(xs, out, (w, b), lambda ins, o, kw: clt.runner(ins, w, b, precision, o)(kw))
+            got = _common.replay_launch("test", replay, kwargs, clt.runner(xs, w, b, precision, out))
+            assert torch.equal(got, direct), (config, step)
+        captured = [e for e in _common._REPLAYS.values() if e.kwargs is kwargs]
+        assert len(captured) == 1 and isinstance(captured[0].graph, torch.cuda.CUDAGraph), config
+    # inside a capture of its own (mode="reduce-overhead"): launched directly, replayed with the outer graph
+    xs = [torch.randn(M, k, device="cuda") for k in widths]
+    out = torch.empty(M, N, device="cuda")
+    count = len(_common._REPLAYS)
+    outer = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outer.capture_begin()
+        replay = _common.Replay(xs, out, (w, b), lambda ins, o, kw: clt.runner(ins, w, b, precision, o)(kw))
+        _common.replay_launch("test", replay, kwargs, clt.runner(xs, w, b, precision, out))
+        outer.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    outer.replay()
+    direct = torch.empty(M, N, device="cuda")
+    clt.runner(xs, w, b, precision, direct)(kwargs)
+    assert torch.equal(out, direct) and len(_common._REPLAYS) == count

@@ -20,10 +20,10 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, cast_to, cdiv, compute_dtype, define_inline_op, define_op, descriptor,
-                      gluon_code, hint, inline_meta, launch, linear_shape_problem, meta_kwargs, mutated_in_graph,
-                      only_user, space, static_shapes, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason,
-                      written_inside)
+from ._common import (INLINE_MAX_FLOP, Replay, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
+                      descriptor, gluon_code, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
+                      mutated_in_graph, only_user, space, static_shapes, tensor_problem, tf32_split_all, tma_ready,
+                      tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -292,7 +292,9 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
                   space=lambda: cell_space(profile, x0.dtype, precision, flop), m=M,
                   run_fused=runner(xs, weight, bias, precision, out, apply_tanh),
-                  run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC)
+                  run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC,
+                  replay=Replay(list(xs), out, (weight, bias),
+                                lambda ins, o, kw: runner(ins, weight, bias, precision, o, apply_tanh)(kw)))
 
 
 def forward(xs: List[torch.Tensor], weight, bias, precision, autotune_on=True, budget=30.0):
