@@ -194,3 +194,24 @@ def test_replay_off_on_the_cpu():
         r, run_fused = _linear_replay(torch.randn(3, 7), w, calls)
         _common.replay_launch("k", r, kwargs, run_fused)
     assert _common._REPLAYS == before and calls == ["launch"] * 3
+
+
+@pytest.mark.parametrize("fused_ms,replayed", [(0.2, True), (None, True), (2.5, False)])
+def test_launch_replays_only_short_fused_kernels(monkeypatch, fused_ms, replayed):
+    """`_common.launch` hands a fused launch to the replay only under the trial's 1 ms: a longer
+    kernel is not bound by host time, and the replay's copies would cost it GPU time."""
+    from fusion_backend import autotune, trial
+
+    assert trial.TRIAL_BELOW_MS == 1.0  # the parameters straddle it
+    key = f"test_replay|{fused_ms}"
+    monkeypatch.setitem(autotune.TUNER.choices, key, autotune.Choice({"BLOCK_M": 16}, "tuned", fused_ms, 1.0,
+                                                                      kwargs={"BLOCK_M": 16}))
+    seen = []
+    monkeypatch.setattr(_common, "replay_launch", lambda k, r, kw, run: seen.append(k) or run(kw))
+    direct = []
+    out = _common.launch(key, ctx_args=(None, False, 0.0, torch.device("cpu")), space=list, m=1,
+                         run_fused=lambda kw: direct.append(kw) or "fused", run_unfused=lambda: "unfused",
+                         run_reference=lambda: "reference", src_hash="",
+                         replay=_common.Replay([], torch.empty(0), (), None))
+    assert out == "fused" and direct == [{"BLOCK_M": 16}]
+    assert seen == ([key] if replayed else [])

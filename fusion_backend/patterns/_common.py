@@ -224,8 +224,8 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
     run_fused(kwargs) launches the fused kernel with a config's meta-parameters and launch
     options; run_unfused() the cuBLAS + pointwise path; run_reference() plain torch ops,
     used if a kernel fails to compile at the real launch. The hit path is one dict lookup:
-    small shapes are bound by host time. `replay` (a `Replay`): the fused launch may run as
-    a CUDA graph replay (`replay_launch`)."""
+    small shapes are bound by host time. `replay` (a `Replay`): a fused launch tuned under
+    `trial.TRIAL_BELOW_MS` of GPU time runs as a CUDA graph replay (`replay_launch`)."""
     choice = autotune.TUNER.choices.get(key)
     if choice is None or (choice.source == "heuristic" and ctx_args[1]):
         profile, autotune_on, budget, device = ctx_args
@@ -242,7 +242,8 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
         if choice.config is None:
             return run_unfused()
         kwargs = choice.kwargs if choice.kwargs is not None else kernel_kwargs(choice.config, ctx_args[0])
-        if replay is not None and REPLAY_GRAPHS:
+        if replay is not None and REPLAY_GRAPHS and (choice.fused_ms or 0.0) < trial.TRIAL_BELOW_MS:
+            # only where host time can matter: a longer kernel would pay the copies for nothing
             return replay_launch(key, replay, kwargs, run_fused)
         return run_fused(kwargs)
     except Exception as exc:
