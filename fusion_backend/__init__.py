@@ -32,6 +32,14 @@ def _register_backend() -> None:
 _register_backend()
 
 
+def release_graphs() -> None:
+    """Free the CUDA graphs that replay fused launches (the cell's opaque ops: see README,
+    "Replayed launches") and the memory they hold; later calls capture again as needed."""
+    from .patterns import _common
+
+    _common.release_graphs()
+
+
 def explain(model, *args, mode=None, options=None, **kwargs):
     """Compile `model` with fusedtriton, run it once on (*args, **kwargs), and report:
     the device profile, each fused site (pattern, shapes, dtype, precision, chosen config)

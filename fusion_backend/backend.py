@@ -207,6 +207,8 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
                       "compiling the original graph instead", RuntimeWarning)
         _unfuse(report, f"graph fell back to Inductor: {type(exc).__name__}")
         return _inductor(_restore(gm, original), example_inputs, opts)
+    if opts.cudagraphs:
+        compiled = _without_replays(compiled)
     why_not = _no_trial_reason(report, profile, opts)
     if why_not:
         log.debug("fusedtriton: no run-time trial: %s", why_not)
@@ -220,6 +222,19 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     report.note = (f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each, "
                    f"in blocks of {_trial.TRIAL_BLOCK})")
     return _trial.as_compiled_fn(_trial.GraphTrial(compiled, original_compiled, _trial_decided(report)))
+
+
+def _without_replays(compiled):
+    """A graph compiled for CUDA graphs calls its ops with their launch-graph replay off
+    (`_common.no_replays`): its first runs route this thread's allocations to Inductor's pool,
+    and its later runs replay Inductor's own graph, which holds the launches already."""
+    from .patterns._common import no_replays
+
+    def run(*args):
+        with no_replays():
+            return compiled(*args)
+
+    return run
 
 
 def _compile_again(report: GraphReport, gm, example_inputs, mode, options, **changed):

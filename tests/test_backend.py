@@ -183,6 +183,32 @@ def test_modes_compile_and_run_on_cpu(how):
     assert fusion_backend.counters[LBGR] == 1
 
 
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])
+def test_no_launch_replays_in_graphs_compiled_for_cuda_graphs(monkeypatch, mode):
+    """Under mode="reduce-overhead" the compiled graph calls the cell op inside
+    `_common.no_replays()` (Inductor's warm-up routes allocations to its own pool, and its
+    replays hold the launches already); without CUDA graphs the op may replay its launch."""
+    from fusion_backend.models import RNNCell
+
+    regions = []
+    real = common.replay_launch
+    monkeypatch.setattr(common, "replay_launch", lambda *a: regions.append(common._local.__dict__.get("off", False))
+                        or real(*a))
+    torch.manual_seed(5)
+    model = randomize(RNNCell(24, 20, 12))
+    ref = copy.deepcopy(model).double()
+    compiled = torch.compile(model, backend="fusedtriton", mode=mode)
+    with torch.no_grad():
+        for _ in range(3):
+            x, h = torch.randn(8, 24), torch.randn(8, 20)
+            for got, want, want64 in zip(compiled(x, h), model(x, h), ref(x.double(), h.double())):
+                assert_matches(got, want, want64)
+    assert fusion_backend.counters[CLT] == 1
+    assert regions == [mode is not None] * 3
+    assert not common._local.__dict__.get("off", False)  # the region ends with the call
+
+
 # ----------------------------------------------------------------------------- failures
 
 @needs_interpreter

@@ -85,21 +85,37 @@ class _RecordedGraph:
         self.replay = replay
 
 
+class _Stream:
+    cuda_stream = 0
+
+    def __init__(self):
+        self.waits = 0
+
+    def synchronize(self):
+        self.waits += 1
+
+
+class _Captures(list):
+    """The launches captured, and the stand-in stream they replay on."""
+    stream = None
+
+
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    monkeypatch.setattr(_common, "_REPLAYS", {})
+    for name, empty in (("_REPLAYS", {}), ("_SEEN", set()), ("_DROPS", {}), ("_DIRECT", set())):
+        monkeypatch.setattr(_common, name, empty)
     monkeypatch.setattr(_common, "_replayable", lambda out: True)
-    monkeypatch.setattr(_common, "_stream", lambda device: 0)
-    captured = []
+    stream = _Stream()
+    monkeypatch.setattr(_common, "_stream", lambda device: stream)
+    captured = _Captures()
 
-    def capture(entry, r):
-        inputs, out = [torch.empty_like(t) for t in r.inputs], torch.empty_like(r.out)
-        entry.graph = _RecordedGraph(lambda: r.launch(inputs, out, entry.kwargs))
-        entry.inputs, entry.out = inputs, out
-        captured.append(entry)
-        return True
+    def capture(r, kwargs, stream):
+        inputs, out = _common._graph_buffers(r)  # the real capture's buffers
+        captured.append(r)
+        return _common._Captured(kwargs, _RecordedGraph(lambda: r.launch(inputs, out, kwargs)), inputs, out, stream)
 
     monkeypatch.setattr(_common, "_capture", capture)
+    captured.stream = stream
     return captured
 
 
@@ -114,86 +130,131 @@ def _linear_replay(x, w, calls):
     return _common.Replay([x], out, (w,), launch), lambda kw: launch([x], out, kw)
 
 
+def _call(w, kwargs, calls, m=3, x=None):
+    x = torch.randn(m, w.shape[1]) if x is None else x
+    r, run_fused = _linear_replay(x, w, calls)
+    got = _common.replay_launch("k", r, kwargs, run_fused)
+    assert got is r.out
+    torch.testing.assert_close(got, x @ w.t() + kwargs["shift"])
+    return got
+
+
 def test_replay_launches_directly_once_then_replays(fake_graphs):
     w, kwargs, calls = torch.randn(5, 7), {"shift": 0.5}, []
-    results = []
     for step in range(4):
-        x = torch.randn(3, 7)  # fresh activations every call, as in a model
-        r, run_fused = _linear_replay(x, w, calls)
-        got = _common.replay_launch("k", r, kwargs, run_fused)
-        assert got is r.out
-        results.append((got.clone(), x @ w.t() + 0.5))
+        _call(w, kwargs, calls)  # fresh activations every call, as in a model
         assert len(fake_graphs) == (0 if step == 0 else 1)  # captured at the second call
-    for got, want in results:
-        torch.testing.assert_close(got, want)
     # the weight is read where it is: changed in place, the replay sees the new values
     w.mul_(2)
-    x = torch.randn(3, 7)
-    r, run_fused = _linear_replay(x, w, calls)
-    torch.testing.assert_close(_common.replay_launch("k", r, kwargs, run_fused), x @ w.t() + 0.5)
+    _call(w, kwargs, calls)
     assert len(fake_graphs) == 1
 
 
 def test_replay_key_covers_weights_config_and_shapes(fake_graphs):
     w, calls = torch.randn(5, 7), []
     kwargs = {"shift": 0.0}
-    for x, weight, kw in [(torch.randn(3, 7), w, kwargs)] * 2 + [
-            (torch.randn(3, 7), w.clone(), kwargs),        # another weight tensor (address)
-            (torch.randn(3, 7), w, {"shift": 0.0}),        # another config object
-            (torch.randn(4, 7), w, kwargs)]:               # another batch size
-        r, run_fused = _linear_replay(x, weight, calls)
-        torch.testing.assert_close(_common.replay_launch("k", r, kw, run_fused), x @ weight.t())
-    assert len(fake_graphs) == 1 and len(_common._REPLAYS) == 4
+    for weight, kw, m in [(w, kwargs, 3)] * 2 + [
+            (w.clone(), kwargs, 3),        # another weight tensor (address)
+            (w, {"shift": 0.0}, 3),        # another config object
+            (w, kwargs, 4)]:               # another batch size
+        _call(weight, kw, calls, m)
+    assert len(fake_graphs) == 1 and len(_common._REPLAYS) == 1 and len(_common._SEEN) == 4
 
 
-def test_replay_skips_strided_and_unaligned_inputs(fake_graphs):
+def test_replay_skips_inputs_laid_out_otherwise(fake_graphs):
     w, kwargs, calls = torch.randn(5, 7), {"shift": 1.0}, []
     wide = torch.randn(3, 14)
     flat = torch.randn(3 * 7 + 1)
-    for x in (wide[:, ::2], flat[1:].view(3, 7)):  # not contiguous; contiguous but 4 bytes off
+    row = torch.randn(4, 9)[1:2, :7]  # one row of a wider tensor: is_contiguous(), row stride 9
+    assert row.is_contiguous()
+    for x in (wide[:, ::2], flat[1:].view(3, 7), row):  # strided; contiguous but 4 bytes off; a row
         for _ in range(3):
-            r, run_fused = _linear_replay(x, w, calls)
-            torch.testing.assert_close(_common.replay_launch("k", r, kwargs, run_fused), x @ w.t() + 1.0)
-    assert not fake_graphs and not _common._REPLAYS
+            _call(w, kwargs, calls, x=x)
+    assert not fake_graphs and not _common._REPLAYS and not _common._SEEN
 
 
 def test_failed_capture_launches_directly_from_then_on(fake_graphs, monkeypatch):
-    def failing(entry, r):
-        entry.graph = False
-        return False
-
-    monkeypatch.setattr(_common, "_capture", failing)
+    monkeypatch.setattr(_common, "_capture", lambda r, kwargs, stream: None)
     w, kwargs, calls = torch.randn(5, 7), {"shift": 0.0}, []
     for _ in range(4):
-        x = torch.randn(3, 7)
-        r, run_fused = _linear_replay(x, w, calls)
-        torch.testing.assert_close(_common.replay_launch("k", r, kwargs, run_fused), x @ w.t())
-    assert calls == ["launch"] * 4
+        _call(w, kwargs, calls)
+    assert calls == ["launch"] * 4 and len(_common._DIRECT) == 1
 
 
-def test_replay_cache_is_bounded(fake_graphs, monkeypatch):
+def test_failed_replay_launches_directly_from_then_on(fake_graphs):
+    """A replay that raises (here: the graph's buffers are inference tensors, copied into
+    outside inference mode) does not pin the site to the unfused path: launched directly."""
+    w, kwargs, calls = torch.randn(5, 7), {"shift": 0.0}, []
+    _call(w, kwargs, calls)
+    _call(w, kwargs, calls)
+    entry = next(iter(_common._REPLAYS.values()))
+    with torch.inference_mode():
+        entry.inputs[0] = torch.empty_like(entry.inputs[0])
+    _call(w, kwargs, calls)
+    _call(w, kwargs, calls)
+    assert not _common._REPLAYS and len(_common._DIRECT) == 1
+
+
+def test_graph_captured_under_inference_mode_replays_outside_it(fake_graphs):
+    w, kwargs, calls = torch.randn(5, 7), {"shift": 0.25}, []
+    with torch.inference_mode():
+        _call(w, kwargs, calls)
+        _call(w, kwargs, calls)
+    with torch.no_grad():
+        _call(w, kwargs, calls)
+    _call(w, kwargs, calls)
+    assert len(fake_graphs) == 1 and not _common._DIRECT
+
+
+def test_replay_cache_keeps_the_recently_used_and_stops_thrashing(fake_graphs, monkeypatch):
     monkeypatch.setattr(_common, "REPLAY_CACHE_SIZE", 2)
+    weights, kwargs, calls = [torch.randn(5, 7) for _ in range(3)], {"shift": 0.0}, []
+    # two sites, each called often, and a third called once in between: seen-once keys and a
+    # hit never push out the graphs in use
+    for _ in range(3):
+        _call(weights[0], kwargs, calls)
+        _call(weights[1], kwargs, calls)
+    _call(weights[2], kwargs, calls)
+    _call(weights[0], kwargs, calls)
+    assert len(fake_graphs) == 2 and fake_graphs.stream.waits == 0
+    # three sites in turn through two slots: each is dropped (after a wait for its stream) and
+    # captured again until REPLAY_MAX_DROPS, then launched directly
+    for _ in range(6):
+        for w in weights:
+            _call(w, kwargs, calls)
+    assert len(_common._REPLAYS) <= 2 and len(_common._DIRECT) >= 1
+    captures = len(fake_graphs)
+    for _ in range(4):
+        for w in weights:
+            _call(w, kwargs, calls)
+    assert len(fake_graphs) == captures  # settled: no more captures
+    assert fake_graphs.stream.waits == sum(_common._DROPS.values())
+
+
+def test_no_replays_region_and_release(fake_graphs, monkeypatch):
+    w, kwargs, calls = torch.randn(5, 7), {"shift": 0.0}, []
+    with _common.no_replays():
+        for _ in range(3):
+            _call(w, kwargs, calls)
+    assert not fake_graphs and not _common._SEEN
+    _call(w, kwargs, calls)
+    _call(w, kwargs, calls)
+    assert len(_common._REPLAYS) == 1
     waits = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(a))
-    w, kwargs, calls = torch.randn(5, 7), {"shift": 0.0}, []
-    for m in range(1, 6):
-        for _ in range(2):  # seen, then captured
-            x = torch.randn(m, 7)
-            r, run_fused = _linear_replay(x, w, calls)
-            torch.testing.assert_close(_common.replay_launch("k", r, kwargs, run_fused), x @ w.t())
-        assert len(_common._REPLAYS) <= 2
-    # a captured graph is dropped only once no replay of it can be in flight
-    assert len(fake_graphs) == 5 and len(waits) == 3
+    import fusion_backend
+
+    fusion_backend.release_graphs()
+    assert not _common._REPLAYS and not _common._SEEN and waits == [()]
 
 
 def test_replay_off_on_the_cpu():
     """Without the fakes: CPU tensors are launched directly, nothing is remembered."""
     w, kwargs, calls = torch.randn(5, 7), {"shift": 0.0}, []
-    before = dict(_common._REPLAYS)
+    before = (dict(_common._REPLAYS), set(_common._SEEN))
     for _ in range(3):
-        r, run_fused = _linear_replay(torch.randn(3, 7), w, calls)
-        _common.replay_launch("k", r, kwargs, run_fused)
-    assert _common._REPLAYS == before and calls == ["launch"] * 3
+        _call(w, kwargs, calls)
+    assert (_common._REPLAYS, _common._SEEN) == before and calls == ["launch"] * 3
 
 
 @pytest.mark.parametrize("fused_ms,replayed", [(0.2, True), (None, True), (2.5, False)])

@@ -1,6 +1,7 @@
 """Helpers the pattern modules share: graph checks and the launch plumbing."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -257,8 +258,12 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
 
 #: replay the opaque ops' fused launches as CUDA graphs (`replay_launch`); off: launch each time
 REPLAY_GRAPHS = True
-#: captured graphs kept (each holds its static inputs, output and its kernels' scratch memory)
-REPLAY_CACHE_SIZE = 8
+#: captured graphs kept, least recently used dropped first (each holds copies of its
+#: activations and output, and its kernels' scratch memory: `release_graphs` frees them all)
+REPLAY_CACHE_SIZE = 16
+#: a key whose graph was dropped this many times is launched directly from then on (more
+#: sites than the cache holds would otherwise capture again and again)
+REPLAY_MAX_DROPS = 2
 
 
 @dataclasses.dataclass
@@ -275,28 +280,69 @@ class Replay:
 
 @dataclasses.dataclass
 class _Captured:
-    kwargs: dict          # the config the graph was captured with (its identity is in the key)
-    graph: object = None  # None: seen once, captured at the next call
-    inputs: list = None
-    out: torch.Tensor = None
+    kwargs: dict     # the config the graph was captured with (its identity is in the key)
+    graph: object
+    inputs: list     # the graph's own activations and output
+    out: torch.Tensor
+    stream: object   # where it replays (part of the key)
 
 
-_REPLAYS: dict = {}
+_REPLAYS: dict = {}     # key -> _Captured, least recently used first
+_SEEN: set = set()      # keys launched once: captured at their second call
+_DROPS: dict = {}       # key -> times its graph was dropped
+_DIRECT: set = set()    # keys launched directly for good (failed capture or replay, dropped too often)
 _replay_lock = threading.Lock()
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def no_replays():
+    """Launch directly inside: the backend wraps graphs compiled for CUDA graphs in it, whose
+    warm-up runs route this thread's allocations to Inductor's pool (a graph captured there
+    would keep its buffers in that pool)."""
+    before = getattr(_local, "off", False)
+    _local.off = True
+    try:
+        yield
+    finally:
+        _local.off = before
+
+
+def release_graphs() -> None:
+    """Free every captured launch graph and its memory (`fusion_backend.release_graphs()`)."""
+    with _replay_lock:
+        if _REPLAYS:
+            torch.cuda.synchronize()
+        _REPLAYS.clear()
+        _SEEN.clear()
+        _DROPS.clear()
+        _DIRECT.clear()
 
 
 def _replayable(out: torch.Tensor) -> bool:
     return out.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
-def _stream(device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+def _stream(device):
+    return torch.cuda.current_stream(device)
 
 
-def _replay_key(key, r: Replay, kwargs):
+def _dense(t: torch.Tensor) -> bool:
+    """Laid out exactly as the graph's own copy (a fresh contiguous tensor) and 16-byte aligned,
+    so the launch takes the same kernel path on either: `is_contiguous()` alone passes a (1, K)
+    slice of a wider tensor, whose row stride the TMA paths check."""
+    stride, expected = t.stride(), 1
+    for i in range(t.dim() - 1, -1, -1):
+        if stride[i] != expected:
+            return False
+        expected *= max(t.shape[i], 1)
+    return t.data_ptr() % 16 == 0
+
+
+def _replay_key(key, r: Replay, kwargs, stream):
     out = r.out
-    return (key, id(kwargs), out.device.index, _stream(out.device),
-            out.shape, out.dtype, tuple((t.shape, t.dtype) for t in r.inputs),
+    return (key, id(kwargs), out.device.index, stream.cuda_stream, out.shape, out.dtype,
+            tuple((t.shape, t.dtype) for t in r.inputs),
             tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) if t is not None else None for t in r.stable))
 
 
@@ -309,59 +355,82 @@ def replay_launch(key, r: Replay, kwargs, run_fused):
     copies the activations into its own buffers and its output into `out`: the same kernels on
     the same values, so the results are the launch's own, bit for bit. Launched directly
     instead: while a CUDA graph is being captured (mode="reduce-overhead" captures the whole
-    graph), for inputs that are not contiguous or not 16-byte aligned, and after a failed
-    capture."""
-    # inputs as the graph's own buffers are (contiguous, 16-byte aligned), so the launch takes
-    # the same kernel path either way
-    if not _replayable(r.out) or not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in r.inputs):
+    graph), inside `no_replays()`, for inputs not laid out as the graph's copies (`_dense`), and
+    for good after a failed capture or replay."""
+    if (getattr(_local, "off", False) or not _replayable(r.out)
+            or not all(_dense(t) for t in r.inputs)):
         return run_fused(kwargs)
-    rkey = _replay_key(key, r, kwargs)
+    stream = _stream(r.out.device)
+    rkey = _replay_key(key, r, kwargs, stream)
     with _replay_lock:  # copy in, replay, copy out: one unit in the stream's order
-        entry = _REPLAYS.get(rkey)
-        if entry is None or entry.kwargs is not kwargs:
-            _remember(rkey, _Captured(kwargs))
+        if rkey in _DIRECT:
             return run_fused(kwargs)
-        if entry.graph is None:
-            if not _capture(entry, r):
+        entry = _REPLAYS.pop(rkey, None)
+        if entry is not None and entry.kwargs is not kwargs:  # another config at a reused id()
+            entry.stream.synchronize()  # dropped: no replay of it in flight
+            entry = None
+        if entry is None:
+            if rkey not in _SEEN:
+                if len(_SEEN) >= 4096:
+                    _SEEN.clear()
+                _SEEN.add(rkey)
                 return run_fused(kwargs)
-        if entry.graph is False:
+            entry = _capture(r, kwargs, stream)
+            if entry is None:
+                _DIRECT.add(rkey)
+                return run_fused(kwargs)
+            _make_room()
+        _REPLAYS[rkey] = entry  # (again) the most recently used
+        try:
+            for static, t in zip(entry.inputs, r.inputs):
+                static.copy_(t)
+            entry.graph.replay()
+            return r.out.copy_(entry.out)
+        except Exception as exc:  # launched directly from now on: a graph is only a faster way to launch
+            log.debug("fusedtriton: replaying a launch graph failed (%s: %s); launching directly",
+                      type(exc).__name__, exc)
+            _REPLAYS.pop(rkey).stream.synchronize()  # dropped: no replay of it in flight
+            _DIRECT.add(rkey)
             return run_fused(kwargs)
-        for static, t in zip(entry.inputs, r.inputs):
-            static.copy_(t)
-        entry.graph.replay()
-        return r.out.copy_(entry.out)
 
 
-def _remember(rkey, entry):
-    if len(_REPLAYS) >= REPLAY_CACHE_SIZE:
-        oldest = _REPLAYS.pop(next(iter(_REPLAYS)))
-        if oldest.graph:  # its memory goes back to the allocator when it is dropped: no replay in flight
-            torch.cuda.synchronize()
-    _REPLAYS[rkey] = entry
+def _make_room():
+    while len(_REPLAYS) >= REPLAY_CACHE_SIZE:
+        rkey = next(iter(_REPLAYS))
+        oldest = _REPLAYS.pop(rkey)
+        oldest.stream.synchronize()  # its memory goes back to the allocator: no replay of it in flight
+        _DROPS[rkey] = _DROPS.get(rkey, 0) + 1
+        if _DROPS[rkey] >= REPLAY_MAX_DROPS:
+            _DIRECT.add(rkey)
 
 
-def _capture(entry, r: Replay) -> bool:
-    inputs = [torch.empty_like(t) for t in r.inputs]
-    out = torch.empty_like(r.out)
+def _graph_buffers(r: Replay):
+    """The graph's own activations and output: fresh contiguous tensors (`_dense`), plain ones
+    even under torch.inference_mode(), so later calls outside it can copy into them."""
+    with torch.inference_mode(False):
+        return ([torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in r.inputs],
+                torch.empty(r.out.shape, dtype=r.out.dtype, device=r.out.device))
+
+
+def _capture(r: Replay, kwargs, stream) -> Optional[_Captured]:
+    inputs, out = _graph_buffers(r)
     graph = torch.cuda.CUDAGraph()
     # captured on a side stream (the legacy default stream cannot be captured), in this thread
     # only: torch.cuda.graph() would also collect garbage and empty the allocator's cache
-    side, current = torch.cuda.Stream(out.device), torch.cuda.current_stream(out.device)
-    side.wait_stream(current)
+    side = torch.cuda.Stream(out.device)
+    side.wait_stream(stream)
     try:
         with torch.cuda.stream(side):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                r.launch(inputs, out, entry.kwargs)
+                r.launch(inputs, out, kwargs)
             finally:
                 graph.capture_end()
-        current.wait_stream(side)
+        stream.wait_stream(side)
     except Exception as exc:  # launched directly from now on: a graph is only a faster way to launch
         log.debug("fusedtriton: no CUDA graph for this launch (%s: %s); launching directly", type(exc).__name__, exc)
-        entry.graph = False
-        return False
-    entry.graph, entry.inputs, entry.out = graph, inputs, out
-    return True
+        return None
+    return _Captured(kwargs, graph, inputs, out, stream)
 
 
 def per_call_ms(fn, calls=20) -> float:
