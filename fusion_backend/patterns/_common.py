@@ -261,9 +261,13 @@ REPLAY_GRAPHS = True
 #: captured graphs kept, least recently used dropped first (each holds copies of its
 #: activations and output, and its kernels' scratch memory: `release_graphs` frees them all)
 REPLAY_CACHE_SIZE = 16
-#: a key whose graph was dropped this many times is launched directly from then on (more
-#: sites than the cache holds would otherwise capture again and again)
+#: a key whose graph was dropped this many times after fewer than REPLAY_USEFUL replays is
+#: launched directly from then on (more sites than the cache holds would otherwise capture
+#: again and again); a graph replayed that often before its drop paid for its capture
 REPLAY_MAX_DROPS = 2
+REPLAY_USEFUL = 8
+#: bound of the tables of keys seen once, dropped or launched directly (cleared when reached)
+_TABLE_BOUND = 4096
 
 
 @dataclasses.dataclass
@@ -285,12 +289,15 @@ class _Captured:
     inputs: list     # the graph's own activations and output
     out: torch.Tensor
     stream: object   # where it replays (part of the key)
+    replays: int = 0
 
 
+# Keys hold id(kwargs): every table keeps that config dict alive, so no other dict can take its
+# id while the key is remembered.
 _REPLAYS: dict = {}     # key -> _Captured, least recently used first
-_SEEN: set = set()      # keys launched once: captured at their second call
-_DROPS: dict = {}       # key -> times its graph was dropped
-_DIRECT: set = set()    # keys launched directly for good (failed capture or replay, dropped too often)
+_SEEN: dict = {}        # key -> kwargs, launched once: captured at the second call
+_DROPS: dict = {}       # key -> (times its graph was dropped before REPLAY_USEFUL replays, kwargs)
+_DIRECT: dict = {}      # key -> kwargs, launched directly for good (failed capture or replay, dropped too often)
 _replay_lock = threading.Lock()
 _local = threading.local()
 
@@ -311,8 +318,8 @@ def no_replays():
 def release_graphs() -> None:
     """Free every captured launch graph and its memory (`fusion_backend.release_graphs()`)."""
     with _replay_lock:
-        if _REPLAYS:
-            torch.cuda.synchronize()
+        for entry in _REPLAYS.values():
+            entry.stream.synchronize()  # no replay of it in flight, on whichever device
         _REPLAYS.clear()
         _SEEN.clear()
         _DROPS.clear()
@@ -363,35 +370,45 @@ def replay_launch(key, r: Replay, kwargs, run_fused):
     stream = _stream(r.out.device)
     rkey = _replay_key(key, r, kwargs, stream)
     with _replay_lock:  # copy in, replay, copy out: one unit in the stream's order
-        if rkey in _DIRECT:
-            return run_fused(kwargs)
-        entry = _REPLAYS.pop(rkey, None)
-        if entry is not None and entry.kwargs is not kwargs:  # another config at a reused id()
-            entry.stream.synchronize()  # dropped: no replay of it in flight
-            entry = None
+        entry = _entry_for(rkey, r, kwargs, stream)
+        if entry is not None:
+            try:
+                for static, t in zip(entry.inputs, r.inputs):
+                    static.copy_(t)
+                entry.graph.replay()
+                entry.replays += 1
+                return r.out.copy_(entry.out)
+            except Exception as exc:  # launched directly from now on: a graph is only a faster way to launch
+                log.debug("fusedtriton: replaying a launch graph failed (%s: %s); launching directly",
+                          type(exc).__name__, exc)
+                _REPLAYS.pop(rkey).stream.synchronize()  # dropped: no replay of it in flight
+                _remember(_DIRECT, rkey, kwargs)
+    return run_fused(kwargs)  # outside the lock: a first call compiles
+
+
+def _entry_for(rkey, r: Replay, kwargs, stream) -> Optional[_Captured]:
+    """The key's graph (now the most recently used), captured at the key's second call; None:
+    launch directly."""
+    if _DIRECT.get(rkey) is kwargs:
+        return None
+    entry = _REPLAYS.pop(rkey, None)  # its kwargs is the caller's: the entry holds it, so no other dict has its id
+    if entry is None:
+        if _SEEN.get(rkey) is not kwargs:
+            _remember(_SEEN, rkey, kwargs)
+            return None
+        entry = _capture(r, kwargs, stream)
         if entry is None:
-            if rkey not in _SEEN:
-                if len(_SEEN) >= 4096:
-                    _SEEN.clear()
-                _SEEN.add(rkey)
-                return run_fused(kwargs)
-            entry = _capture(r, kwargs, stream)
-            if entry is None:
-                _DIRECT.add(rkey)
-                return run_fused(kwargs)
-            _make_room()
-        _REPLAYS[rkey] = entry  # (again) the most recently used
-        try:
-            for static, t in zip(entry.inputs, r.inputs):
-                static.copy_(t)
-            entry.graph.replay()
-            return r.out.copy_(entry.out)
-        except Exception as exc:  # launched directly from now on: a graph is only a faster way to launch
-            log.debug("fusedtriton: replaying a launch graph failed (%s: %s); launching directly",
-                      type(exc).__name__, exc)
-            _REPLAYS.pop(rkey).stream.synchronize()  # dropped: no replay of it in flight
-            _DIRECT.add(rkey)
-            return run_fused(kwargs)
+            _remember(_DIRECT, rkey, kwargs)
+            return None
+        _make_room()
+    _REPLAYS[rkey] = entry
+    return entry
+
+
+def _remember(table, rkey, value):
+    if len(table) >= _TABLE_BOUND:
+        table.clear()
+    table[rkey] = value
 
 
 def _make_room():
@@ -399,9 +416,12 @@ def _make_room():
         rkey = next(iter(_REPLAYS))
         oldest = _REPLAYS.pop(rkey)
         oldest.stream.synchronize()  # its memory goes back to the allocator: no replay of it in flight
-        _DROPS[rkey] = _DROPS.get(rkey, 0) + 1
-        if _DROPS[rkey] >= REPLAY_MAX_DROPS:
-            _DIRECT.add(rkey)
+        if oldest.replays >= REPLAY_USEFUL:
+            continue  # it paid for its capture: no mark against the key
+        drops = _DROPS.get(rkey, (0, None))[0] + 1
+        _remember(_DROPS, rkey, (drops, oldest.kwargs))
+        if drops >= REPLAY_MAX_DROPS:
+            _remember(_DIRECT, rkey, oldest.kwargs)
 
 
 def _graph_buffers(r: Replay):
@@ -413,13 +433,13 @@ def _graph_buffers(r: Replay):
 
 
 def _capture(r: Replay, kwargs, stream) -> Optional[_Captured]:
-    inputs, out = _graph_buffers(r)
-    graph = torch.cuda.CUDAGraph()
-    # captured on a side stream (the legacy default stream cannot be captured), in this thread
-    # only: torch.cuda.graph() would also collect garbage and empty the allocator's cache
-    side = torch.cuda.Stream(out.device)
-    side.wait_stream(stream)
-    try:
+    try:  # anything failing here (memory for the buffers included) leaves the launch direct
+        inputs, out = _graph_buffers(r)
+        graph = torch.cuda.CUDAGraph()
+        # captured on a side stream (the legacy default stream cannot be captured), in this
+        # thread only: torch.cuda.graph() would also collect garbage and empty the allocator's cache
+        side = torch.cuda.Stream(out.device)
+        side.wait_stream(stream)
         with torch.cuda.stream(side):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
