@@ -34,14 +34,8 @@ def host_ms(fn, n=50):
     return host
 
 
-def loop_ms(fn, n=200):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+def loop_ms(fn):
+    return _common.per_call_ms(fn, calls=200)
 
 
 def main():
