@@ -28,6 +28,7 @@ trial off with options={"trial": False}).
 from __future__ import annotations
 
 import statistics
+import threading
 from typing import Callable, Optional
 
 #: a graph gets a trial when its fused sites' tuned GPU time adds up to less than this (ms a call)
@@ -89,9 +90,19 @@ class GraphTrial:
         self.count = 0
         self._start = None
         self.chosen: Optional[Callable] = None
+        # calls from several threads take turns until the decision (blocks, spans and the
+        # decision are one sequence); re-entrant, should a graph call back into the model
+        self._lock = threading.RLock()
 
     def __call__(self, args: tuple):
-        if self.chosen is not None:
+        chosen = self.chosen
+        if chosen is not None:
+            return chosen(*args)
+        with self._lock:
+            return self._trial_call(args)
+
+    def _trial_call(self, args: tuple):
+        if self.chosen is not None:  # decided while this call waited for the lock
             return self.chosen(*args)
         if self.clock.capturing():  # no events and no switching inside a CUDA graph capture
             self._drop_open_block()  # its span would hold the capture
@@ -122,6 +133,8 @@ class GraphTrial:
         return all(len(s) >= self.blocks for s in self.spans)
 
     def _decide(self):
+        if self.chosen is not None:
+            return
         if not all(self.clock.ready(span) for spans in self.spans for span in spans):
             return  # the GPU has not reached the last events yet: the fused graph meanwhile
         fused_ms, unfused_ms = (statistics.median(self.clock.ms(s) / self.block for s in spans)

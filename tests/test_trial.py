@@ -429,3 +429,34 @@ def test_tuned_site_needing_a_backward(monkeypatch, grad, train):
         out.sum().backward()
         want.sum().backward()
         torch.testing.assert_close(model.lin.weight.grad, eager.lin.weight.grad)
+
+
+def test_trial_calls_from_two_threads():
+    """Two threads calling an undecided trial take turns: every call gets an answer, the
+    decision is made once (an empty span list once raised StatisticsError into a call)."""
+    import threading
+    import time
+
+    class SlowReadyClock(FakeClock):
+        def ready(self, span):
+            time.sleep(0.002)  # a thread switch while one thread decides
+            return True
+
+    fused, unfused, calls = _graphs()
+    decided, errors, answers = [], [], []
+    t = trial.GraphTrial(fused, unfused, lambda *a: decided.append(a), clock=SlowReadyClock())
+
+    def worker():
+        try:
+            for _ in range(40):
+                answers.append(t(()))
+        except Exception as exc:  # noqa: BLE001  (any exception is the failure under test)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and len(answers) == 80 and len(decided) == 1
+    assert set(answers[-10:]) == {"F"}  # the fused graph, faster on this clock, from then on
