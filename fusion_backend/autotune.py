@@ -154,16 +154,33 @@ def _locked(path: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write(path: str, environment: str, key: str, entry: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _locked(path):  # read-merge-write under a lock; concurrent writers keep each other's keys
+            if os.path.exists(path) and not os.access(path, os.R_OK):
+                # another user's cache we cannot read: replacing it would drop its entries
+                log.warning("fusedtriton: not writing autotune cache %s: it exists and is not readable", path)
+                return
             entries = _read(path, environment)
             entries[key] = entry
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".autotune-", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"schema": _SCHEMA, "environment": environment, "entries": entries}, f, indent=1)
-            os.replace(tmp, path)  # readers see the old or the new file, never half of one
+            try:
+                # mkstemp makes it 0600 and os.replace keeps that: a cache shared by a group
+                # would become unreadable to the others
+                os.fchmod(fd, 0o666 & ~_umask())
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"schema": _SCHEMA, "environment": environment, "entries": entries}, f, indent=1)
+                os.replace(tmp, path)  # readers see the old or the new file, never half of one
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     except OSError as exc:
         log.warning("fusedtriton: could not write autotune cache %s: %s", path, exc)
 

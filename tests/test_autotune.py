@@ -410,6 +410,44 @@ def test_unwritable_cache_dir_does_not_break_tuning(tmp_path, monkeypatch):
     assert choice.source == "tuned" and choice.config is SPACE[2]
 
 
+def test_cache_file_takes_the_umask_not_0600(tmp_cache):
+    """A cache shared by a group: the file is made as any other (mkstemp's 0600 survived
+    os.replace, so the next user could not read it and replaced it with their own entries)."""
+    old = os.umask(0o002)
+    try:
+        choose(Tuner(timer=stub_timer))
+    finally:
+        os.umask(old)
+    assert os.stat(_cache_path()).st_mode & 0o777 == 0o664
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: no unreadable cache to make")
+def test_unreadable_cache_file_is_left_as_it_is(tmp_cache, caplog):
+    choose(Tuner(timer=stub_timer))
+    path = _cache_path()
+    with open(path) as f:
+        before = f.read()
+    os.chmod(path, 0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fusion_backend"):
+            key = make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=1, N=2)
+            assert choose(Tuner(timer=stub_timer), key=key).source == "tuned"
+    finally:
+        os.chmod(path, 0o644)
+    with open(path) as f:
+        assert f.read() == before  # another user's entries are not dropped
+    assert "not readable" in caplog.text
+
+
+def test_failed_replace_leaves_no_temporary_file(tmp_cache, monkeypatch):
+    def refuse(src, dst):
+        raise OSError("replace refused")
+
+    monkeypatch.setattr(autotune.os, "replace", refuse)
+    choose(Tuner(timer=stub_timer))
+    assert not [p.name for p in tmp_cache.iterdir() if p.name.endswith(".tmp")]
+
+
 def _writer(worker, n_keys, barrier):
     barrier.wait(timeout=60)
     tuner = Tuner(timer=stub_timer)
