@@ -748,3 +748,40 @@ def test_inline_compile_failure_falls_back_to_the_op(monkeypatch):
     assert "launch" not in site.info and len(report.graphs) == 1
     with torch.no_grad():
         assert_matches(compile_(model)(x), eager(x), ref(x.double()))
+
+
+class _SharedBatchNorm(nn.Module):
+    """One BatchNorm (train mode) on two branches, the activations after both: eager updates
+    its running statistics at each BatchNorm call, branch 1 then branch 2; `peek` also reads
+    them between branch 1's BatchNorm and its activations."""
+
+    def __init__(self, n=24):
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+        self.bn = nn.BatchNorm1d(n, momentum=0.5)
+
+    def forward(self, x1, x2):
+        h1 = self.bn(self.fc(x1))
+        seen = self.bn.running_mean.clone()
+        h2 = self.bn(self.fc(x2))
+        return F.relu(F.gelu(h1)), F.relu(F.gelu(h2)), seen
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_running_stats_updated_where_the_batchnorm_was(grad):
+    """The fused train op updates the running statistics at the BatchNorm's place (it did so at
+    the ReLU's: after branch 2's BatchNorm, so the updates ran in the order 2, 1, and the read
+    between saw them stale; with grad on, Inductor failed on the rewritten graph)."""
+    torch.manual_seed(3)
+    model = _SharedBatchNorm()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x1, x2 = torch.randn(16, 24), torch.randn(16, 24) + 3
+    compiled = torch.compile(model, backend="fusedtriton")
+    with torch.set_grad_enabled(grad):
+        got, want, want64 = compiled(x1, x2), eager(x1, x2), ref(x1.double(), x2.double())
+    assert fusion_backend.counters[NAME] >= 1, dict(fusion_backend.counters)
+    for g, w, w64 in zip(got, want, want64):
+        assert_matches(g, w, w64)
+    torch.testing.assert_close(model.bn.running_mean, eager.bn.running_mean, **stats_close(torch.float32))
+    torch.testing.assert_close(model.bn.running_var, eager.bn.running_var, **stats_close(torch.float32))
+    assert int(model.bn.num_batches_tracked) == int(eager.bn.num_batches_tracked) == 2

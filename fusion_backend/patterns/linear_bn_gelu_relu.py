@@ -774,7 +774,10 @@ class LinearBnGeluRelu(Pattern):
         site = self._site(m, ctx)
         precision = site["precision"]
         tune = (ctx.options.autotune, ctx.options.tune_budget_s)
-        with graph.inserting_before(m.relu):
+        # at the BatchNorm's place: its running statistics are updated (and read, in eval) where
+        # eager does it, before whatever the graph runs between it and the ReLU (another site
+        # sharing the BatchNorm, a read of the statistics); every input exists by then
+        with graph.inserting_before(m.bn):
             x, w, b = cast_to(graph, [m.x, m.weight, m.bias], example_value(m.linear).dtype)
             meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
             if meta is not None:
