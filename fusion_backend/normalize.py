@@ -121,11 +121,19 @@ def _normalize_matmul(node):
             and len(users[0].args) == 2:
         add = users[0]
         bias = add.args[1] if add.args[0] is node else add.args[0]
-        if isinstance(bias, fx.Node) and _rank(bias) == 1 and bias is not node:
+        if isinstance(bias, fx.Node) and _rank(bias) == 1 and bias is not node and _same_dtypes(node, add, bias):
             # bias + x@w.t() == F.linear(x, w, bias): rewrite the add node, leave matmul dead
             _set(add, LINEAR, (node.args[0], w, bias))
             return
     _set(node, LINEAR, (node.args[0], w, None))
+
+
+def _same_dtypes(*nodes) -> bool:
+    """Whether the nodes' example values share one dtype. An add promotes: an fp32 or fp64 bias
+    on an fp16 (autocast) or fp32 product gives the wider dtype, which F.linear would not (it
+    computes in one dtype under autocast, and raises on mixed ones without)."""
+    values = [example_value(n) for n in nodes]
+    return all(v is not None for v in values) and len({v.dtype for v in values}) == 1
 
 
 _LINEAR_ARGS = ("input", "weight", "bias")

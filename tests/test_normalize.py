@@ -19,7 +19,7 @@ import fusion_backend
 import fusion_backend.normalize as normalize
 from fusion_backend import devices
 from fusion_backend.models import MLPBlock
-from tolerances import assert_matches
+from tolerances import assert_matches, rel_err, tolerance
 
 LBGR = "linear_bn_gelu_relu"
 
@@ -346,3 +346,46 @@ def test_failing_node_is_left_as_it_was(monkeypatch, caplog):
 def test_failing_node_does_not_unfuse_the_graph(monkeypatch):
     monkeypatch.setattr(normalize, "_STEPS", (_broken_on_tanh,) + normalize._STEPS)
     assert_block_fused_beside(BlockAndTanh())
+
+
+class _BlockThenHead(nn.Module):
+    """A fusable MLP block, then an output head written as `h @ W.t() + b`, its bias in
+    `bias_dtype` (e.g. a float64 buffer from torch.from_numpy)."""
+
+    def __init__(self, bias_dtype=torch.float32):
+        super().__init__()
+        self.block = MLPBlock(32, 32)
+        self.w = nn.Parameter(torch.randn(16, 32) / 6)
+        self.register_buffer("b", (torch.randn(16) * 100).to(bias_dtype))
+
+    def forward(self, x):
+        return self.block(x) @ self.w.t() + self.b
+
+
+@needs_interpreter
+def test_matmul_plus_bias_of_another_dtype_is_not_folded_into_a_linear():
+    """fp32 product + float64 bias promotes to float64 in eager; folded into F.linear it raised
+    at run time (mixed dtypes), in a graph whose other site was fused."""
+    torch.manual_seed(11)
+    model = _BlockThenHead(torch.float64).eval()
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        out, eager = torch.compile(model, backend="fusedtriton")(x), model(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    assert out.dtype == eager.dtype == torch.float64
+    assert_matches(out, eager, ref)
+
+
+@needs_interpreter
+def test_matmul_plus_bias_under_autocast_keeps_the_promoted_dtype():
+    """Under autocast the product is fp16 and the fp32 bias add promotes to fp32; folded into
+    F.linear, autocast ran it all in fp16 and the model returned fp16."""
+    torch.manual_seed(12)
+    model = _BlockThenHead().eval()
+    x = torch.randn(16, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out, eager = torch.compile(model, backend="fusedtriton")(x), model(x)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    assert out.dtype == eager.dtype == torch.float32
+    assert rel_err(out, eager) <= tolerance(torch.float16)  # the block computes in fp16, as eager's
