@@ -31,6 +31,16 @@ class DeviceProfile:
     fp32_high: str            # ... at "high" / "medium"
     input_dtypes: tuple = ("float32", "float16", "bfloat16")  # dtypes the fused kernels take here
 
+    @property
+    def tuning_id(self) -> str:
+        """The profile in tuning keys: a named profile is one device; a generic one (`nvidia`,
+        `rocm`) covers GPUs with other limits (an A100 and an RTX 3090 are both `nvidia`), so
+        its architecture, multiprocessors and shared memory are part of it. One process with
+        two such GPUs then never serves one's tuned config on the other (where it may not fit)."""
+        if self.name not in ("nvidia", "rocm"):
+            return self.name
+        return f"{self.name}-{self.arch}-{self.multiprocessors}sm-{self.smem_per_block // 1024}k"
+
     def dot_precision(self, dtype: torch.dtype, matmul_precision: Optional[str] = None) -> str:
         """The tl.dot input_precision for `dtype` inputs, following torch's fp32 matmul setting.
 

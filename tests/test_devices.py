@@ -139,3 +139,17 @@ def test_live_gpu_profile_matches_its_properties():
     expected = from_properties(props, is_hip=torch.version.hip is not None)
     assert devices.device_profile("cuda:0") == expected
     assert devices.device_profile() == expected
+
+
+def test_tuning_id_tells_generic_gpus_apart():
+    """Generic profiles cover GPUs with other limits: their tuning keys differ (an A100's
+    tuned tile, 147 KB of shared memory, was served to an RTX 3090 with 101 KB in the same
+    process); named profiles are one device each and keep their name."""
+    from conftest import profile_named
+
+    a100, rtx3090, h100 = (profile_named(s) for s in ("a100-sxm", "rtx3090", "h100-sxm"))
+    assert a100.name == rtx3090.name == h100.name == "nvidia"
+    assert len({a100.tuning_id, rtx3090.tuning_id, h100.tuning_id}) == 3
+    assert h100.tuning_id.startswith("nvidia-sm_90")
+    for stem in ("rtx4090", "mi300x"):
+        assert profile_named(stem).tuning_id == profile_named(stem).name == stem

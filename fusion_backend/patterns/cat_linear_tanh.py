@@ -287,7 +287,8 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
             return _unfused(xs, weight, bias)
         return torch.nn.functional.linear(x0, weight, bias)
 
-    key = autotune.make_key(name, profile.name, x0.dtype, precision, M, K="+".join(str(t.shape[1]) for t in xs), N=N)
+    key = autotune.make_key(name, profile.tuning_id, x0.dtype, precision, M,
+                            K="+".join(str(t.shape[1]) for t in xs), N=N)
     flop = 2 * M * N * sum(t.shape[1] for t in xs)
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
                   space=lambda: cell_space(profile, x0.dtype, precision, flop), m=M,
@@ -455,7 +456,7 @@ class CatLinearTanh(Pattern):
         widths = "+".join(str(hint(v.shape[1])) for v in vals)
         return {"shape": f"{M}x({widths})->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
                 "autocast": any(v.dtype != dtype for v in vals),
-                "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K=widths, N=N)}
+                "key": autotune.make_key(NAME, ctx.profile.tuning_id, dtype, precision, M, K=widths, N=N)}
 
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph

@@ -116,7 +116,7 @@ class CellH2O(Pattern):
         dtype = example_value(m.linear).dtype
         precision = ctx.dot_precision(dtype)
         return {"shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
-                "key": autotune.make_key(NAME, ctx.profile.name, dtype, precision, M, K=str(K), N=N)}
+                "key": autotune.make_key(NAME, ctx.profile.tuning_id, dtype, precision, M, K=str(K), N=N)}
 
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph

@@ -395,7 +395,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
     def run_unfused():
         return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)
 
-    key = autotune.make_key("eval:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
+    key = autotune.make_key("eval:" + NAME, profile.tuning_id, x.dtype, precision, M, K=K, N=N)
     return launch(key, ctx_args=ctx_args, space=lambda: eval_space(profile, x.dtype, precision, 2 * M * N * K), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
                   run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
@@ -428,7 +428,7 @@ def eval_keep_y_forward(x, weight, bias, gamma, beta, running_mean, running_var,
         y.copy_(torch.nn.functional.linear(x, weight, bias))
         return out.copy_(_reference(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate)), y
 
-    key = autotune.make_key("eval_keep_y:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
+    key = autotune.make_key("eval_keep_y:" + NAME, profile.tuning_id, x.dtype, precision, M, K=K, N=N)
     return launch(key, ctx_args=ctx_args, space=lambda: eval_keep_y_space(profile, x.dtype, precision, 2 * M * N * K),
                   m=M, run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
 
@@ -473,7 +473,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
             y.copy_(lin)
         return out, mean.copy_(m), var.copy_(v), y
 
-    key = autotune.make_key("train:" + NAME, profile.name, x.dtype, precision, M, K=K, N=N)
+    key = autotune.make_key("train:" + NAME, profile.tuning_id, x.dtype, precision, M, K=K, N=N)
     return launch(key, ctx_args=ctx_args, space=lambda: space(profile, config_spaces.GEMM, x.dtype, tma=False), m=M,
                   run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
 
@@ -745,7 +745,7 @@ class LinearBnGeluRelu(Pattern):
         return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""),
                 "precision": precision, "gelu": m.approximate,
                 "autocast": any(example_value(n).dtype != dtype for n in (m.x, m.weight) if n is not None),
-                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.name, dtype, precision, M, K=K, N=N)}
+                "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.tuning_id, dtype, precision, M, K=K, N=N)}
 
     @staticmethod
     def _calls(m: _Match, ctx):
