@@ -25,6 +25,17 @@ OPTION_DOCS = {
 }
 
 
+def _check_type(key, value, current) -> None:
+    """A value of the type Inductor's current one has, for the plain types (as torch.compile's
+    options= checks them): {"triton.cudagraphs": "no"} was taken, and read as True."""
+    for kind, ok in ((bool, (bool,)), (int, (int,)), (float, (int, float)), (str, (str,))):
+        if type(current) is kind:
+            if type(value) not in ok or (kind is not bool and isinstance(value, bool)):
+                raise ValueError(f"fusedtriton: options['inductor_options'][{key!r}] must be a {kind.__name__} "
+                                 f"(Inductor's is {current!r}), got {type(value).__name__} {value!r}")
+            return
+
+
 def _inductor_patches(extra) -> dict:
     """options['inductor_options'] checked against torch._inductor.config here, so that a typo is
     a ValueError naming the key, not an Inductor failure deep in the compile (after a fallback
@@ -41,6 +52,7 @@ def _inductor_patches(extra) -> dict:
     for key, value in extra.items():
         name = key.replace("-", "_") if isinstance(key, str) else key
         if name in valid:
+            _check_type(key, value, valid[name])
             patches[name] = value
         else:
             bad.append(key)

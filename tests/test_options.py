@@ -118,6 +118,22 @@ def test_bad_types(key, value, words):
 
 # ----------------------------------------------------------------------------- inductor patches
 
+@pytest.mark.parametrize("key,value", [("triton.cudagraphs", "no"), ("triton.cudagraphs", 0),
+                                       ("max_autotune", None), ("compile_threads", 2.5), ("compile_threads", True)])
+def test_inductor_option_of_the_wrong_type(key, value):
+    """Checked as torch.compile's options= checks them ("no" for a bool was taken, and read
+    as True): the error names the key and the type."""
+    with pytest.raises(ValueError) as err:
+        Options.parse(None, {"inductor_options": {key: value}})
+    assert repr(key) in str(err.value) and type(value).__name__ in str(err.value)
+
+
+def test_inductor_options_of_the_right_type_pass():
+    opts = Options.parse(None, {"inductor_options": {"triton.cudagraphs": False, "compile_threads": 1,
+                                                      "max_autotune": True}})
+    assert not opts.cudagraphs and dict(opts.inductor_options)["compile_threads"] == 1
+
+
 def test_mode_patches():
     patches = Options.parse("max-autotune-no-cudagraphs").inductor_config_patches()
     assert patches.get("max_autotune") is True
