@@ -61,12 +61,25 @@ def explain(model, *args, mode=None, options=None, **kwargs):
         compiled(*args, **kwargs)
     finally:
         _report_sinks.remove(sink)
+        # Dynamo keeps a cache entry per backend for the model's code: every explain() left one
+        # more, and at Dynamo's recompile limit (8) explain() reported nothing and the user's
+        # own compiled model stopped recompiling (new shapes ran eagerly). Its compiled entries
+        # go too, as with torch._dynamo.explain (which resets all): it compiles again once.
+        _forget_compiled_code(model)
     for graph in sink:
         for site in graph.fused:
             choice = autotune.TUNER.lookup(site.info.get("key"))
             if choice is not None:
                 site.info["choice"] = choice.describe()
     return ExplainReport(sink)
+
+
+def _forget_compiled_code(model) -> None:
+    try:
+        from torch._dynamo.eval_frame import remove_from_cache
+    except ImportError:  # a torch without it: entries stay, as before
+        return
+    remove_from_cache(model)
 
 
 __all__ = [

@@ -574,3 +574,21 @@ def test_inference_twins_only_where_nothing_can_turn_grad_on():
         assert registry.use_inference_twins(graph((torch._C._set_grad_enabled, (True,)))) == 0
         assert registry.use_inference_twins(graph((torch.ops.higher_order.cond, ()))) == 0
     assert registry.use_inference_twins(graph()) == 0
+
+
+@needs_interpreter
+def test_repeated_explain_leaves_the_models_compiles_working():
+    """Each explain() compiles with its own backend; Dynamo kept an entry per call for the
+    model's code, so after its recompile limit (8) explain() reported nothing and the user's
+    own compiled model ran a new batch size eagerly. explain() now drops the model's entries."""
+    torch.manual_seed(21)
+    model = randomize(Block(16, 16)).eval()
+    compiled = torch.compile(model, backend="fusedtriton")
+    with torch.no_grad():
+        check(compiled, model, torch.randn(8, 16))
+        for _ in range(torch._dynamo.config.recompile_limit + 2):
+            report = fusion_backend.explain(model, torch.randn(8, 16))
+            assert len(report.graphs) == 1 and [s.pattern for s in report.fused] == [LBGR]
+        before = fusion_backend.counters[LBGR]
+        check(compiled, model, torch.randn(5, 16))  # a new batch size: compiled again, fused
+    assert fusion_backend.counters[LBGR] == before + 1
