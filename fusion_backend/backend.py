@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import warnings
@@ -175,7 +176,8 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     original = _copy_graph(gm)
     counted = collections.Counter(counters)
     try:
-        report = rewrite(gm, profile, opts, device, example_inputs)
+        with _on_device(device):  # compile-time tuning launches on the graph's GPU, not the current one
+            report = rewrite(gm, profile, opts, device, example_inputs)
     except Exception as exc:  # the last net: whatever went wrong, Inductor gets the untouched graph
         warnings.warn(f"fusedtriton: rewriting the graph failed ({type(exc).__name__}: {exc}); "
                       "compiling it unchanged with Inductor", RuntimeWarning)
@@ -221,7 +223,15 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return compiled
     report.note = (f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each, "
                    f"in blocks of {_trial.TRIAL_BLOCK})")
-    return _trial.as_compiled_fn(_trial.GraphTrial(compiled, original_compiled, _trial_decided(report)))
+    return _trial.as_compiled_fn(_trial.GraphTrial(compiled, original_compiled, _trial_decided(report),
+                                                   clock=_trial.CudaClock(device)))
+
+
+def _on_device(device):
+    """The CUDA device guard of the graph's device (Triton launches on the current device)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _without_replays(compiled):

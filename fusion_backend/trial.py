@@ -40,24 +40,32 @@ TRIAL_BLOCK = 4
 
 
 class CudaClock:
-    """Spans of work on the current CUDA stream: CUDA events, read only once they completed."""
+    """Spans of work on the current CUDA stream of `device` (the graph's; None: the current
+    device's), by CUDA events, read only once they completed. A model on another GPU than the
+    current one runs under Inductor's device guard, so events on the current device's stream
+    would time nothing of it."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         import torch
 
         self._torch = torch
+        self._device = device
+
+    def _stream(self):
+        return self._torch.cuda.current_stream(self._device)
 
     def start(self):
         """An event recorded once the GPU has finished all queued work: what follows runs on an
         idle GPU."""
-        self._torch.cuda.current_stream().synchronize()
+        stream = self._stream()
+        stream.synchronize()
         ev = self._torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(stream)
         return ev
 
     def stop(self, start):
         end = self._torch.cuda.Event(enable_timing=True)
-        end.record()
+        end.record(self._stream())
         return start, end
 
     @staticmethod

@@ -165,7 +165,7 @@ def test_backend_trial_on_a_real_graph(monkeypatch, caplog, unfused_faster, trai
     report and the log."""
     clock = FakeClock(*((2.0, 1.0) if unfused_faster else (1.0, 2.0)))
     monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
-    monkeypatch.setattr(trial, "CudaClock", lambda: clock)
+    monkeypatch.setattr(trial, "CudaClock", lambda device: clock)
     model = randomize(Block(24, 20)).train(train)
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
     graphs = []
@@ -208,7 +208,7 @@ def test_backend_trial_gradients_match_eager_at_every_call(monkeypatch, unfused_
     exact gradient is 0 in front of a training-mode BatchNorm: compared at the scale of dY)."""
     clock = FakeClock(*((2.0, 1.0) if unfused_faster else (1.0, 2.0)))
     monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
-    monkeypatch.setattr(trial, "CudaClock", lambda: clock)
+    monkeypatch.setattr(trial, "CudaClock", lambda device: clock)
     model = randomize(Block(24, 20)).train()
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
     linear_out = []  # the fp64 copy's Linear output, for the scale of dY
@@ -460,3 +460,42 @@ def test_trial_calls_from_two_threads():
         th.join()
     assert not errors and len(answers) == 80 and len(decided) == 1
     assert set(answers[-10:]) == {"F"}  # the fused graph, faster on this clock, from then on
+
+
+def test_cuda_clock_times_the_graphs_device():
+    """The trial's events go on the current stream of the graph's GPU (a model on cuda:1 with
+    cuda:0 current ran under Inductor's device guard, while the events timed cuda:0's stream)."""
+    used = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def synchronize(self):
+            used.append(("sync", self.device))
+
+    class TimingEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream):
+            used.append(("record", stream.device))
+
+    class FakeCuda:
+        Event = TimingEvent
+
+        @staticmethod
+        def current_stream(device=None):
+            return Stream(device)
+
+    clock = trial.CudaClock(torch.device("cuda", 1))
+    clock._torch = type("FakeTorch", (), {"cuda": FakeCuda})
+    clock.stop(clock.start())
+    assert used == [("sync", torch.device("cuda", 1)), ("record", torch.device("cuda", 1)),
+                    ("record", torch.device("cuda", 1))]
+
+
+def test_compile_time_work_runs_under_the_graphs_device_guard():
+    guard = backend._on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(backend._on_device(torch.device("cpu")), torch.cuda.device)
