@@ -785,3 +785,28 @@ def test_running_stats_updated_where_the_batchnorm_was(grad):
     torch.testing.assert_close(model.bn.running_mean, eager.bn.running_mean, **stats_close(torch.float32))
     torch.testing.assert_close(model.bn.running_var, eager.bn.running_var, **stats_close(torch.float32))
     assert int(model.bn.num_batches_tracked) == int(eager.bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("op", ["eval", "eval_keep_y", "train"])
+def test_double_backward_is_refused_by_name(op):
+    """create_graph=True (a gradient penalty) through an op called directly: a clear error, not
+    wrong second derivatives (the keep_y op's were off by up to 120 against eager's 870; the
+    train op raised deep in native_batch_norm_backward). Under torch.compile AOTAutograd refuses
+    double backward itself."""
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
+
+    torch.manual_seed(17)
+    x = torch.randn(12, 20, requires_grad=True)
+    w, b = torch.randn(16, 20, requires_grad=True), torch.randn(16, requires_grad=True)
+    gamma, beta = torch.rand(16) + 0.5, torch.randn(16)
+    mean, var = torch.randn(16), torch.rand(16) + 0.5
+    if op == "train":
+        out = lbgr.linear_bn_gelu_relu_train(x, w, b, gamma, beta, 1e-5, "none", "ieee", False, 1.0, True)[0]
+    else:
+        fn = lbgr.linear_bn_gelu_relu_eval if op == "eval" else lbgr.linear_bn_gelu_relu_eval_keep_y
+        out = fn(x, w, b, gamma, beta, mean, var, 1e-5, "none", "ieee", False, 1.0)
+        out = out[0] if op == "eval_keep_y" else out
+    (gx,) = torch.autograd.grad(out.square().sum(), x, retain_graph=True)  # first order: fine
+    assert gx.shape == x.shape
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)

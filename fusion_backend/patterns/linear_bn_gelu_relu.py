@@ -497,6 +497,15 @@ def _backward_common(ctx, grad_out, training):
     Saved: x, W, b, gamma, beta, out, then (batch mean, biased var) in training or
     (running_mean, running_var) in eval, then the Linear's output where the forward kept it
     (the train op with keep_y, the eval keep_y op; absent or empty: recomputed here, a GEMM)."""
+    if torch.is_grad_enabled():
+        # a backward asked to build its own graph (create_graph=True: gradient penalties,
+        # hessians): these formulas are not differentiable as written (the kept output's and
+        # the batch statistics' grads are not taken, native_batch_norm_backward has no
+        # derivative in training), so say so rather than give wrong second derivatives.
+        # Under torch.compile AOTAutograd refuses double backward before it gets here.
+        raise RuntimeError("fusedtriton: the linear_bn_gelu_relu ops have no double backward "
+                           "(create_graph=True); run that model without them (eagerly, or compiled with "
+                           "options={'patterns': [...]} leaving linear_bn_gelu_relu out)")
     x, weight, bias, gamma, beta, out, mean, var, *kept = ctx.saved_tensors
     mean, invstd = mean.float(), torch.rsqrt(var.float() + ctx.eps)
     if kept and kept[0].numel():
