@@ -85,4 +85,5 @@ def _forget_compiled_code(model) -> None:
 __all__ = [
     "BACKEND_NAME", "DeviceProfile", "MODES", "OPTION_DOCS", "Options", "Pattern", "counters",
     "device_profile", "explain", "from_properties", "fusedtriton", "pattern_names", "register_pattern",
+    "release_graphs",
 ]
