@@ -31,7 +31,7 @@ class DeviceProfile:
     fp32_high: str            # ... at "high" / "medium"
     input_dtypes: tuple = ("float32", "float16", "bfloat16")  # dtypes the fused kernels take here
 
-    @property
+    @functools.cached_property  # read by the launchers on every call
     def tuning_id(self) -> str:
         """The profile in tuning keys: a named profile is one device; a generic one (`nvidia`,
         `rocm`) covers GPUs with other limits (an A100 and an RTX 3090 are both `nvidia`), so

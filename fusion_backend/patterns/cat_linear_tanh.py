@@ -294,7 +294,7 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
                   space=lambda: cell_space(profile, x0.dtype, precision, flop), m=M,
                   run_fused=runner(xs, weight, bias, precision, out, apply_tanh),
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC,
-                  replay=Replay(list(xs), out, (weight, bias),
+                  replay=Replay(xs, out, (weight, bias),
                                 lambda ins, o, kw: runner(ins, weight, bias, precision, o, apply_tanh)(kw)))
 
 
