@@ -568,7 +568,7 @@ def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
     x = torch.randn(M, 2 * K, device="cuda", dtype=dtype)[:, ::2]  # strided: read without a copy
     profile = devices.tensor_profile(x)
     mode = "train" if train else "eval_keep_y" if grad else "eval"
-    key = autotune.make_key(mode + ":linear_bn_gelu_relu", profile.name, dtype, profile.dot_precision(dtype), M, K=K, N=N)
+    key = autotune.make_key(mode + ":linear_bn_gelu_relu", profile.tuning_id, dtype, profile.dot_precision(dtype), M, K=K, N=N)
     config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
     try:
@@ -620,8 +620,8 @@ def test_inline_cell_launch_gpu(precision):
     eager, m64 = copy.deepcopy(m), copy.deepcopy(m).double()
     profile = devices.device_profile(torch.device("cuda"))
     dot = profile.dot_precision(torch.float32)
-    keys = [autotune.make_key("cat_linear_tanh", profile.name, torch.float32, dot, B, K=f"{I}+{H}", N=H),
-            autotune.make_key("cell_h2o", profile.name, torch.float32, dot, B, K=str(H), N=O)]
+    keys = [autotune.make_key("cat_linear_tanh", profile.tuning_id, torch.float32, dot, B, K=f"{I}+{H}", N=H),
+            autotune.make_key("cell_h2o", profile.tuning_id, torch.float32, dot, B, K=str(H), N=O)]
     config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     for key in keys:
         autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.01, 0.02))
