@@ -337,3 +337,96 @@ def test_steps_over_unbind_are_fused_and_match():
     assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
     assert_close_to(out, e, r)
     assert_grads_match(models_)
+
+
+# ------------------------------------------------- stacked outputs, autocast operands, random ops
+
+class StackAndLast(Base):
+    """Returns the stack of the h2o outputs and the last step's output too."""
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            outs.append(self.h2o(h))
+        return torch.stack(outs), outs[-1]
+
+
+def test_stack_of_outputs_returned_with_a_step_output_is_its_own_tensor():
+    """The hoisted h2o's result replaces the stack only when the stack is the per-step outputs'
+    one user: returned as well, a step's output would share memory with the "stack" (eager's
+    stack is a copy), so an in-place write to it would change the stack."""
+    torch.manual_seed(6)
+    model = StackAndLast()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with torch.no_grad():
+        (ys, last), (ys_e, last_e) = compile_(copy.deepcopy(model))(xs, h0), model(xs, h0)
+        assert fusion_backend.counters[SEQ] == 1
+        assert_close_to(ys, ys_e, model.double()(xs.double(), h0.double())[0])
+        last.zero_()
+        last_e.zero_()
+    assert ys.untyped_storage().data_ptr() != last.untyped_storage().data_ptr()
+    assert rel_err(ys, ys_e) < 1e-5  # the stack kept the last row
+
+
+class AutocastSequence(Base):
+    def forward(self, xs, h):
+        with torch.autocast("cpu", dtype=torch.float16):
+            for t in range(xs.shape[0]):
+                h = self.step(xs[t], h)
+            return h
+
+
+def test_fp16_operands_with_fp32_weights_under_autocast_are_refused():
+    """Under autocast, fp16 x_t and h0 give an fp16 Linear while W stays fp32: the recurrence op
+    takes one dtype, so the sequence is left unfused (it raised before), and matches eager."""
+    torch.manual_seed(7)
+    model = AutocastSequence()
+    xs, h0 = torch.randn(T, B, I).half(), torch.randn(B, H).half()
+    with torch.no_grad():
+        got, want = compile_(copy.deepcopy(model))(xs, h0), model(xs, h0)
+    assert got.dtype == want.dtype == torch.float16
+    assert rel_err(got, want) <= HALF
+    assert fusion_backend.counters[SEQ] == 0
+    refused(model, xs, h0, reason="autocast changes the cell's dtype")
+
+
+class DropoutSequence(Base):
+    """Dropout on each step's input and on each step's output, in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            h = self.step(self.drop(xs[t]), h)
+            outs.append(self.drop(self.h2o(h)))
+        return torch.stack(outs)
+
+
+def test_random_ops_keep_their_order():
+    """Hoisting the steps' inputs would draw every x_t's dropout mask before the outputs'
+    masks: with Inductor's eager-order random numbers (`fallback_random`) the model must draw
+    the same masks as eager, so the sequence is left unfused; in eval (no draws) it is fused."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(8)
+    model = DropoutSequence()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with inductor_config.patch(fallback_random=True), torch.no_grad():
+        compiled = compile_(copy.deepcopy(model))
+        torch.manual_seed(9)
+        got = compiled(xs, h0)
+        torch.manual_seed(9)
+        want = model(xs, h0)
+    assert rel_err(got, want) < 1e-5
+    assert fusion_backend.counters[SEQ] == 0
+    refused(model, xs, h0, reason="draw random numbers")
+    model.eval()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got, want = compile_(copy.deepcopy(model))(xs, h0), model(xs, h0)
+    assert fusion_backend.counters[SEQ] == 1
+    assert rel_err(got, want) < 1e-5

@@ -216,6 +216,29 @@ def writes_in_place(node: fx.Node) -> bool:
     return bool(written_nodes(node))
 
 
+#: functions and methods that draw from the random number generator (dropout only in training:
+#: `_RANDOM_IF_TRAINING`)
+_RANDOM_NAMES = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli",
+                 "bernoulli_", "normal", "normal_", "multinomial", "poisson", "uniform_", "exponential_",
+                 "random_", "cauchy_", "log_normal_", "geometric_", "rrelu", "native_dropout"}
+_RANDOM_IF_TRAINING = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def draws_random(node: fx.Node) -> bool:
+    """Whether `node` draws random numbers: moving it across another such node would change
+    which draws each gets. Dropout draws only when training (its third argument) with p > 0."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in _RANDOM_NAMES:
+        return True
+    if name not in _RANDOM_IF_TRAINING:
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    return training is not False and p != 0
+
+
 _warned = set()
 
 

@@ -24,8 +24,8 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import (backward_will_run, cdiv, define_op, grad_modes, hint, kernel_kwargs, log, space,
-                      writes_in_place, written_inside)
+from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log,
+                      space, writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -283,7 +283,9 @@ class RnnSequence(Pattern):
         h0 = chain[0].tensors[1]
         x_val, h_val = example_value(xs[0]), example_value(h0)
         dtype = example_value(chain[0].linear).dtype
-        if x_val.dtype != dtype or h_val.dtype != dtype:
+        # under autocast the Linear's output dtype can match fp16 x_t and h0 while W stays fp32
+        operands = (*xs, h0, chain[0].weight, chain[0].bias)
+        if any(example_value(n).dtype != dtype for n in operands if isinstance(n, fx.Node)):
             return "autocast changes the cell's dtype: sequences are fused without autocast only"
         if any(example_value(x).shape != x_val.shape for x in xs):
             return "steps' inputs differ in shape"
@@ -296,6 +298,9 @@ class RnnSequence(Pattern):
                 return f"input {x.name} of a step depends on an earlier step"
             if _impure_ancestor_after(x, chain[0].cat):
                 return f"input {x.name} is computed by an in-place op inside the sequence"
+        if _random_draws_reordered(chain[0].cat, xs):
+            return ("the steps' inputs draw random numbers (e.g. dropout in training) between other random ops: "
+                    "moving them before the first step would change which draws each op gets")
         return _moved_across(chain, xs, h0)
 
     def replace(self, chain, ctx) -> dict:
@@ -371,8 +376,11 @@ def _hoist_output_projection(graph, rows, hs) -> bool:
         graph.erase_node(lin)
     users = set(out_rows[0].users)
     for node in users:
+        # only a stack that is the rows' one user: their result is out_all's memory, where a
+        # step's output returned or written in place as well would change the "stack" too
         if (node.op == "call_function" and node.target is torch.stack and not node.kwargs
-                and list(node.args[0]) == out_rows and (len(node.args) < 2 or node.args[1] == 0)):
+                and list(node.args[0]) == out_rows and (len(node.args) < 2 or node.args[1] == 0)
+                and all(len(row.users) == 1 for row in out_rows)):
             node.replace_all_uses_with(out_all)
             graph.erase_node(node)
     for out_row in out_rows:
@@ -455,6 +463,23 @@ def _after(node: fx.Node, anchor: fx.Node) -> list:
         found.add(n)
         stack.extend(n.all_input_nodes)
     return sorted(found, key=order.__getitem__)
+
+
+def _random_draws_reordered(anchor: fx.Node, xs) -> bool:
+    """Whether moving the inputs' computations before `anchor` (`_move_before`) would move a
+    random op (dropout in training, ...) ahead of another one that stays behind it."""
+    moved = {n for x in xs for n in _after(x, anchor)}
+    passed_random = False  # a random op that stays, between the anchor and this node
+    node = anchor
+    while node.op != "output" and moved:
+        if node in moved:
+            moved.discard(node)
+            if passed_random and draws_random(node):
+                return True
+        elif draws_random(node):
+            passed_random = True
+        node = node.next
+    return False
 
 
 def _impure_ancestor_after(node: fx.Node, anchor: fx.Node) -> bool:
