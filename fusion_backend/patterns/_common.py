@@ -150,8 +150,21 @@ def backward_will_run(at: fx.Node, inputs) -> bool:
 
 
 def mutated_in_graph(node: fx.Node) -> bool:
-    """True if an in-place method or op of the graph writes to `node`."""
-    return any(node in written_nodes(user) for user in node.users)
+    """True if an in-place method or op of the graph writes to `node` or to memory it shares:
+    Dynamo records `h.data.copy_(v)` as a copy_ into `_get_data_attr(h)`, and `h.view(-1).copy_(v)`
+    into a view, neither of them a user of `h` that writes."""
+    if any(node in written_nodes(user) for user in node.users):
+        return True
+    storage = _storage_of(node)
+    return storage is not None and any(_storage_of(target) == storage
+                                       for n in node.graph.nodes for target in written_nodes(n))
+
+
+def _storage_of(node):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    val = example_value(node) if isinstance(node, fx.Node) else None
+    return StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
 
 
 # Dynamo records `t += u` on a tensor as operator.iadd(t, u), which writes t
