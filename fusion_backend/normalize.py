@@ -180,9 +180,17 @@ def _fresh_private_input(node, src) -> bool:
     """Whether the in-place op `node` on `src` may be made out-of-place: `src` is a fresh tensor
     (not an input, a parameter or a view) that nothing else reads or aliases, so no write of the
     in-place op is visible through another name. A view shares its base's storage, so a single
-    user is not enough (relu_ on z[:, :4] or buf.view(-1) must still write z / buf)."""
-    if not isinstance(src, fx.Node) or src.op not in ("call_function", "call_method", "call_module") \
-            or len(src.users) != 1:
+    user is not enough (relu_ on z[:, :4] or buf.view(-1) must still write z / buf). Users of
+    `src` after `node` (`g.relu_(); return g`) read what `node` wrote: `_read_result_later`
+    points them at the out-of-place result."""
+    if not isinstance(src, fx.Node) or src.op not in ("call_function", "call_method", "call_module"):
+        return False
+    later = set()
+    n = node.next
+    while n.op != "root":
+        later.add(n)
+        n = n.next
+    if any(user is not node and user not in later for user in src.users):
         return False
     val = example_value(src)
     if not isinstance(val, torch.Tensor) or val._is_view():
@@ -206,12 +214,16 @@ def _normalize_activation(node):
     elif _is_call(node, (torch.relu, F.relu), ("relu",)):
         src = _arg(node, 0, "input", default=None)
         inplace = _arg(node, 1, "inplace", default=False)
-        if src is not None and (not inplace or _fresh_private_input(node, src)):
+        if src is not None and not inplace:
             _set(node, RELU, (src,))
+        elif src is not None and _fresh_private_input(node, src):
+            _set(node, RELU, (src,))
+            _read_result_later(node, src)
     elif _is_call(node, (torch.relu_, F.relu_), ("relu_",)):
         src = _arg(node, 0, "input", default=None)
         if src is not None and _fresh_private_input(node, src):
             _set(node, RELU, (src,))
+            _read_result_later(node, src)
     elif is_op(node, F.gelu):
         src = node.args[0] if node.args else node.kwargs.get("input")
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
@@ -221,6 +233,14 @@ def _normalize_activation(node):
         tensors = node.kwargs.get("tensors", node.args[0] if node.args else None)
         dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
         _set(node, CAT, (tensors, dim))
+
+
+def _read_result_later(node, src):
+    """After an in-place op on `src` became out-of-place `node`, the later reads of `src` read
+    `node` (`_fresh_private_input` checked that every other user of `src` comes after it)."""
+    for user in list(src.users):
+        if user is not node:
+            user.replace_input_with(src, node)
 
 
 _STEPS = (_normalize_matmul, _normalize_linear, _normalize_addmm, _normalize_bn, _normalize_activation)

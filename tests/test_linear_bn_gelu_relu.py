@@ -168,24 +168,31 @@ def test_noncontiguous_input(train):
         assert_stats_match(model, eager, ref)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_empty_batch(train):
+def test_empty_batch(train, grad):
+    """An empty batch is left to Inductor (nothing to gain; in training eager keeps the running
+    statistics; in eval with grad on, the op's backward traced by AOT divided by the batch, and
+    the whole graph fell back with a warning). The next real batch gets its own graph, fused."""
+    import warnings
+
     torch.manual_seed(2)
     model, eager, ref = trio(randomize(LBGR()), train)
     compiled = compile_(model)
     x = torch.randn(0, K)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
         out, e, r = compiled(x), eager(x), ref(x.double())
     assert out.shape == e.shape == r.shape == (0, N)
     assert out.dtype == e.dtype
-    # an empty training batch is left to Inductor (eager keeps the running statistics)
-    assert fusion_backend.counters[NAME] == (0 if train else 1)
+    assert fusion_backend.counters[NAME] == 0
     if train:
         assert_stats_match(model, eager, ref)  # eager leaves the running statistics alone
     # the same compiled model still works on a real batch afterwards
     x = torch.randn(M, K)
     with torch.no_grad():
         assert_matches(compiled(x), eager(x), ref(x.double()))
+    assert fusion_backend.counters[NAME] == 1
     if train:
         assert_stats_match(model, eager, ref)
 
@@ -779,12 +786,38 @@ def test_running_stats_updated_where_the_batchnorm_was(grad):
     compiled = torch.compile(model, backend="fusedtriton")
     with torch.set_grad_enabled(grad):
         got, want, want64 = compiled(x1, x2), eager(x1, x2), ref(x1.double(), x2.double())
-    assert fusion_backend.counters[NAME] >= 1, dict(fusion_backend.counters)
+    # both sites fused: the first's running-statistics update does not concern the second,
+    # whose op never reads them (the second was refused as "mutated in the graph")
+    assert fusion_backend.counters[NAME] == 2, dict(fusion_backend.counters)
     for g, w, w64 in zip(got, want, want64):
         assert_matches(g, w, w64)
     torch.testing.assert_close(model.bn.running_mean, eager.bn.running_mean, **stats_close(torch.float32))
     torch.testing.assert_close(model.bn.running_var, eager.bn.running_var, **stats_close(torch.float32))
     assert int(model.bn.num_batches_tracked) == int(eager.bn.num_batches_tracked) == 2
+
+
+class _ReluStatement(LBGR):
+    """`g.relu_()` as a statement, then `return g` (Dynamo's graph returns the GELU node)."""
+
+    def forward(self, x):
+        g = F.gelu(self.bn(self.lin(x)))
+        g.relu_()
+        return g
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_in_place_relu_as_a_statement_is_fused(train):
+    """The GELU's output has two users (relu_ and the output after it): relu_ is respelled out
+    of place and the later read takes its result, so the site is fused (it was not, and
+    explain() listed no site at all)."""
+    torch.manual_seed(4)
+    model, eager, ref = trio(randomize(_ReluStatement()), train)
+    x = torch.randn(M, K)
+    with torch.no_grad():
+        assert_matches(compile_(model)(x), eager(x), ref(x.double()))
+    assert fusion_backend.counters[NAME] == 1
+    if train:
+        assert_stats_match(model, eager, ref)
 
 
 @pytest.mark.parametrize("op", ["eval", "eval_keep_y", "train"])

@@ -722,17 +722,21 @@ class LinearBnGeluRelu(Pattern):
             return "eval-mode BatchNorm without running statistics"
         if m.training and m.running_mean is not None and not isinstance(m.momentum, (int, float)):
             return "BatchNorm momentum is not a constant (momentum=None: cumulative average)"
-        inputs = (m.x, m.weight, m.bias, m.gamma, m.beta, m.running_mean, m.running_var)
+        # in training the op never reads the running statistics (their update is emitted at the
+        # BatchNorm's place, as eager reads them): a shared BatchNorm's first site writing them
+        # does not concern the second
+        inputs = (m.x, m.weight, m.bias, m.gamma, m.beta) + (() if m.training else (m.running_mean, m.running_var))
         for node in inputs:
             if isinstance(node, fx.Node) and mutated_in_graph(node):
                 return f"input {node.name} is mutated in the graph"
         written = written_inside(m.linear, m.relu, inputs)
         if written:
             return written
-        if m.training and hint(x_val.shape[0]) == 0:
-            # eager leaves the running statistics alone for an empty batch; Dynamo gives batch 0
-            # a graph of its own, so this costs nothing elsewhere
-            return "empty batch in training: left to Inductor"
+        if hint(x_val.shape[0]) == 0:
+            # nothing to gain, and in training eager leaves the running statistics alone; with
+            # grad on, the eval op's backward (native_batch_norm_backward) divides by the batch.
+            # Dynamo gives batch 0 a graph of its own, so this costs nothing elsewhere
+            return "empty batch: left to Inductor"
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx),
                                     static_shapes=self._inline_shapes(m))
 
