@@ -602,6 +602,27 @@ def test_sequence_refused_for_a_batch_over_the_kernel_limit():
     assert fusion_backend.counters["rnn_sequence"] == 0
 
 
+def test_recurrence_over_the_batch_limit_at_run_time_takes_the_torch_loop(monkeypatch):
+    """With a dynamic batch the rewrite's batch check sees one size and the call another: a
+    batch over the kernel's limit then runs the torch loop for that call (no launch, and the
+    kernel stays on for later calls)."""
+    import fusion_backend.patterns.rnn_sequence as seq
+
+    def no_launch(*args):
+        raise AssertionError("launched the recurrence kernel over its batch limit")
+
+    monkeypatch.setattr(seq, "launch", no_launch)
+    monkeypatch.setattr(seq, "_failed", [])  # a failed launch would switch the kernel off for the process
+    T, B = 3, 65
+    p, h0, w_h = torch.randn(T, B, H), torch.randn(B, H), torch.randn(H, H) * 0.3
+    hs = seq.recurrence(p, h0, w_h, "ieee")
+    h = h0
+    for t in range(T):
+        h = torch.tanh(p[t] + h @ w_h.t())
+        torch.testing.assert_close(hs[t + 1], h)
+    assert not seq._failed
+
+
 def test_grid_barrier_program_count_stays_resident(monkeypatch):
     """All programs of the recurrence wait on each other, so their number stays far below what
     the GPU can hold at once: capped, and scaled down when MPS limits this process."""

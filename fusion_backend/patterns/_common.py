@@ -149,15 +149,24 @@ def backward_will_run(at: fx.Node, inputs) -> bool:
                                 for n in inputs)
 
 
-def mutated_in_graph(node: fx.Node) -> bool:
-    """True if an in-place method or op of the graph writes to `node` or to memory it shares:
-    Dynamo records `h.data.copy_(v)` as a copy_ into `_get_data_attr(h)`, and `h.view(-1).copy_(v)`
-    into a view, neither of them a user of `h` that writes."""
+def mutated_in_graph(node: fx.Node, aliases: bool = False) -> bool:
+    """True if an in-place method or op of the graph writes to `node`; with `aliases`, also to
+    memory it shares, after it: Dynamo records `h.data.copy_(v)` as a copy_ into
+    `_get_data_attr(h)`, and `h.view(-1).copy_(v)` into a view, neither a user of `h` that writes
+    (what matters where an op saves `node` for its backward)."""
     if any(node in written_nodes(user) for user in node.users):
         return True
+    if not aliases:
+        return False
     storage = _storage_of(node)
-    return storage is not None and any(_storage_of(target) == storage
-                                       for n in node.graph.nodes for target in written_nodes(n))
+    if storage is None:
+        return False
+    n = node.next  # (a write before `node` is what `node` holds: not a write to it)
+    while n.op != "root":
+        if any(_storage_of(target) == storage for target in written_nodes(n)):
+            return True
+        n = n.next
+    return False
 
 
 def _storage_of(node):

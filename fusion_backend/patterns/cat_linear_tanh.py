@@ -20,7 +20,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, Replay, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
+from ._common import (INLINE_MAX_FLOP, Replay, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gluon_code, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
                       mutated_in_graph, only_user, space, static_shapes, tensor_problem, tf32_split_all, tma_ready,
                       tuned_unfused_reason, written_inside)
@@ -442,10 +442,16 @@ class CatLinearTanh(Pattern):
         out_val = example_value(m.tanh)
         if out_val is None or out_val.dtype != dtype:
             return f"output dtype {None if out_val is None else out_val.dtype} differs from the Linear's {dtype}"
+        written = written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
+        if written:  # (the more precise reason of the two)
+            return written
+        # the op saves its operands for dW (eager's cat is a copy): with a backward to run, a
+        # later write through an alias (`.data`, a view) would change what dW reads
+        saved = backward_will_run(m.cat, tensors + [m.weight, m.bias])
         for node in tensors + [m.weight, m.bias]:
-            if isinstance(node, fx.Node) and mutated_in_graph(node):
+            if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=saved):
                 return f"input {node.name} is mutated in the graph"
-        return written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
+        return None
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

@@ -119,8 +119,11 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     if _failed:
         return _reference(p, w_h, hs)
     profile = devices.tensor_profile(p)
+    planned = _planned(profile, p.dtype, precision, B, H)
+    if planned is None:
+        return _reference(p, w_h, hs)
     try:
-        launch(p, w_h, hs, precision, *_planned(profile, p.dtype, precision, B, H))
+        launch(p, w_h, hs, precision, *planned)
     except Exception as exc:  # a kernel that fails to compile must not break the model
         _failed.append(exc)
         log.warning("fusedtriton: %s kernel failed (%s: %s); using the unfused computation",
@@ -184,8 +187,11 @@ def plan(config: dict, profile, B: int, H: int):
 @functools.lru_cache(maxsize=None)
 def _planned(profile, dtype, precision, B, H):
     """`plan` of this device's config, once per (dtype, precision, B, H): the call path only
-    allocates and launches."""
-    return plan(_config(profile, dtype, precision), profile, B, H)
+    allocates and launches. None where B is over the config's batch limit (BLOCK_M)."""
+    config = _config(profile, dtype, precision)
+    if B > config["BLOCK_M"]:
+        return None  # a batch past the kernel's limit (dynamic, so the rewrite's check saw another)
+    return plan(config, profile, B, H)
 
 
 def launch(p, w_h, hs, precision, programs, kwargs) -> None:
