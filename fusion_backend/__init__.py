@@ -43,7 +43,8 @@ def release_graphs() -> None:
 def explain(model, *args, mode=None, options=None, **kwargs):
     """Compile `model` with fusedtriton, run it once on (*args, **kwargs), and report:
     the device profile, each fused site (pattern, shapes, dtype, precision, chosen config)
-    and each near-miss with its reason. `print(report)` reads well."""
+    and each near-miss with its reason. `print(report)` reads well. The call is a real one: a
+    model in training mode updates its BatchNorm running statistics, as any call does."""
     import torch
 
     from . import autotune
@@ -55,17 +56,21 @@ def explain(model, *args, mode=None, options=None, **kwargs):
     def backend(gm, example_inputs):
         return fusedtriton(gm, example_inputs, mode=mode, options=options)
 
+    codes: list = []  # every code object Dynamo compiles meanwhile (graph breaks' resume functions too)
+    hook = _record_compiled_codes(codes)
     _report_sinks.append(sink)
     try:
         compiled = torch.compile(model, backend=backend)
         compiled(*args, **kwargs)
     finally:
         _report_sinks.remove(sink)
-        # Dynamo keeps a cache entry per backend for the model's code: every explain() left one
-        # more, and at Dynamo's recompile limit (8) explain() reported nothing and the user's
+        if hook is not None:
+            hook.remove()
+        # Dynamo keeps a cache entry per backend for each compiled code: every explain() left
+        # one more, and at Dynamo's recompile limit (8) explain() reported nothing and the user's
         # own compiled model stopped recompiling (new shapes ran eagerly). Its compiled entries
         # go too, as with torch._dynamo.explain (which resets all): it compiles again once.
-        _forget_compiled_code(model)
+        _forget_compiled_code(model, codes)
     for graph in sink:
         for site in graph.fused:
             choice = autotune.TUNER.lookup(site.info.get("key"))
@@ -74,12 +79,29 @@ def explain(model, *args, mode=None, options=None, **kwargs):
     return ExplainReport(sink)
 
 
-def _forget_compiled_code(model) -> None:
+def _record_compiled_codes(codes: list):
+    """Collect into `codes` the code objects Dynamo compiles until the returned handle is
+    removed (None on a torch without bytecode hooks)."""
+    try:
+        from torch._dynamo.convert_frame import register_bytecode_hook
+    except ImportError:
+        return None
+
+    def hook(code, new_code):
+        codes.append(code)
+        return None
+
+    return register_bytecode_hook(hook)
+
+
+def _forget_compiled_code(model, codes=()) -> None:
     try:
         from torch._dynamo.eval_frame import remove_from_cache
     except ImportError:  # a torch without it: entries stay, as before
         return
     remove_from_cache(model)
+    for code in dict.fromkeys(codes):
+        remove_from_cache(code)
 
 
 __all__ = [

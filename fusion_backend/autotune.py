@@ -132,6 +132,17 @@ def _read(path: str, environment: str) -> Dict[str, dict]:
         return {}
 
 
+def _foreign(path: str, environment: str) -> bool:
+    """Whether `path` holds a well-formed cache of another schema or environment."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except Exception:  # missing, unreadable, corrupt: not another version's cache
+        return False
+    return isinstance(data, dict) and "schema" in data and (
+        data.get("schema") != _SCHEMA or data.get("environment") != environment)
+
+
 def _times_ok(entry: dict) -> bool:
     """Whether a cache entry's times are numbers or absent (a hand-edited or foreign entry is
     tuned again rather than failing later, in explain() or the run-time trial's rule)."""
@@ -167,6 +178,12 @@ def _write(path: str, environment: str, key: str, entry: dict) -> None:
             if os.path.exists(path) and not os.access(path, os.R_OK):
                 # another user's cache we cannot read: replacing it would drop its entries
                 log.warning("fusedtriton: not writing autotune cache %s: it exists and is not readable", path)
+                return
+            if _foreign(path, environment):
+                # e.g. a newer fusedtriton's cache under the same name: replacing it would drop
+                # its entries (a corrupt or truncated file is replaced)
+                log.warning("fusedtriton: not writing autotune cache %s: it belongs to another fusedtriton "
+                            "version or environment", path)
                 return
             entries = _read(path, environment)
             entries[key] = entry

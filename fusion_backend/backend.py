@@ -166,7 +166,9 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         report = GraphReport(profile=None, mode=opts.mode, note=f"profile {profile.name} off by only_named_devices")
         profile = None
     elif profile is None:
-        report = GraphReport(profile=None, mode=opts.mode, note=f"device {device} has none")
+        report = GraphReport(profile=None, mode=opts.mode, note=f"device {device} has none"
+                             + ("; Triton's interpreter gives CPU graphs one: TRITON_INTERPRET=1, small shapes only"
+                                if device.type == "cpu" else ""))
     if profile is None:
         log.info(report.summary())
         for sink in _report_sinks:

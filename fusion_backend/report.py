@@ -45,6 +45,7 @@ class GraphReport:
             return f"fusedtriton: no device profile ({self.note}); whole graph to Inductor"
         return (f"fusedtriton[{self.profile}]: {len(self.fused)} site(s) fused, "
                 f"{len(self.skipped)} not fused; rest to Inductor (mode={self.mode or 'default'})"
+                + ("" if self.sites else " (no pattern's structure in this graph: see `fusion_backend.pattern_names()`)")
                 + (f"; {self.note}" if self.note else ""))
 
 

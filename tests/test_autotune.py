@@ -439,6 +439,26 @@ def test_unreadable_cache_file_is_left_as_it_is(tmp_cache, caplog):
     assert "not readable" in caplog.text
 
 
+def test_cache_file_of_another_version_is_left_as_it_is(tmp_cache, caplog):
+    """A well-formed cache of another schema (a newer fusedtriton under the same file name) is
+    ignored when read and never replaced: its entries stay for the version that wrote them."""
+    choose(Tuner(timer=stub_timer))
+    path = _cache_path()
+    with open(path) as f:
+        data = json.load(f)
+    data["schema"] = "future"
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with open(path) as f:
+        before = f.read()
+    with caplog.at_level(logging.WARNING, logger="fusion_backend"):
+        key = make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=1, N=3)
+        assert choose(Tuner(timer=stub_timer), key=key).source == "tuned"
+    with open(path) as f:
+        assert f.read() == before
+    assert "another fusedtriton version" in caplog.text
+
+
 def test_failed_replace_leaves_no_temporary_file(tmp_cache, monkeypatch):
     def refuse(src, dst):
         raise OSError("replace refused")

@@ -592,3 +592,33 @@ def test_repeated_explain_leaves_the_models_compiles_working():
         before = fusion_backend.counters[LBGR]
         check(compiled, model, torch.randn(5, 16))  # a new batch size: compiled again, fused
     assert fusion_backend.counters[LBGR] == before + 1
+
+
+class _TwoBlocksWithABreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Block(16, 16), Block(16, 16)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()  # the code after it is a resume function of its own
+        return self.b(x)
+
+
+@needs_interpreter
+def test_repeated_explain_across_a_graph_break():
+    """explain() drops the entries of every code it compiled, the graph break's resume function
+    included: it kept one per call there, and past the recompile limit the part after the
+    break ran eagerly, unfused, in explain() and in the user's own compile."""
+    torch.manual_seed(22)
+    model = _TwoBlocksWithABreak()
+    for block in (model.a, model.b):
+        randomize(block)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(torch._dynamo.config.recompile_limit + 2):
+            report = fusion_backend.explain(model, torch.randn(8, 16))
+            assert len(report.graphs) == 2 and [s.pattern for s in report.fused] == [LBGR, LBGR]
+        fusion_backend.counters.clear()
+        check(torch.compile(model, backend="fusedtriton"), model, torch.randn(8, 16))
+    assert fusion_backend.counters[LBGR] == 2
