@@ -182,8 +182,11 @@ def _write(path: str, environment: str, key: str, entry: dict) -> None:
             if _foreign(path, environment):
                 # e.g. a newer fusedtriton's cache under the same name: replacing it would drop
                 # its entries (a corrupt or truncated file is replaced)
-                log.warning("fusedtriton: not writing autotune cache %s: it belongs to another fusedtriton "
-                            "version or environment", path)
+                # (reading it warned already, once: this is the same file, ignored both ways)
+                (log.debug if path in _warned_files else log.warning)(
+                    "fusedtriton: not writing autotune cache %s: it belongs to another fusedtriton version or "
+                    "environment", path)
+                _warned_files.add(path)
                 return
             entries = _read(path, environment)
             entries[key] = entry

@@ -378,7 +378,12 @@ def test_bad_cache_file_is_ignored_with_one_warning(kind, tmp_cache, caplog):
     warnings = [r for r in caplog.records if r.name == "fusion_backend" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "ignoring autotune cache" in warnings[0].getMessage()
-    # the file was replaced by a valid one holding the new key
+    if kind.startswith("foreign-") and kind != "foreign-list":
+        # another version's well-formed cache stays for that version
+        with open(path, "rb") as f:
+            assert f.read() == content
+        return
+    # a corrupt file was replaced by a valid one holding the new key
     with open(path) as f:
         data = json.load(f)
     assert data["schema"] == 1
@@ -456,7 +461,8 @@ def test_cache_file_of_another_version_is_left_as_it_is(tmp_cache, caplog):
         assert choose(Tuner(timer=stub_timer), key=key).source == "tuned"
     with open(path) as f:
         assert f.read() == before
-    assert "another fusedtriton version" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fusion_backend" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "ignoring autotune cache" in warnings[0], warnings
 
 
 def test_failed_replace_leaves_no_temporary_file(tmp_cache, monkeypatch):
