@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN, fp64_reference
-from tolerances import allowed_error, grad_close, rel_err
+from tolerances import allowed_error, grad_close, rel_err, stats_close
 
 NO_TUNE = {"autotune": False}
 
@@ -526,7 +526,9 @@ def test_autocast_gpu(dtype, train):
     if train:
         for (name, b_ours), (_, b_eager) in zip(model.named_buffers(), eager.named_buffers()):
             assert b_ours.dtype == b_eager.dtype, name
-            torch.testing.assert_close(b_ours.float(), b_eager.float(), rtol=2e-3, atol=1e-3,
+            # the statistics are fp32 means of the autocast-dtype GEMM output; both dtypes agree
+            # to fp16's rounding (bf16's class, 8x wider, would be looser than needed)
+            torch.testing.assert_close(b_ours.float(), b_eager.float(), **stats_close(torch.float16),
                                        msg=lambda m, name=name: f"{name}: {m}")
 
 
