@@ -115,10 +115,14 @@ def cache_file(device_name: str) -> str:
 _warned_files = set()
 
 
+def _load(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _read(path: str, environment: str) -> Dict[str, dict]:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = _load(path)
         if not isinstance(data, dict) or data.get("schema") != _SCHEMA or data.get("environment") != environment \
                 or not isinstance(data.get("entries"), dict):
             raise ValueError("not a fusedtriton autotune cache for this device and versions")
@@ -135,8 +139,7 @@ def _read(path: str, environment: str) -> Dict[str, dict]:
 def _foreign(path: str, environment: str) -> bool:
     """Whether `path` holds a well-formed cache of another schema or environment."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = _load(path)
     except Exception:  # missing, unreadable, corrupt: not another version's cache
         return False
     return isinstance(data, dict) and "schema" in data and (

@@ -185,12 +185,12 @@ def _fresh_private_input(node, src) -> bool:
     points them at the out-of-place result."""
     if not isinstance(src, fx.Node) or src.op not in ("call_function", "call_method", "call_module"):
         return False
-    later = set()
-    n = node.next
-    while n.op != "root":
-        later.add(n)
+    between = set()  # src's users all come after src: one placed before node is in here
+    n = src.next
+    while n is not node and n.op != "root":
+        between.add(n)
         n = n.next
-    if any(user is not node and user not in later for user in src.users):
+    if any(user in between for user in src.users):
         return False
     val = example_value(src)
     if not isinstance(val, torch.Tensor) or val._is_view():

@@ -58,9 +58,10 @@ def cast_to(graph, nodes, dtype):
             for n in nodes]
 
 
-def written_inside(first: fx.Node, last: fx.Node, inputs) -> Optional[str]:
-    """An in-place write between `first` and `last` (the fused op runs at `last`) to storage
-    that one of `inputs` shares (the input itself or any view of it), or None."""
+def written_inside(first: fx.Node, last: Optional[fx.Node], inputs) -> Optional[str]:
+    """An in-place write between `first` and `last` (the fused op runs at `last`; None: the
+    graph's end) to storage that one of `inputs` shares (the input itself or any view of it),
+    or None."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     storages = set()
@@ -156,24 +157,8 @@ def mutated_in_graph(node: fx.Node, aliases: bool = False) -> bool:
     (what matters where an op saves `node` for its backward)."""
     if any(node in written_nodes(user) for user in node.users):
         return True
-    if not aliases:
-        return False
-    storage = _storage_of(node)
-    if storage is None:
-        return False
-    n = node.next  # (a write before `node` is what `node` holds: not a write to it)
-    while n.op != "root":
-        if any(_storage_of(target) == storage for target in written_nodes(n)):
-            return True
-        n = n.next
-    return False
-
-
-def _storage_of(node):
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    val = example_value(node) if isinstance(node, fx.Node) else None
-    return StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+    # (from `node` on: a write before it is what it holds, not a write to it)
+    return aliases and written_inside(node, None, [node]) is not None
 
 
 # Dynamo records `t += u` on a tensor as operator.iadd(t, u), which writes t
