@@ -544,10 +544,12 @@ def _backward_eval(ctx, grad_out):
     return (*grads, None, None, None, None, None, None, None)
 
 
+# the eval ops' arguments (the plain op and the keep_y one differ in their results only)
+_EVAL_SCHEMA_ARGS = ("(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+                     "Tensor running_var, float eps, str approximate, str precision, bool autotune_on, float budget)")
+
 linear_bn_gelu_relu_eval = define_op(
-    "linear_bn_gelu_relu_eval",
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
-    "Tensor running_var, float eps, str approximate, str precision, bool autotune_on, float budget) -> Tensor",
+    "linear_bn_gelu_relu_eval", _EVAL_SCHEMA_ARGS + " -> Tensor",
     eval_forward, _fake_eval, _backward_eval, _setup_eval)
 
 
@@ -591,9 +593,7 @@ def _backward_eval_keep_y(ctx, grad_out, _grad_kept_y):
 
 
 linear_bn_gelu_relu_eval_keep_y = define_op(
-    "linear_bn_gelu_relu_eval_keep_y",
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
-    "Tensor running_var, float eps, str approximate, str precision, bool autotune_on, float budget) -> (Tensor, Tensor)",
+    "linear_bn_gelu_relu_eval_keep_y", _EVAL_SCHEMA_ARGS + " -> (Tensor, Tensor)",
     eval_keep_y_forward, _fake_eval_keep_y, _backward_eval_keep_y, _setup_eval)
 
 
