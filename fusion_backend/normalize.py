@@ -44,7 +44,10 @@ def example_value(node):
 
 
 def is_op(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+    """A call of `target` that returns its result (not an `out=` call: its write into the out
+    tensor is what the program reads, and a fused op in its place would drop it)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+            and "out" not in node.kwargs)
 
 
 def _is_call(node, functions=(), methods=()) -> bool:

@@ -323,12 +323,14 @@ class MutatesAliasAfterCat(nn.Module):
             h += 1  # operator.iadd
         elif self.how == "relu(inplace=True)":
             nn.functional.relu(h, inplace=True)
+        elif self.how == "_foreach_mul_":
+            torch._foreach_mul_([h], 2.0)  # a private in-place op, its first argument a list
         else:
             torch.add(h, 1, out=h)
         return torch.tanh(self.i2h(combined))
 
 
-@pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "relu(inplace=True)", "out="])
+@pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "relu(inplace=True)", "_foreach_mul_", "out="])
 def test_inplace_write_to_cat_operand_alias_after_cat(how):
     """Any spelling of an in-place write to a cat operand between the cat and the tanh leaves
     the site unfused (the fused op would read the written value), with the reason."""
@@ -347,6 +349,126 @@ def test_inplace_write_to_cat_operand_alias_after_cat(how):
     assert torch.equal(h_c, h_e)  # the in-place write itself happened
     assert fusion_backend.counters[NAME] == 0
     assert_matches(out, e, r)  # the cat saw h before the write
+
+
+class TanhOut(nn.Module):
+    """The new state written into a buffer by `torch.tanh(..., out=)`, read by h2o."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h, self.h2o = nn.Linear(I + H, H), nn.Linear(H, O)
+        self.register_buffer("last", torch.zeros(B, H))
+
+    def forward(self, x, h):
+        torch.tanh(self.i2h(torch.cat((x, h), 1)), out=self.last)
+        return self.h2o(self.last)
+
+
+class CatOut(nn.Module):
+    """The cat written into a buffer by `torch.cat(..., out=)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h = nn.Linear(I + H, H)
+        self.register_buffer("combined", torch.zeros(B, I + H))
+
+    def forward(self, x, h):
+        return torch.tanh(self.i2h(torch.cat((x, h), 1, out=self.combined)))
+
+
+@pytest.mark.parametrize("cls", [TanhOut, CatOut])
+def test_out_kwarg_sites_are_not_matched(cls):
+    """A tanh or cat called with `out=` writes a tensor the program reads: not matched (the
+    fused op in its place dropped the write: the buffer kept zeros, and TanhOut's h2o read them)."""
+    torch.manual_seed(29)
+    model = cls()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    fusion_backend.counters.clear()
+    with torch.no_grad():
+        out, e, r = compile_(model)(x, h), eager(x, h), ref(x.double(), h.double())
+    assert fusion_backend.counters[NAME] == 0
+    assert_matches(out, e, r)
+    for b, be, br in zip(model.buffers(), eager.buffers(), ref.buffers()):
+        assert_matches(b, be, br)
+
+
+class NoGradInsideCell(nn.Module):
+    """A part of the cell under `torch.no_grad()`: the cat (truncated BPTT: no gradient into x
+    and h) or the Linear (a frozen projection: no gradient at all)."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part = part
+        self.i2h = nn.Linear(I + H, H)
+
+    def forward(self, x, h):
+        with torch.set_grad_enabled(self.part != "cat"):
+            c = torch.cat((x, h), 1)
+        with torch.set_grad_enabled(self.part != "linear"):
+            z = self.i2h(c)
+        return torch.tanh(z)
+
+
+@pytest.mark.parametrize("part", ["cat", "linear"])
+def test_grad_mode_switch_inside_the_cell_is_not_fused(part):
+    """One op runs in one grad mode: a cell whose cat or Linear runs under no_grad is left
+    unfused with the reason (fused, x got a gradient eager does not give, and with the Linear
+    under no_grad the output required grad)."""
+    torch.manual_seed(30)
+    model = NoGradInsideCell(part)
+    eager = copy.deepcopy(model)
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    report = fusion_backend.explain(copy.deepcopy(model), x.requires_grad_(), h.requires_grad_())
+    assert report.fused == [] and "grad" in report.skipped[0].reason, report
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    results = []
+    for m, f in ((model, compile_(model)), (eager, eager)):
+        xi, hi = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+        y = f(xi, hi)
+        if y.requires_grad:
+            y.square().sum().backward()
+        results.append((y, y.requires_grad, xi.grad, m.i2h.weight.grad))
+    assert fusion_backend.counters[NAME] == 0
+    (y, rg, gx, gw), (ye, rge, gxe, gwe) = results
+    assert rg == rge and (gx is None) == (gxe is None) and (gw is None) == (gwe is None)
+    with torch.no_grad():
+        r = copy.deepcopy(eager).double()(x.double(), h.double())
+    assert_matches(y.detach(), ye.detach(), r)
+    if gw is not None:
+        torch.testing.assert_close(gw, gwe, **grad_close(gwe))
+
+
+class TruncatedBPTT(nn.Module):
+    """An unrolled loop whose cats run under no_grad: no gradient through time (truncated BPTT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h = nn.Linear(I + H, H)
+
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            with torch.no_grad():
+                c = torch.cat((xs[t], h), 1)
+            h = torch.tanh(self.i2h(c))
+        return h
+
+
+def test_truncated_bptt_loop_is_not_fused():
+    """Neither the sequence nor its cells fuse (fused cells back-propagated through time: h0
+    got a gradient and dW was 30% off); gradients match eager."""
+    torch.manual_seed(31)
+    model = TruncatedBPTT()
+    eager = copy.deepcopy(model)
+    xs, h0 = torch.randn(5, B, I), torch.randn(B, H)
+    fusion_backend.counters.clear()
+    hc, he = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    compile_(model)(xs, hc).square().sum().backward()
+    eager(xs, he).square().sum().backward()
+    assert fusion_backend.counters[NAME] == 0 and fusion_backend.counters["rnn_sequence"] == 0
+    assert hc.grad is None and he.grad is None
+    torch.testing.assert_close(model.i2h.weight.grad, eager.i2h.weight.grad, **grad_close(eager.i2h.weight.grad))
 
 
 class BufferWrittenThroughAlias(nn.Module):

@@ -647,6 +647,95 @@ def test_backward_judged_by_the_grad_mode_where_the_site_runs(outside):
     assert site.info["mode"] == "eval_keep_y"
 
 
+class NoGradPart(LBGR):
+    """One op of the block under `torch.no_grad()`: the Linear (a frozen projection) or the ReLU."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part = part
+
+    def forward(self, x):
+        with torch.set_grad_enabled(self.part != "linear"):
+            y = self.lin(x)
+        z = F.gelu(self.bn(y))
+        with torch.set_grad_enabled(self.part != "relu"):
+            return F.relu(z)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("part", ["linear", "relu"])
+def test_grad_mode_switch_inside_the_block_is_not_fused(part, train):
+    """The fused op runs in one grad mode (the BatchNorm's): a block with its Linear or ReLU
+    under no_grad is left unfused with the reason. Fused, W and x got gradients eager does
+    not give (Linear), and the output required grad where eager's does not (ReLU)."""
+    torch.manual_seed(18)
+    model = randomize(NoGradPart(part)).train(train)
+    eager = copy.deepcopy(model)
+    x = torch.randn(M, K)
+    report = fusion_backend.explain(copy.deepcopy(model), x.clone().requires_grad_())
+    assert report.fused == [] and "grad" in report.skipped[0].reason, report
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, e = torch.compile(model, backend="fusedtriton")(xc), eager(xe)
+    assert fusion_backend.counters[NAME] == 0
+    assert out.requires_grad == e.requires_grad
+    if e.requires_grad:
+        out.square().sum().backward()
+        e.square().sum().backward()
+        assert (xc.grad is None) == (xe.grad is None) and (model.lin.weight.grad is None) == (eager.lin.weight.grad
+                                                                                              is None)
+        torch.testing.assert_close(model.bn.weight.grad, eager.bn.weight.grad, **grad_close(eager.bn.weight.grad))
+    with torch.no_grad():
+        assert_matches(out.detach(), e.detach(), copy.deepcopy(eager).double()(x.double()))
+
+
+class WritesBnBiasData(LBGR):
+    """Writes the BatchNorm bias through `.data` after the block (a parameter decay done in the
+    forward): eager's backward never reads beta, the fused backward recomputed z from it."""
+
+    def forward(self, x):
+        out = F.relu(F.gelu(self.bn(self.lin(x))))
+        self.bn.bias.data.mul_(0.5)
+        return out
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_alias_write_after_the_block_with_a_backward_is_not_fused(train):
+    """With a backward to run, a `.data` write to an input after the site leaves it unfused (the
+    gradients were silently ~25% off); without one the site stays fused."""
+    torch.manual_seed(19)
+    model = randomize(WritesBnBiasData()).train(train)
+    x = torch.randn(M, K)
+    report = fusion_backend.explain(copy.deepcopy(model), x.clone().requires_grad_())
+    assert report.fused == [] and "is mutated in the graph" in report.skipped[0].reason, report
+    with torch.no_grad():
+        report = fusion_backend.explain(copy.deepcopy(model), x)
+    assert len(report.fused) == 1, report
+
+
+def test_float_input_restart_keeps_the_site_fused():
+    """A BatchNorm momentum changed between eval calls: Dynamo's second graph takes it as a
+    float input and asks to trace again (TensorifyScalarRestartAnalysis, raised by Inductor on
+    the rewritten graph). Passed through, not taken as Inductor failing: no warning, the site
+    fused in each graph, counted once per graph."""
+    import warnings
+
+    torch.manual_seed(20)
+    model = randomize(LBGR()).eval()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fusedtriton")
+    x = torch.randn(M, K)
+    fusion_backend.counters.clear()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a fallback warns)
+        for graphs, momentum in enumerate((0.1, 0.7, 0.0), start=1):
+            model.bn.momentum = eager.bn.momentum = momentum
+            out, e = compiled(x), eager(x)
+            assert fusion_backend.counters[NAME] == graphs
+            assert_matches(out, e, copy.deepcopy(eager).double()(x.double()))
+
+
 class _Ctx:
     """What `inline_meta` reads of the backend's RewriteContext."""
 

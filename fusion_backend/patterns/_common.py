@@ -141,6 +141,27 @@ def grad_modes(graph) -> dict:
     return modes
 
 
+def grad_mode_problem(nodes) -> Optional[str]:
+    """Why nodes of one site cannot become one op (None: they can): a grad mode switch among
+    them (`with torch.no_grad():` around the Linear alone, a frozen projection); the op would
+    run in one mode and give gradients where eager gives none, or the reverse. (Autocast
+    regions are not compared: the sites make autocast's casts explicit.)"""
+    modes = grad_modes(nodes[0].graph)
+
+    def grad(node):
+        enabled, regions = modes[node]
+        inference = any(getattr(r.target, "__name__", "") == "_enter_inference_mode" and (not r.args or r.args[0])
+                        for r in regions)
+        return enabled and not inference
+
+    first = grad(nodes[0])
+    for node in nodes[1:]:
+        if grad(node) != first:
+            return (f"{node.name} runs with grad {'enabled' if grad(node) else 'disabled'}, {nodes[0].name} with "
+                    f"grad {'enabled' if first else 'disabled'}: one op cannot run in both modes")
+    return None
+
+
 def backward_will_run(at: fx.Node, inputs) -> bool:
     """Whether the compiled graph will run the backward of the site at `at`: grad enabled where
     it runs (the mode the graph was compiled in, as switched inside the graph: `with
@@ -182,12 +203,14 @@ def written_nodes(node: fx.Node) -> list:
         mutable = target._schema.is_mutable
     else:
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        mutable = ((name.endswith("_") and not name.startswith("_")) or name == "setitem"
+        # `add_`, and private ones such as `_foreach_mul_` (their first argument a list); not
+        # dunders (`__getitem__`)
+        mutable = ((name.endswith("_") and not name.endswith("__")) or name == "setitem"
                    or any(target is f for f in _AUGMENTED))
     mutable = mutable or _inplace_flag(node)
-    first = node.args[0] if node.args else node.kwargs.get("input")
-    if mutable and isinstance(first, fx.Node):
-        written.append(first)
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    if mutable:
+        written += [n for n in (first if isinstance(first, (tuple, list)) else (first,)) if isinstance(n, fx.Node)]
     return written
 
 

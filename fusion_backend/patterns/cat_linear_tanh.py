@@ -20,10 +20,10 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, Replay, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
-                      descriptor, gluon_code, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
-                      mutated_in_graph, only_user, space, static_shapes, tensor_problem, tf32_split_all, tma_ready,
-                      tuned_unfused_reason, written_inside)
+from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
+                      descriptor, gluon_code, grad_mode_problem, hint, inline_meta, launch, linear_shape_problem,
+                      meta_kwargs, mutated_in_graph, only_user, Replay, space, static_shapes, tensor_problem,
+                      tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -422,6 +422,9 @@ class CatLinearTanh(Pattern):
             return f"Linear output {m.linear.name} has other users"
         if not only_user(m.cat, m.linear):
             return f"cat result {m.cat.name} has other users: {[u.name for u in m.cat.users if u is not m.linear]}"
+        problem = grad_mode_problem([m.tanh, m.linear, m.cat])  # (the op runs at the tanh)
+        if problem:
+            return problem
         tensors = list(m.tensors) if isinstance(m.tensors, (list, tuple)) else None
         if not tensors or not all(isinstance(t, fx.Node) for t in tensors):
             return "cat operands are not a list of tensors"

@@ -24,9 +24,9 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_seg
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
-                      descriptor, gluon_code, heuristic_kwargs, hint, inline_meta, launch, linear_shape_problem, meta_kwargs,
-                      mutated_in_graph, only_user, space, static_shapes, tensor_problem, tf32_split, tma_ready,
-                      tuned_unfused_reason, written_inside)
+                      descriptor, gluon_code, grad_mode_problem, heuristic_kwargs, hint, inline_meta, launch,
+                      linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, space, static_shapes,
+                      tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -699,6 +699,9 @@ class LinearBnGeluRelu(Pattern):
         for inner, outer in ((m.linear, m.bn), (m.bn, m.gelu), (m.gelu, m.relu)):
             if not only_user(inner, outer):
                 return f"intermediate {inner.name} has other users: {[u.name for u in inner.users if u is not outer]}"
+        problem = grad_mode_problem([m.bn, m.linear, m.gelu, m.relu])  # (the op runs at the BatchNorm)
+        if problem:
+            return problem
         x_val = example_value(m.x)
         if x_val is None or x_val.dim() != 2:
             rank = None if x_val is None else x_val.dim()
@@ -726,8 +729,12 @@ class LinearBnGeluRelu(Pattern):
         # BatchNorm's place, as eager reads them): a shared BatchNorm's first site writing them
         # does not concern the second
         inputs = (m.x, m.weight, m.bias, m.gamma, m.beta) + (() if m.training else (m.running_mean, m.running_var))
+        # with a backward to run, also a write through an alias (`.data`, a view) after the site:
+        # the op's backward recomputes the BatchNorm's output from b, gamma and beta as they are
+        # then, where eager's saved it
+        saved = needs_backward(m)
         for node in inputs:
-            if isinstance(node, fx.Node) and mutated_in_graph(node):
+            if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=saved):
                 return f"input {node.name} is mutated in the graph"
         written = written_inside(m.linear, m.relu, inputs)
         if written:
