@@ -56,6 +56,8 @@ def explain(model, *args, mode=None, options=None, **kwargs):
     def backend(gm, example_inputs):
         return fusedtriton(gm, example_inputs, mode=mode, options=options)
 
+    backend.__name__ = BACKEND_NAME  # Dynamo names it in errors: "backend='fusedtriton' raised"
+
     codes: list = []  # every code object Dynamo compiles meanwhile (graph breaks' resume functions too)
     hook = _record_compiled_codes(codes)
     _report_sinks.append(sink)
@@ -99,7 +101,10 @@ def _forget_compiled_code(model, codes=()) -> None:
         from torch._dynamo.eval_frame import remove_from_cache
     except ImportError:  # a torch without it: entries stay, as before
         return
-    remove_from_cache(model)
+    if hasattr(model, "__code__") or hasattr(getattr(model, "forward", None), "__code__"):
+        # (for anything else, a functools.partial say, torch resets every compiled model of the
+        # process; the codes recorded below are what this explain() compiled)
+        remove_from_cache(model)
     for code in dict.fromkeys(codes):
         remove_from_cache(code)
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import torch
 from torch import fx
+from torch._dynamo.exc import RestartAnalysis
 
 from . import devices, normalize as _normalize, registry, trial as _trial
 from .options import Options
@@ -122,7 +123,7 @@ def _rewrite_site(pattern, match, ctx: RewriteContext, anchor: fx.Node) -> Site:
 
 def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_inputs=()) -> GraphReport:
     """Normalize `gm` and apply every enabled pattern in place; return what happened."""
-    report = GraphReport(profile=profile.name, mode=options.mode)
+    report = GraphReport(profile=profile.name, mode=options.mode, patterns=options.patterns)
     _normalize.normalize(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
@@ -157,6 +158,21 @@ def _inductor(gm, example_inputs, options: Options):
     return compile_fx(gm, example_inputs, config_patches=options.inductor_config_patches())
 
 
+# Dynamo's signal to trace the frame again (e.g. TensorifyScalarRestartAnalysis: a float input
+# of the graph, such as a BatchNorm momentum changed between calls, is to be specialized). Not a
+# failure of ours or Inductor's: passed through, not answered by compiling the original graph
+_RESTART = (RestartAnalysis,)
+
+
+def _abandon(counted, report=None):
+    """This compile is restarted by Dynamo: its sites and report are not the graph's."""
+    counters.clear()
+    counters.update(counted)
+    for sink in _report_sinks:
+        if report is not None and any(r is report for r in sink):
+            sink[:] = [r for r in sink if r is not report]
+
+
 def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
     """torch.compile backend: `torch.compile(model, backend="fusedtriton", mode=..., options={...})`."""
     opts = Options.parse(mode, options)
@@ -180,6 +196,9 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     try:
         with _on_device(device):  # compile-time tuning launches on the graph's GPU, not the current one
             report = rewrite(gm, profile, opts, device, example_inputs)
+    except _RESTART:
+        _abandon(counted)
+        raise
     except Exception as exc:  # the last net: whatever went wrong, Inductor gets the untouched graph
         warnings.warn(f"fusedtriton: rewriting the graph failed ({type(exc).__name__}: {exc}); "
                       "compiling it unchanged with Inductor", RuntimeWarning)
@@ -200,6 +219,9 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return _inductor(_restore(gm, original), example_inputs, opts)
     try:
         compiled = _inductor(gm, example_inputs, opts)
+    except _RESTART:
+        _abandon(counted, report)
+        raise
     except Exception as exc:
         if opts.inline and any(site.info.get("launch") == "inline" for site in report.fused):
             # the kernels Inductor was to launch itself: retry with the sites behind their ops
@@ -219,6 +241,9 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return compiled
     try:
         original_compiled = _inductor(_restore(gm, original), example_inputs, opts)
+    except _RESTART:
+        _abandon(counted, report)
+        raise
     except Exception as exc:  # the original graph is only the trial's rival: keep the fused one
         log.warning("fusedtriton: Inductor failed on the original graph (%s: %s); no run-time trial",
                     type(exc).__name__, exc)

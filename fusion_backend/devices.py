@@ -118,7 +118,15 @@ INTERPRETER = DeviceProfile(
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels under its interpreter, as Triton itself reads TRITON_INTERPRET
+    ("false", "off" and "no" are off: counted as on, CPU graphs were fused for kernels that then
+    could not launch)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # a Triton before knobs (< 3.4)
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,17 @@ from typing import Any, Mapping, Optional, Tuple
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+def known_modes() -> tuple:
+    """MODES and any other mode this torch's Inductor knows ("lite" in torch 2.13): the mode
+    goes to Inductor as its own mode options."""
+    import torch._inductor
+
+    try:
+        return tuple(dict.fromkeys(MODES + tuple(torch._inductor.list_mode_options())))
+    except Exception:  # noqa: BLE001 - a torch whose list_mode_options takes a mode: the documented ones
+        return MODES
+
+
 # Documented keys of options={...} (README "Options" lists the same, with defaults).
 OPTION_DOCS = {
     "patterns": "names of the patterns to enable (default: all registered but the experimental ones)",
@@ -82,8 +93,11 @@ class Options:
 
     @staticmethod
     def parse(mode: Optional[str] = None, options: Optional[Mapping[str, Any]] = None) -> "Options":
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"fusedtriton: options must be a dict, got {type(options).__name__}; valid keys are "
+                            f"{sorted(OPTION_DOCS)}, e.g. options={{'autotune': False}}")
         options = dict(options or {})
-        unknown = sorted(set(options) - set(OPTION_DOCS))
+        unknown = sorted(set(options) - set(OPTION_DOCS), key=repr)  # (keys of any type: {1: True})
         if unknown:
             raise ValueError(
                 f"fusedtriton: unknown option(s) {unknown}; valid keys are {sorted(OPTION_DOCS)}"
@@ -92,8 +106,9 @@ class Options:
             if mode not in (None, "default") and options["mode"] != mode:
                 raise ValueError(f"fusedtriton: mode={mode!r} and options['mode']={options['mode']!r} disagree")
             mode = options["mode"]
-        if mode not in MODES:
-            raise ValueError(f"fusedtriton: unknown mode {mode!r}; valid modes are {list(MODES)}")
+        modes = known_modes()
+        if mode not in modes:
+            raise ValueError(f"fusedtriton: unknown mode {mode!r}; valid modes are {list(modes)}")
         patterns = options.get("patterns")
         if patterns is not None:
             if isinstance(patterns, str):

@@ -31,6 +31,7 @@ class GraphReport:
     mode: Optional[str]
     sites: List[Site] = dataclasses.field(default_factory=list)
     note: str = ""
+    patterns: Optional[tuple] = None  # the enabled ones where options["patterns"] names them
 
     @property
     def fused(self):
@@ -45,8 +46,14 @@ class GraphReport:
             return f"fusedtriton: no device profile ({self.note}); whole graph to Inductor"
         return (f"fusedtriton[{self.profile}]: {len(self.fused)} site(s) fused, "
                 f"{len(self.skipped)} not fused; rest to Inductor (mode={self.mode or 'default'})"
-                + ("" if self.sites else " (no pattern's structure in this graph: see `fusion_backend.pattern_names()`)")
+                + ("" if self.sites else self._why_no_sites())
                 + (f"; {self.note}" if self.note else ""))
+
+    def _why_no_sites(self) -> str:
+        if self.patterns is not None:
+            return (f" (no structure of the enabled pattern(s) {list(self.patterns)} in this graph; the others are "
+                    "off by options['patterns']: see `fusion_backend.pattern_names()`)")
+        return " (no pattern's structure in this graph: see `fusion_backend.pattern_names()`)"
 
 
 def _collapsed(sites: List[Site]) -> List[str]:

@@ -622,3 +622,43 @@ def test_repeated_explain_across_a_graph_break():
         fusion_backend.counters.clear()
         check(torch.compile(model, backend="fusedtriton"), model, torch.randn(8, 16))
     assert fusion_backend.counters[LBGR] == 2
+
+
+@needs_interpreter
+def test_explain_of_a_callable_without_code_leaves_other_compiles_alone():
+    """explain() on a functools.partial (no __code__): torch's remove_from_cache reset every
+    compiled model of the process; now only the codes explain() compiled are dropped."""
+    import functools
+
+    torch.manual_seed(23)
+
+    def unrelated(x):  # (a function of its own code: a compiled module runs through Dynamo's
+        return torch.cos(x) * 2  # shared wrapper code, which explain() of any module compiles too)
+
+    other = torch.compile(unrelated)
+    x3 = torch.randn(2, 3)
+    other(x3)
+    model = randomize(Block(16, 16)).eval()
+
+    def call(x, model):
+        return model(x)
+
+    stats = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        report = fusion_backend.explain(functools.partial(call, model=model), torch.randn(8, 16))
+        assert [s.pattern for s in report.fused] == [LBGR]
+    graphs = stats["unique_graphs"]
+    other(x3)  # (with grad on, as compiled)
+    assert stats["unique_graphs"] == graphs  # not compiled again
+
+
+@needs_interpreter
+def test_summary_names_the_patterns_option_when_nothing_matched():
+    """A graph whose only structure is a pattern left out by options['patterns']: the summary
+    says the enabled patterns found nothing, not that the graph has no pattern's structure."""
+    model = randomize(Block(16, 16)).eval()
+    with torch.no_grad():
+        report = fusion_backend.explain(model, torch.randn(8, 16), options={"patterns": ["cat_linear_tanh"]})
+    text = str(report)
+    assert "enabled pattern(s) ['cat_linear_tanh']" in text and "options['patterns']" in text, text
+    assert "no pattern's structure" not in text

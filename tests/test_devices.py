@@ -121,6 +121,16 @@ def test_device_profile_cpu_follows_env(monkeypatch):
     assert devices.device_profile("cpu") is None
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("on", True), ("0", False), ("false", False),
+                                       ("off", False), ("no", False), ("", False)])
+def test_interpreter_env_read_as_triton_reads_it(monkeypatch, value, on):
+    """TRITON_INTERPRET=false is off for Triton: it was on here, and CPU graphs were fused for
+    kernels that could not launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert devices.interpreter_enabled() is on
+    assert (devices.device_profile("cpu") is INTERPRETER) is on
+
+
 def test_interpreter_profile_is_small_and_ieee():
     assert INTERPRETER.dot_precision(torch.float32, "highest") == "ieee"
     assert INTERPRETER.dot_precision(torch.float32, "high") == "ieee"

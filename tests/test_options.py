@@ -247,3 +247,30 @@ def test_compile_rejects_unknown_inductor_option(monkeypatch, recwarn):
     assert isinstance(err.value, ValueError) or "ValueError" in msg or isinstance(err.value.__cause__, ValueError)
     assert compiles == []
     assert not [w for w in recwarn if "fusedtriton" in str(w.message)]
+
+
+def test_options_must_be_a_mapping():
+    """A list or string for options= was read as a dict's update sequence (an error about
+    'sequence element #0'); keys of other types broke the sorting of the unknown ones."""
+    for bad in (["autotune"], "autotune", 3):
+        with pytest.raises(TypeError, match=r"fusedtriton: options must be a dict, got .*valid keys"):
+            Options.parse(None, bad)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['autotun', 1\]"):
+        Options.parse(None, {1: True, "autotun": 2})
+
+
+def test_every_inductor_mode_accepted():
+    """Modes this torch's Inductor knows beyond the documented ones ("lite" in torch 2.13) go
+    to Inductor as its mode options."""
+    import torch._inductor
+
+    for mode in torch._inductor.list_mode_options():
+        expected = None if mode == "default" else mode
+        assert Options.parse(mode).mode == expected
+        assert Options.parse(mode).inductor_config_patches() == dict(torch._inductor.list_mode_options(mode))
+
+
+def test_explain_error_names_the_backend():
+    """explain()'s backend is a closure: Dynamo named it in errors as backend='backend'."""
+    with pytest.raises(Exception, match=r"(?s)backend='fusedtriton'.*unknown option"):
+        fusion_backend.explain(_f, torch.randn(8), options={"bogus": 1})
