@@ -158,19 +158,15 @@ def _inductor(gm, example_inputs, options: Options):
     return compile_fx(gm, example_inputs, config_patches=options.inductor_config_patches())
 
 
-# Dynamo's signal to trace the frame again (e.g. TensorifyScalarRestartAnalysis: a float input
-# of the graph, such as a BatchNorm momentum changed between calls, is to be specialized). Not a
-# failure of ours or Inductor's: passed through, not answered by compiling the original graph
-_RESTART = (RestartAnalysis,)
-
-
 def _abandon(counted, report=None):
-    """This compile is restarted by Dynamo: its sites and report are not the graph's."""
+    """Dynamo restarts this compile (RestartAnalysis, e.g. TensorifyScalarRestartAnalysis: a
+    float input such as a BatchNorm momentum changed between calls is to be specialized). Not a
+    failure of ours or Inductor's, so it is passed through, not answered by compiling the
+    original graph; this attempt's sites and report are not the graph's."""
     counters.clear()
     counters.update(counted)
     for sink in _report_sinks:
-        if report is not None and any(r is report for r in sink):
-            sink[:] = [r for r in sink if r is not report]
+        sink[:] = [r for r in sink if r is not report]
 
 
 def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
@@ -196,7 +192,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     try:
         with _on_device(device):  # compile-time tuning launches on the graph's GPU, not the current one
             report = rewrite(gm, profile, opts, device, example_inputs)
-    except _RESTART:
+    except RestartAnalysis:
         _abandon(counted)
         raise
     except Exception as exc:  # the last net: whatever went wrong, Inductor gets the untouched graph
@@ -219,7 +215,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return _inductor(_restore(gm, original), example_inputs, opts)
     try:
         compiled = _inductor(gm, example_inputs, opts)
-    except _RESTART:
+    except RestartAnalysis:
         _abandon(counted, report)
         raise
     except Exception as exc:
@@ -241,7 +237,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return compiled
     try:
         original_compiled = _inductor(_restore(gm, original), example_inputs, opts)
-    except _RESTART:
+    except RestartAnalysis:
         _abandon(counted, report)
         raise
     except Exception as exc:  # the original graph is only the trial's rival: keep the fused one

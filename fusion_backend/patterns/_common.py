@@ -154,11 +154,12 @@ def grad_mode_problem(nodes) -> Optional[str]:
                         for r in regions)
         return enabled and not inference
 
+    state = {True: "enabled", False: "disabled"}
     first = grad(nodes[0])
     for node in nodes[1:]:
         if grad(node) != first:
-            return (f"{node.name} runs with grad {'enabled' if grad(node) else 'disabled'}, {nodes[0].name} with "
-                    f"grad {'enabled' if first else 'disabled'}: one op cannot run in both modes")
+            return (f"{node.name} runs with grad {state[not first]}, {nodes[0].name} with grad {state[first]}: "
+                    "one op cannot run in both modes")
     return None
 
 
