@@ -21,7 +21,8 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
+import threading
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -74,9 +75,10 @@ def make_key(family: str, profile_name: str, dtype: torch.dtype, precision: str,
 
 
 def source_hash(*code) -> str:
-    """Hash of the source of Triton kernels (`tl` or Gluon) and plain Python launchers: a cached
-    choice is only reused for the same code. Anything without source is refused: hashing its
-    repr (which holds an address) would give a new key in every process."""
+    """Hash of the source of Triton kernels (`tl` or Gluon), plain Python launchers and whole
+    modules (the `triton_lib` helpers a kernel calls, e.g. its GEMM main loop): a cached choice
+    is only reused for the same code. Anything without source is refused: hashing its repr
+    (which holds an address) would give a new key in every process."""
     import inspect
 
     h = hashlib.sha1()
@@ -84,8 +86,8 @@ def source_hash(*code) -> str:
         src = getattr(k, "src", None) or getattr(getattr(k, "fn", None), "src", None)
         if src is None:
             fn = getattr(k, "fn", k)  # the interpreter's kernels wrap the Python function
-            if not inspect.isfunction(fn):
-                raise TypeError(f"source_hash: {k!r} is neither a Triton kernel nor a Python function")
+            if not (inspect.isfunction(fn) or inspect.ismodule(fn)):
+                raise TypeError(f"source_hash: {k!r} is neither a Triton kernel, a Python function nor a module")
             src = inspect.getsource(fn)
         h.update(src.encode())
     return h.hexdigest()[:16]
@@ -168,12 +170,6 @@ def _locked(path: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write(path: str, environment: str, key: str, entry: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -193,11 +189,12 @@ def _write(path: str, environment: str, key: str, entry: dict) -> None:
                 return
             entries = _read(path, environment)
             entries[key] = entry
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".autotune-", suffix=".tmp")
+            tmp = os.path.join(os.path.dirname(path), f".autotune-{os.getpid()}-{secrets.token_hex(6)}.tmp")
+            # made 0666 less the umask, as any file (mkstemp's 0600 survived os.replace: a cache
+            # shared by a group became unreadable to the others; reading the umask by setting
+            # it is process-wide, and other threads' files got 0666 meanwhile)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
-                # mkstemp makes it 0600 and os.replace keeps that: a cache shared by a group
-                # would become unreadable to the others
-                os.fchmod(fd, 0o666 & ~_umask())
                 with os.fdopen(fd, "w") as f:
                     json.dump({"schema": _SCHEMA, "environment": environment, "entries": entries}, f, indent=1)
                 os.replace(tmp, path)  # readers see the old or the new file, never half of one
@@ -243,6 +240,10 @@ class Tuner:
     def __init__(self, timer: Callable[[Callable[[], None]], float] = _do_bench):
         self.timer = timer
         self.choices: Dict[str, Choice] = {}
+        # one search at a time in a process: two threads meeting one untuned key would tune it
+        # twice, and timings taken while another search's candidates run are wrong (re-entrant:
+        # a candidate's launcher may choose a config for a helper kernel of its own)
+        self._tuning = threading.RLock()
 
     def lookup(self, key: str) -> Optional[Choice]:
         return self.choices.get(key)
@@ -260,6 +261,15 @@ class Tuner:
         hit = self.choices.get(key)
         if hit is not None and not (autotune and hit.source == "heuristic"):
             return hit
+        with self._tuning:
+            hit = self.choices.get(key)  # chosen by another thread while this one waited
+            if hit is not None and not (autotune and hit.source == "heuristic"):
+                return hit
+            return self._choose(key, profile=profile, space=space, m=m, src_hash=src_hash, device_name=device_name,
+                                autotune=autotune, budget_s=budget_s, run_fused=run_fused, run_unfused=run_unfused)
+
+    def _choose(self, key: str, *, profile, space, m, src_hash, device_name, autotune, budget_s, run_fused,
+                run_unfused) -> Choice:
         from . import config_spaces
 
         if profile.name == "interpreter":  # the interpreter cannot benchmark: one fixed config
@@ -275,10 +285,12 @@ class Tuner:
         path, environment = cache_file(device_name), _environment(device_name)
         # a decision made under another rule (margin, confirmation) is not reused
         disk_key = f"{key}|src={src_hash}|rule={rule()}"
-        entry = _read(path, environment).get(disk_key)
+        entry = previous = _read(path, environment).get(disk_key)
         # a cached config must still be in the space (spaces change between releases); the
         # space's own entry is served (JSON turned its tuples into lists)
         cached = entry.get("config", False) if isinstance(entry, dict) and _times_ok(entry) else False
+        if cached is not False and not _searched_enough(entry, budget_s):
+            cached = False  # a search cut short by a smaller budget: search again with this one
         stored = _jsonable(space)
         if cached is None or cached in stored:
             stats["cache_hits"] += 1
@@ -288,11 +300,14 @@ class Tuner:
             return self.record(key, Choice(config, "cache", entry.get("fused_ms"), entry.get("unfused_ms"),
                                            runner_up=runner_up))
 
-        choice = self._tune(key, config_spaces.search_order(space), budget_s, run_fused, run_unfused)
+        choice, complete = self._tune(key, config_spaces.search_order(space), budget_s, run_fused, run_unfused)
         stats["tuned"] += 1
-        _write(path, environment, disk_key,
-               {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms,
-                "runner_up": choice.runner_up})
+        entry = {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms,
+                 "runner_up": choice.runner_up}
+        if not complete:
+            entry["partial_budget_s"] = budget_s
+            entry["partial_tries"] = _partial_tries(previous) + 1
+        _write(path, environment, disk_key, entry)
         return self.record(key, choice)
 
     def _time(self, fn) -> float:
@@ -303,7 +318,8 @@ class Tuner:
             log.info("fusedtriton: candidate failed (%s: %s)", type(exc).__name__, exc)
             return math.inf
 
-    def _tune(self, key, space, budget_s, run_fused, run_unfused) -> Choice:
+    def _tune(self, key, space, budget_s, run_fused, run_unfused):
+        """(the choice, whether every config of `space` was timed)"""
         start = time.perf_counter()
         unfused_ms = self._time(run_unfused) if run_unfused is not None else math.inf
         timed = []  # (ms, position in the space, config)
@@ -318,9 +334,10 @@ class Tuner:
                 log.info("fusedtriton: tuning %s stopped at its %.0f s budget", key, budget_s)
                 break
         finite = lambda v: None if math.isinf(v) else v  # noqa: E731
+        complete = len(timed) == len(space)
         timed = sorted(t for t in timed if not math.isinf(t[0]))
         if not timed:
-            return Choice(None, "tuned", None, finite(unfused_ms))
+            return Choice(None, "tuned", None, finite(unfused_ms)), complete
         finalists = [c for ms, _, c in timed[:RUNOFF_MAX] if ms <= RUNOFF_SPREAD * timed[0][0]]
         best, best_ms = finalists[0], timed[0][0]
         confirm_unfused = run_unfused is not None and not math.isinf(unfused_ms)
@@ -341,8 +358,36 @@ class Tuner:
                 log.info("fusedtriton: tuning %s: re-timed %s", key,
                          ", ".join(f"{describe_config(c)}: {ms:.4f} ms" for c, ms in zip(finalists, sums)))
         if best_ms > FUSED_MARGIN * unfused_ms:
-            return Choice(None, "tuned", finite(best_ms), finite(unfused_ms), runner_up=best)
-        return Choice(best, "tuned", finite(best_ms), finite(unfused_ms))
+            return Choice(None, "tuned", finite(best_ms), finite(unfused_ms), runner_up=best), complete
+        return Choice(best, "tuned", finite(best_ms), finite(unfused_ms)), complete
+
+
+#: searches of one key a budget may cut short before their choice is served as it is: the first
+#: one often spends its budget on cold Triton compiles, the next one runs with them cached
+PARTIAL_TRIES = 2
+
+
+def _partial_tries(entry) -> int:
+    """How many searches of this cache entry's key were cut short by their budget (0: none, or
+    no entry)."""
+    if not isinstance(entry, dict) or not _number(entry.get("partial_budget_s")):
+        return 0
+    tries = entry.get("partial_tries")
+    return int(tries) if _number(tries) else 1
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _searched_enough(entry: dict, budget_s: float) -> bool:
+    """Whether a cache entry's search serves a caller with this budget: a complete search
+    always; one its budget cut short (a small `tune_budget_s`, or cold Triton compiles eating
+    the budget) once it was tried PARTIAL_TRIES times, and only callers whose budget is no
+    larger (a larger budget searches again)."""
+    if not _partial_tries(entry):
+        return True
+    return _partial_tries(entry) >= PARTIAL_TRIES and budget_s <= entry["partial_budget_s"]
 
 
 def _jsonable(space):

@@ -240,9 +240,13 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     except RestartAnalysis:
         _abandon(counted, report)
         raise
-    except Exception as exc:  # the original graph is only the trial's rival: keep the fused one
-        log.warning("fusedtriton: Inductor failed on the original graph (%s: %s); no run-time trial",
-                    type(exc).__name__, exc)
+    except Exception as exc:
+        # the original graph is only the trial's rival: keep the fused one, which compiled, with
+        # the sites fused for the trial too (rewriting without them would hand Inductor more of
+        # the graph it just failed on)
+        log.warning("fusedtriton: Inductor failed on the original graph (%s: %s); no run-time trial, "
+                    "the fused graph is kept", type(exc).__name__, exc)
+        report.note = f"no run-time trial: Inductor failed on the original graph ({type(exc).__name__}); fused graph kept"
         return compiled
     report.note = (f"run-time trial against the original graph: pending ({_trial.TRIAL_CALLS} calls of each, "
                    f"in blocks of {_trial.TRIAL_BLOCK})")

@@ -119,16 +119,25 @@ class GraphTrial:
             self._decide()
             return (self.chosen or self.graphs[0])(*args)
         n = self.count
-        self.count += 1
         if n < 2:  # the first call of each graph warms it up
-            return self.graphs[n](*args)
+            out = self.graphs[n](*args)
+            self.count = n + 1
+            return out
         block, i = divmod(n - 2, self.block)
         which = block % 2
-        if i == 0:
-            self._start = self.clock.start()
-        out = self.graphs[which](*args)
+        try:
+            if i == 0:
+                self._start = self.clock.start()
+            out = self.graphs[which](*args)
+        except BaseException:
+            # a call that raised (or a Ctrl-C while the clock waited for the GPU) leaves no half
+            # block behind: its span would start at another block's event, or at none
+            self._drop_open_block()
+            raise
+        self.count = n + 1
         if i == self.block - 1:
             self.spans[which].append(self.clock.stop(self._start))
+            self._start = None
         return out
 
     def _drop_open_block(self):
@@ -147,7 +156,8 @@ class GraphTrial:
                                 for spans in self.spans)
         keep_fused = fused_ms <= unfused_ms
         self.chosen = self.graphs[0 if keep_fused else 1]
-        self.spans = ([], [])
+        # the loser and its buffers (constants, CUDA graphs) are not kept for the model's life
+        self.graphs, self.spans = (self.chosen,), ([], [])
         self.on_decided(fused_ms, unfused_ms, keep_fused)
 
 

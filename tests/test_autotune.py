@@ -90,9 +90,30 @@ def test_source_hashes_are_the_same_in_every_process():
     assert first == second and len(first) == 2
 
 
+def test_source_hashes_cover_the_triton_lib_helpers(tmp_path):
+    """The kernels call triton_lib's helpers (the GEMM main loop among them): an edit there
+    is an edit of every kernel, so no cached choice survives it."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    shutil.copytree(os.path.join(root, "fusion_backend"), tmp_path / "fusion_backend")
+    with open(tmp_path / "fusion_backend" / "triton_lib.py", "a") as f:
+        f.write("\n# an edit\n")
+    code = ("import fusion_backend.patterns.cat_linear_tanh as c, fusion_backend.patterns.linear_bn_gelu_relu as l; "
+            "print(c._SRC, l._SRC)")
+    edited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert edited.returncode == 0, edited.stderr[-2000:]
+    import fusion_backend.patterns.cat_linear_tanh as cell
+    import fusion_backend.patterns.linear_bn_gelu_relu as block
+
+    cell_src, block_src = edited.stdout.split()
+    assert cell_src != cell._SRC and block_src != block._SRC
+
+
 def test_source_hash_refuses_what_has_no_source():
     assert autotune.source_hash(bucket) == autotune.source_hash(bucket)
-    with pytest.raises(TypeError, match="neither a Triton kernel nor a Python function"):
+    with pytest.raises(TypeError, match="neither a Triton kernel, a Python function nor a module"):
         autotune.source_hash(object())
 
 
@@ -222,6 +243,90 @@ def test_respects_time_budget(tmp_cache, monkeypatch):
     assert autotune.stats["benchmarked"] == 3 + 2 * autotune.CONFIRM_ROUNDS
     assert choice.config is SPACE[0]
     assert len(SPACE) > 3
+
+
+def test_a_search_cut_short_serves_only_callers_with_no_larger_budget(tmp_cache, monkeypatch):
+    """A search its budget stopped is cached as partial: the next process searches again (its
+    Triton compiles are cached now), and after PARTIAL_TRIES such searches a process with the
+    same (or a smaller) budget takes the choice; one with a larger budget searches again (the
+    cut-short choice used to be served for good, whatever the budget)."""
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(autotune, "time", clock)
+
+    def one_second_each(fn):
+        clock.now += 1.0
+        return fn()
+
+    last = len(SPACE) - 1
+    kw = dict(run_fused=fused_times(fastest=last), run_unfused=lambda: 50.0)
+    assert autotune.PARTIAL_TRIES == 2
+    assert choose(Tuner(timer=one_second_each), budget_s=2.5, **kw).config is SPACE[0]
+    assert choose(Tuner(timer=one_second_each), budget_s=2.5, **kw).source == "tuned"
+    assert choose(Tuner(timer=one_second_each), budget_s=2.5, **kw).source == "cache"
+    assert choose(Tuner(timer=one_second_each), budget_s=1.0, **kw).source == "cache"
+    full = choose(Tuner(timer=one_second_each), budget_s=1e9, **kw)
+    assert full.source == "tuned" and full.config is SPACE[last]
+    # complete now: every budget takes it
+    again = choose(Tuner(timer=one_second_each), budget_s=2.5, **kw)
+    assert again.source == "cache" and again.config is SPACE[last]
+
+
+def test_one_key_is_tuned_once_and_searches_do_not_overlap(tmp_cache):
+    """Two threads meeting one untuned key: one searches, the other waits and takes its
+    choice; no timing runs while another search's candidate runs."""
+    import threading
+    import time
+
+    lock, busy, overlaps = threading.Lock(), [0], [0]
+
+    def timer(fn):  # a timing that notices another one running meanwhile
+        with lock:
+            busy[0] += 1
+            overlaps[0] += busy[0] > 1
+        time.sleep(0.002)
+        with lock:
+            busy[0] -= 1
+        return fn()
+
+    tuner = Tuner(timer=timer)
+    space = SPACE[:4]
+    choices = []
+    threads = [threading.Thread(target=lambda: choices.append(choose(tuner, space=space))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert autotune.stats["tuned"] == 1 and overlaps[0] == 0
+    assert len(choices) == 3 and all(c is choices[0] for c in choices)
+
+
+@pytest.mark.parametrize("pattern", ["eval", "cell"])
+def test_batches_of_one_key_get_one_space(tmp_cache, pattern):
+    """Batches 400 and 500 of a 2048x2048 GEMM share a key (M<=512): the space, inline tiles
+    only or all of them (INLINE_MAX_FLOP), is chosen by the bucket's M, so the second batch is
+    a cache hit (by the exact M, 400 got the inline space and 500 the full one, and each new
+    process re-tuned the other's entry away)."""
+    from fusion_backend.patterns._common import gemm_flop
+    from fusion_backend.patterns.cat_linear_tanh import cell_space
+    from fusion_backend.patterns.linear_bn_gelu_relu import eval_space
+
+    K = N = 2048
+    space_of = eval_space if pattern == "eval" else cell_space
+    spaces = [space_of(PROFILE, torch.float32, "tf32x3", gemm_flop(m, N, K)) for m in (400, 500)]
+    assert spaces[0] == spaces[1]
+    key = make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", 400, K=K, N=N)
+    assert key == make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", 500, K=K, N=N)
+    first = choose(Tuner(timer=stub_timer), key=key, space=spaces[0], m=400,
+                   run_fused=lambda c: 0.1 + spaces[0].index(c) * 0.01, run_unfused=lambda: 5.0)
+    second = choose(Tuner(timer=stub_timer), key=key, space=spaces[1], m=500,
+                    run_fused=lambda c: 0.1 + spaces[1].index(c) * 0.01, run_unfused=lambda: 5.0)
+    assert first.source == "tuned" and second.source == "cache" and second.config == first.config
 
 
 def test_autotune_off_benchmarks_nothing(tmp_cache):
@@ -424,6 +529,17 @@ def test_cache_file_takes_the_umask_not_0600(tmp_cache):
     finally:
         os.umask(old)
     assert os.stat(_cache_path()).st_mode & 0o777 == 0o664
+
+
+def test_cache_write_leaves_the_process_umask_alone(tmp_cache, monkeypatch):
+    """Reading the umask means setting it, process-wide: files other threads made meanwhile
+    got mode 0666. The cache file gets the umask from the kernel instead (test above)."""
+    def no_umask(mask):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(autotune.os, "umask", no_umask)
+    assert choose(Tuner(timer=stub_timer)).source == "tuned"
+    assert os.path.exists(_cache_path())
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: no unreadable cache to make")

@@ -102,6 +102,66 @@ def test_each_span_covers_one_whole_block_and_a_capture_drops_the_open_block():
     assert decisions == [] and run() == "F" and decisions == [(1.0, 2.0, True)]
 
 
+@pytest.mark.parametrize("where", ["clock", "graph"])
+def test_a_call_that_raises_inside_a_block_drops_that_block(where):
+    """A Ctrl-C while the clock waits for the GPU (or a graph call that raises) in the middle
+    of the trial: the call raises, the block it was in is run again from its first call, every
+    span still covers one whole block of one graph, and the decision comes (it used to take
+    the span's start from another block, or from none, and then raise at every call)."""
+    fused, unfused, calls = _graphs()
+    decisions = []
+    clock = FakeClock(1.0, 2.0, block=3, calls=calls)
+    graph_trial = trial.GraphTrial(fused, unfused, lambda *d: decisions.append(d), calls=6, clock=clock, block=3)
+    run = trial.as_compiled_fn(graph_trial)
+    for _ in range(2 + 3 + 1):  # warm-ups, the first fused block, one call into the unfused one
+        run()
+    raise_once = [True]
+
+    def interrupted(orig):
+        def wrapper(*args):
+            if raise_once and raise_once.pop():
+                raise KeyboardInterrupt
+            return orig(*args)
+        return wrapper
+
+    if where == "clock":
+        clock.start = interrupted(clock.start)
+        run(), run()  # the rest of the unfused block: the next block's start is interrupted
+    else:
+        run()
+        graph_trial.graphs = (fused, interrupted(unfused))
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    for _ in range(30):
+        run()
+    assert all(len(set(span)) == 1 and len(span) == 3 for span in clock.covered), clock.covered
+    assert decisions == [(1.0, 2.0, True)] and run() == "F"
+
+
+def test_the_losing_graph_is_released():
+    import gc
+    import weakref
+
+    fused, unfused, calls = _graphs()
+
+    class Graph:  # weakref-able callables standing for the compiled graphs
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    f, u = Graph(fused), Graph(unfused)
+    lost = weakref.ref(u)
+    run = trial.as_compiled_fn(trial.GraphTrial(f, u, lambda *d: None, calls=2, clock=FakeClock(1.0, 2.0, block=2),
+                                                block=2))
+    del u
+    for _ in range(2 + 2 * 2 + 1):
+        run()
+    gc.collect()
+    assert lost() is None and run() == "F"
+
+
 def test_trial_waits_for_the_events_and_skips_captures():
     fused, unfused, calls = _graphs()
     decisions = []
@@ -289,6 +349,45 @@ def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
     (report,) = graphs
     assert fusion_backend.counters[LBGR] == 0 and not report.fused
     assert "left to Inductor" in report.skipped[0].reason
+
+
+@needs_interpreter
+def test_inductor_failing_on_the_original_graph_keeps_the_fused_one(monkeypatch):
+    """The trial's rival, the original graph, fails in Inductor: the fused graph (which
+    compiled) is kept as it is, a site fused for the trial included, without a trial; the
+    report's note says why and the result matches eager."""
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
+
+    def decision(ctx, key, call_op, call_unfused, static_shapes=False):
+        if ctx.options.trial:
+            ctx.launch_bound[key] = "a tie at compile time (test)"
+            return None
+        return "unfused path is faster here (test): left to Inductor"
+
+    monkeypatch.setattr(lbgr, "tuned_unfused_reason", decision)
+    monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
+    inductor, compiled_graphs = backend._inductor, []
+
+    def inductor_failing_on_the_original(gm, example_inputs, opts):
+        compiled_graphs.append(gm)
+        if len(compiled_graphs) == 2:
+            raise RuntimeError("Inductor failed (test)")
+        return inductor(gm, example_inputs, opts)
+
+    monkeypatch.setattr(backend, "_inductor", inductor_failing_on_the_original)
+    model = randomize(Block(24, 20)).eval()
+    eager = copy.deepcopy(model)
+    graphs = []
+    monkeypatch.setattr(backend, "_report_sinks", [graphs])
+    x = torch.randn(37, 24)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="fusedtriton")
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), eager(x))
+    (report,) = graphs
+    assert fusion_backend.counters[LBGR] == 1 and len(report.fused) == 1
+    assert "Inductor failed on the original graph" in report.note and "fused graph kept" in report.note
+    assert len(compiled_graphs) == 2
 
 
 @pytest.mark.parametrize("how", ["trial", "no-trial", "cudagraphs", "slow-kernel"])

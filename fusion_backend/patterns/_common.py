@@ -536,6 +536,14 @@ _NOT_INLINE = ("TMA", "PRESPLIT", "GLUON", "WXT", "PERSISTENT", "SPLIT_K")
 INLINE_MAX_FLOP = 4e9
 
 
+def gemm_flop(m: int, n: int, k: int) -> int:
+    """2MNK at the batch bucket's M (`autotune.bucket`), for choosing the space by
+    INLINE_MAX_FLOP: every batch of one tuning key gets the same space (with the exact M, batches
+    400 and 500 of a 2048x2048 GEMM, one key, got different spaces and re-tuned each other's
+    cache entry away)."""
+    return 2 * autotune.bucket(m) * n * k
+
+
 def inlinable(config) -> bool:
     """Whether an inline op can launch this config's kernel (no host-side descriptors, no Gluon)."""
     return config is not None and not any(config.get(flag) for flag in _NOT_INLINE)

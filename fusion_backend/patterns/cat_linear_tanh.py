@@ -14,14 +14,14 @@ import triton
 import triton.language as tl
 from torch import fx
 
-from fusion_backend import autotune, config_spaces, devices
+from fusion_backend import autotune, config_spaces, devices, triton_lib
 from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
-                      descriptor, gluon_code, grad_mode_problem, hint, inline_meta, launch, linear_shape_problem,
+                      descriptor, gemm_flop, gluon_code, grad_mode_problem, hint, inline_meta, launch, linear_shape_problem,
                       meta_kwargs, mutated_in_graph, only_user, Replay, space, static_shapes, tensor_problem,
                       tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
@@ -217,9 +217,9 @@ def _launch_presplit(xs, weight, bias, out, config, apply_tanh=True):
     return out
 
 
-_SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, dot_3xtf32,
-                            finish_3xtf32, opaque_zeros, _cat_gemm_tanh_wxt_kernel, _wxt_split_segment,
-                            store_cell_tile, _segment_descriptors,
+# triton_lib whole: the kernels call its helpers (the GEMM main loop, tanh, TF32 rounding)
+_SRC = autotune.source_hash(_cat_gemm_tanh_kernel, _cat_gemm_tanh_presplit_kernel, _wxt_segment, triton_lib,
+                            _cat_gemm_tanh_wxt_kernel, _wxt_split_segment, _segment_descriptors,
                             *gluon_code("_cell_gluon", "_cell_3xtf32_kernel", "_issue_loads", "launch",
                                         "mma_3xtf32_step", "stage_ring", "drain_3xtf32"))
 
@@ -289,7 +289,7 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
 
     key = autotune.make_key(name, profile.tuning_id, x0.dtype, precision, M,
                             K="+".join(str(t.shape[1]) for t in xs), N=N)
-    flop = 2 * M * N * sum(t.shape[1] for t in xs)
+    flop = gemm_flop(M, N, sum(t.shape[1] for t in xs))
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
                   space=lambda: cell_space(profile, x0.dtype, precision, flop), m=M,
                   run_fused=runner(xs, weight, bias, precision, out, apply_tanh),

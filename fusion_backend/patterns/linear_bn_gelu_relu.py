@@ -17,14 +17,14 @@ import triton
 import triton.language as tl
 from torch import fx
 
-from fusion_backend import autotune, config_spaces, devices
+from fusion_backend import autotune, config_spaces, devices, triton_lib
 from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
-                      descriptor, gluon_code, grad_mode_problem, heuristic_kwargs, hint, inline_meta, launch,
+                      descriptor, gemm_flop, gluon_code, grad_mode_problem, heuristic_kwargs, hint, inline_meta, launch,
                       linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, space, static_shapes,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
@@ -202,10 +202,9 @@ def _bn_gelu_relu_kernel(y_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
              r.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# triton_lib whole: the kernels call its helpers (the GEMM main loop, GELU, the tile order)
 _SRC = autotune.source_hash(_gemm_bn_gelu_relu_eval_kernel, _gemm_bn_gelu_relu_eval_tma_kernel, _eval_tma_tile,
-                            grouped_tile, store_eval_tile,
-                            _gemm_bn_gelu_relu_eval_presplit_kernel, dot_3xtf32, finish_3xtf32, opaque_zeros,
-                            _gemm_bias_welford_kernel,
+                            _gemm_bn_gelu_relu_eval_presplit_kernel, triton_lib, _gemm_bias_welford_kernel,
                             _merge_welford_kernel, _bn_gelu_relu_kernel,
                             *gluon_code("_eval_gluon", "_eval_3xtf32_kernel", "_issue_loads", "launch"),
                             *gluon_code("_cell_gluon", "mma_3xtf32_step", "stage_ring", "drain_3xtf32"))
@@ -396,8 +395,8 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
         return _unfused_eval(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, profile)
 
     key = autotune.make_key("eval:" + NAME, profile.tuning_id, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=lambda: eval_space(profile, x.dtype, precision, 2 * M * N * K), m=M,
-                  run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
+    return launch(key, ctx_args=ctx_args, space=lambda: eval_space(profile, x.dtype, precision, gemm_flop(M, N, K)),
+                  m=M, run_fused=run_fused, run_unfused=run_unfused, src_hash=_SRC,
                   run_reference=lambda: _reference(x, weight, bias, gamma, beta, running_mean, running_var,
                                                    eps, approximate))
 
@@ -429,7 +428,7 @@ def eval_keep_y_forward(x, weight, bias, gamma, beta, running_mean, running_var,
         return out.copy_(_reference(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate)), y
 
     key = autotune.make_key("eval_keep_y:" + NAME, profile.tuning_id, x.dtype, precision, M, K=K, N=N)
-    return launch(key, ctx_args=ctx_args, space=lambda: eval_keep_y_space(profile, x.dtype, precision, 2 * M * N * K),
+    return launch(key, ctx_args=ctx_args, space=lambda: eval_keep_y_space(profile, x.dtype, precision, gemm_flop(M, N, K)),
                   m=M, run_fused=run_fused, run_unfused=run_unfused, run_reference=run_reference, src_hash=_SRC)
 
 
