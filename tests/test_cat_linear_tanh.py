@@ -834,3 +834,22 @@ def test_inline_cell_rewrite(monkeypatch):
     assert fusion_backend.counters[NAME] == 2
     assert_matches(got["hidden"], want["hidden"], ref64["hidden"], "hidden")
     assert_grads_close(got, want, ref64, ("x", "h", "W", "b"))
+
+
+def test_h2o_check_names_missing_example_values():
+    """A graph without example values (no FakeTensor propagation): the h2o site is refused
+    with that reason, not an AttributeError or a dtype reason that blames autocast."""
+    import torch.fx as fx
+
+    from fusion_backend.patterns.cat_linear_tanh import cat_linear_tanh
+    from fusion_backend.patterns.cell_h2o import CellH2O
+
+    g = fx.Graph()
+    x, h, w, b, w2, b2 = (g.placeholder(n) for n in ("x", "h", "w", "b", "w2", "b2"))
+    cell = g.call_function(cat_linear_tanh, ([x, h], w, b, "ieee", False, 1.0))
+    g.output(g.call_function(torch.nn.functional.linear, (cell, w2, b2)))
+    (linear,) = [n for n in g.nodes if n.target is torch.nn.functional.linear]
+    pattern = CellH2O()
+    m = pattern.match(linear)
+    assert m is not None
+    assert "no example value" in pattern.check(m, ctx=None)

@@ -82,7 +82,9 @@ class CellH2O(Pattern):
     def check(self, m: _Match, ctx) -> Optional[str]:
         out_val, hidden_val = example_value(m.linear), example_value(m.hidden)
         params = [example_value(n) for n in (m.weight, m.bias) if isinstance(n, fx.Node)]
-        if out_val is None or any(v is None or v.dtype != hidden_val.dtype for v in [out_val] + params):
+        if out_val is None or hidden_val is None or any(v is None for v in params):
+            return "h2o's hidden state, weights or output have no example value (shape and dtype unknown)"
+        if any(v.dtype != hidden_val.dtype for v in [out_val] + params):
             return "h2o's weights or output differ in dtype from the hidden state (autocast): left to Inductor"
         dtype = out_val.dtype
         precision = ctx.dot_precision(dtype)
