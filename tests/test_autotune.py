@@ -581,6 +581,20 @@ def test_cache_file_of_another_version_is_left_as_it_is(tmp_cache, caplog):
     assert len(warnings) == 1 and "ignoring autotune cache" in warnings[0], warnings
 
 
+def test_file_system_without_locks_still_gets_the_cache(tmp_cache, monkeypatch):
+    """flock refused (ENOLCK on some NFS mounts): the entry is written all the same (atomic
+    replace), not dropped with a warning at every key."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert choose(Tuner(timer=stub_timer)).source == "tuned"
+    assert choose(Tuner(timer=stub_timer)).source == "cache"
+
+
 def test_failed_replace_leaves_no_temporary_file(tmp_cache, monkeypatch):
     def refuse(src, dst):
         raise OSError("replace refused")
