@@ -222,14 +222,27 @@ def launch_options(config: dict, profile) -> dict:
     return {k: config[k] for k in keys if k in config}
 
 
-def smem_bytes(config: dict, family: str, elem_bytes: int) -> int:
+def smem_bytes(config: dict, family: str, elem_bytes: int, tf32x3: bool = False) -> int:
     """Shared-memory estimate: the pipelined A and B tiles of a GEMM (a pre-split operand
-    brings two tiles: head and remainder, of either side), one tile for a pointwise pass."""
+    brings two tiles: head and remainder, of either side), one tile for a pointwise pass. The
+    recurrence stages its h tile and W's slice for tl.dot: streamed, BLOCK_M rows of h and a
+    BLOCK_K x BLOCK_N slice of W per stage; RESIDENT, the widest reduction `plan()` allows
+    (RESIDENT_MAX_K at 16 rows), half as much again where the config may run 3xTF32
+    (`tf32x3`: the split operands). Compiled sizes for sm_80/89/90 and gfx942 are at most these
+    (tests/test_config_spaces.py compiles the worst cases)."""
     if family == GEMM:
         stages = max(1, config["num_stages"])
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]
         rows = bm + bn + (max(bm, bn) if config.get("PRESPLIT") else 0)
         return stages * rows * config["BLOCK_K"] * elem_bytes
+    if family == RECURRENCE:
+        streamed = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * elem_bytes * max(1, config["num_stages"])
+        resident = 0
+        if config.get("RESIDENT"):
+            resident = (16 + config["BLOCK_N"]) * config["RESIDENT_MAX_K"] * elem_bytes
+            if tf32x3 and "tf32x3" in config.get("precisions", ("tf32x3",)):
+                resident += resident // 2
+        return max(streamed, resident)
     return config["BLOCK_M"] * config["BLOCK_N"] * 4  # at most one fp32 layout conversion
 
 
@@ -291,7 +304,7 @@ def validate(profile, family: str, config: dict) -> List[str]:
         problems.append(f"TMA needs a Hopper-class GPU (sm_90+), profile arch is {profile.arch}")
     dtypes = config.get("dtypes", ("float32",) + HALF)
     elem = 4 if "float32" in dtypes else 2
-    need = smem_bytes(config, family, elem)
+    need = smem_bytes(config, family, elem, tf32x3=elem == 4 and "tf32x3" in profile.dot_precisions)
     if need > profile.smem_per_block:
         problems.append(f"needs ~{need} B shared memory, limit {profile.smem_per_block}")
     return problems

@@ -63,11 +63,14 @@ def _get(props: Any, name: str, default=None):
     return getattr(props, name, default)
 
 
-def from_properties(props: Any, is_hip: bool = False) -> Optional[DeviceProfile]:
-    """Map device properties (torch.cuda.get_device_properties or a dict of them) to a profile.
+def from_properties(props: Any, is_hip: Optional[bool] = None) -> Optional[DeviceProfile]:
+    """Map device properties (torch.cuda.get_device_properties or a dict of them) to a profile;
+    `is_hip` None: the properties' own `is_hip` (False where they have none).
 
     Returns None where the backend should not fuse: the graph then goes to Inductor untouched.
     """
+    if is_hip is None:
+        is_hip = bool(_get(props, "is_hip", False))
     sms = int(_get(props, "multi_processor_count", 0) or 0)
     smem = int(_get(props, "shared_memory_per_block_optin", 0) or _get(props, "shared_memory_per_block", 0) or 0)
     warp = int(_get(props, "warp_size", 64 if is_hip else 32) or (64 if is_hip else 32))
@@ -77,15 +80,17 @@ def from_properties(props: Any, is_hip: bool = False) -> Optional[DeviceProfile]
         if not (arch.startswith("gfx908") or arch.startswith("gfx90a") or arch.startswith("gfx94")
                 or arch.startswith("gfx95")):
             return None
-        cdna3 = arch.startswith("gfx94") or arch.startswith("gfx95")
+        # TF32 on AMD is gfx942's alone (MI300X/A, MI325X): Triton's AMD backend refuses
+        # input_precision="tf32" elsewhere, gfx950 (MI350, CDNA4) and the early gfx940/941 included
+        tf32 = arch == "gfx942"
         # The MI300X is recognised by architecture and CU count, never by name: some ROCm
         # stacks report "AMD Radeon Graphics". gfx942 with 228 CUs is an MI300A.
         name = "mi300x" if arch == "gfx942" and sms == 304 else "rocm"
         return DeviceProfile(
             name=name, vendor="amd", arch=arch, warp_size=warp, smem_per_block=smem or 65536,
             multiprocessors=sms, max_num_warps=16,
-            dot_precisions=("ieee", "tf32") if cdna3 else ("ieee",),
-            fp32_highest="ieee", fp32_high="tf32" if cdna3 else "ieee",
+            dot_precisions=("ieee", "tf32") if tf32 else ("ieee",),
+            fp32_highest="ieee", fp32_high="tf32" if tf32 else "ieee",
         )
     major, minor = int(_get(props, "major", 0) or 0), int(_get(props, "minor", 0) or 0)
     if major < 8:  # no TF32/bf16 tensor cores that Triton targets well: Inductor alone

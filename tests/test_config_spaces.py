@@ -331,3 +331,122 @@ def test_small_cell_gemms_take_inline_launchable_tiles_only(dtype, precision):
     assert small and all(inlinable(c) for c in small) and any(c.get("SMALL") for c in small)
     assert any(c.get("WXT") or c.get("PRESPLIT") for c in full) and not any(c.get("SMALL") for c in full)
     assert clt.cell_space(h100, dtype, precision) == full
+
+
+# ----------------------------------------------------------------------------- compiled sizes
+
+_RECURRENCE_SHARED = """
+import json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusion_backend import config_spaces as cs
+from fusion_backend.devices import from_properties
+from fusion_backend.patterns import rnn_sequence as R
+
+props, target, cases = json.loads(sys.argv[1])
+profile = from_properties(props)
+out = []
+for precision in profile.dot_precisions:
+    for B, H in cases:
+        programs, kw = R.plan(R._config(profile, torch.float32, precision), profile, B, H)
+        options = {k: kw.pop(k) for k in list(kw) if k in cs.LAUNCH_KEYS}
+        const = dict(PRECISION=precision, stride_ph=1, stride_hh=1, **kw)  # unit strides: the JIT specializes them
+        sig = {"p_ptr": "*fp32", "w_ptr": "*fp32", "hs_ptr": "*fp32", "sync_ptr": "*i32"}
+        sig.update({n: "i32" for n in ("T", "B", "H", "stride_pt", "stride_pb", "stride_wn", "stride_wk", "stride_ht",
+                                       "stride_hb")})
+        sig.update({k: "constexpr" for k in const})
+        fn = R._rnn_recurrence_kernel
+        compiled = triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
+                                  target=GPUTarget(*target), options=options)
+        out.append([precision, B, H, kw["RESIDENT"], compiled.metadata.shared])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("stem, target", [("h100-sxm", ("cuda", 90, 32)), ("rtx4090", ("cuda", 89, 32)),
+                                          ("a100-sxm", ("cuda", 80, 32)), ("mi300x", ("hip", "gfx942", 64))])
+def test_recurrence_shared_memory_estimate_covers_the_compiled_kernel(stem, target):
+    """The recurrence kernel compiled (for the device, no GPU needed) at the widest cases
+    `plan()` allows, W resident (16 rows, H = RESIDENT_MAX_K) and streamed (the batch limit):
+    its shared memory is at most `smem_bytes`' estimate, which is within the device's limit
+    (the estimate was one fp32 tile, 4 KB, against 96 KB compiled at 3xTF32 on sm_90)."""
+    from test_presplit_3xtf32 import _compile_in_subprocess
+
+    props = props_named(stem)
+    profile = from_properties(props)
+    raw = cs.space_for(profile, cs.RECURRENCE)
+    max_k = max(c.get("RESIDENT_MAX_K", 0) for c in raw)
+    cases = [[16, max_k], [max(c["BLOCK_M"] for c in raw), 2 * max_k]]
+    compiled = _compile_in_subprocess(_RECURRENCE_SHARED, [props, list(target), cases])
+    assert {resident for *_, resident, _ in compiled} == {True, False}  # both paths compiled
+    for precision, B, H, resident, shared in compiled:
+        config = next(c for c in raw if precision in c.get("precisions", (precision,)))
+        estimate = cs.smem_bytes(config, cs.RECURRENCE, 4, tf32x3=precision == "tf32x3")
+        assert shared <= estimate <= profile.smem_per_block, (precision, B, H, resident, shared, estimate)
+
+
+_DOT_KERNEL = """
+import triton, triton.language as tl
+
+@triton.jit
+def dot_kernel(a_ptr, b_ptr, c_ptr, PRECISION: tl.constexpr):
+    r = tl.arange(0, 32)
+    a = tl.load(a_ptr + r[:, None] * 32 + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * 32 + r[None, :])
+    tl.store(c_ptr + r[:, None] * 32 + r[None, :], tl.dot(a, b, input_precision=PRECISION))
+"""
+
+_DOT_AT_EVERY_PRECISION = """
+import importlib.util, json, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusion_backend.devices import from_properties
+
+props, target, source = json.loads(sys.argv[1])
+with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:  # triton.jit reads its source file
+    f.write(source)
+spec = importlib.util.spec_from_file_location("dot_kernel_module", f.name)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+dot_kernel = module.dot_kernel
+failed = {}
+for precision in from_properties(props).dot_precisions:
+    try:
+        triton.compile(ASTSource(fn=dot_kernel, signature={"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32",
+                                                          "PRECISION": "constexpr"},
+                                 constexprs={"PRECISION": precision}), target=GPUTarget(*target))
+    except Exception as exc:
+        failed[precision] = f"{type(exc).__name__}: {str(exc)[-300:]}"
+print(json.dumps(failed))
+"""
+
+
+@pytest.mark.parametrize("arch, tf32", [("gfx942", True), ("gfx950", False), ("gfx90a", False)])
+def test_amd_profiles_offer_only_dot_precisions_triton_compiles(arch, tf32):
+    """TF32 is gfx942's alone on AMD: Triton's AMD backend refuses input_precision="tf32" on
+    gfx950 (MI350) and gfx940/941, where the profile used to pick it for fp32 "high" (every
+    fused kernel then failed to compile). Every precision a profile offers compiles there."""
+    from test_presplit_3xtf32 import _compile_in_subprocess
+
+    props = dict(props_named("mi300x"), gcnArchName=f"{arch}:sramecc+:xnack-")
+    profile = from_properties(props)
+    assert ("tf32" in profile.dot_precisions) is tf32
+    assert profile.fp32_high == ("tf32" if tf32 else "ieee")
+    assert _compile_in_subprocess(_DOT_AT_EVERY_PRECISION, [props, ["hip", arch, 64], _DOT_KERNEL]) == {}
+
+
+def test_early_mi300_parts_have_no_tf32():
+    """gfx940/941 (pre-production MI300): no TF32 in the profile, as on gfx950 (Triton 3.9
+    has no compile target for them to test against)."""
+    for arch in ("gfx940", "gfx941"):
+        profile = from_properties(dict(props_named("mi300x"), gcnArchName=f"{arch}:sramecc+:xnack-"))
+        assert "tf32" not in profile.dot_precisions and profile.fp32_high == "ieee"
+
+
+def test_from_properties_reads_is_hip_from_the_properties():
+    props = props_named("mi300x")
+    assert from_properties(props).vendor == "amd" and from_properties(props).name == "mi300x"
+    assert from_properties(props, is_hip=True) == from_properties(props)
+    assert from_properties(props_named("h100-sxm")).vendor == "nvidia"
