@@ -519,8 +519,9 @@ def test_no_grad_graphs_use_ops_without_autograd_and_grad_graphs_keep_it():
         ["fusedtriton.linear_bn_gelu_relu_eval_inference.default"] * 2
     _assert_grads_match(lambda m, a, b: compiled(a, b), model, x, h)
     assert len(graphs) == 2, "grad mode on must recompile"
-    # eval-mode BatchNorm with grad: the op that keeps the Linear's output for the backward
-    assert _fused_targets(graphs[-1]) == ["fusedtriton.cat_linear_tanh.default"] + \
+    # eval-mode BatchNorm with grad: the op that keeps the Linear's output for the backward;
+    # the cell's op that returns its operands' copy for dW
+    assert _fused_targets(graphs[-1]) == ["fusedtriton.cat_linear_tanh_saving.default"] + \
         ["fusedtriton.linear_bn_gelu_relu_eval_keep_y.default"] * 2
 
 

@@ -471,6 +471,63 @@ def test_truncated_bptt_loop_is_not_fused():
     torch.testing.assert_close(model.i2h.weight.grad, eager.i2h.weight.grad, **grad_close(eager.i2h.weight.grad))
 
 
+@pytest.mark.parametrize("h2o", [False, True], ids=["cell", "cell+h2o"])
+@pytest.mark.parametrize("how", ["copy_", ".data"])
+def test_caller_writes_the_hidden_buffer_between_forward_and_backward(monkeypatch, how, h2o):
+    """`h.copy_(new_h.detach())` into a persistent hidden buffer after the forward, then the
+    backward: eager's cat is a copy, so dW sees the forward's values. The op saved h itself:
+    autograd's "modified by an inplace operation" error for copy_, and a silently wrong dW
+    (35% off) for a write through `.data`. Where W requires grad the op now returns a copy of
+    its operands, saved for dW (cat_linear_tanh_saving); its hidden state still feeds the h2o
+    site (CellH2O.check bypassed: the interpreter profile has no h2o kernel)."""
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    import fusion_backend.patterns.cell_h2o as ch
+    from fusion_backend import backend
+
+    if h2o:
+        monkeypatch.setattr(ch.CellH2O, "check", lambda self, m, ctx: None)
+    graphs = []
+    inductor = backend._inductor
+    monkeypatch.setattr(backend, "_inductor", lambda gm, ex, opts: graphs.append(gm) or inductor(gm, ex, opts))
+    torch.manual_seed(41)
+    model = RNNCell()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x, h0, g_out = torch.randn(B, I), torch.randn(B, H), torch.randn(B, O)
+    compiled = compile_(model)
+    for m, fn, dtype in ((model, compiled, torch.float32), (eager, eager, torch.float32), (ref, ref, torch.float64)):
+        h = h0.clone().to(dtype)
+        out, hidden = fn(x.to(dtype), h)
+        (h.data if how == ".data" else h).copy_(hidden.detach())
+        (out * g_out.to(dtype)).sum().backward()
+    assert fusion_backend.counters[NAME] == 1 and fusion_backend.counters["cell_h2o"] == int(h2o)
+    targets = [n.target for g in graphs for n in g.graph.nodes]
+    assert clt.cat_linear_tanh_saving in targets and clt.cat_linear_tanh not in targets
+    for name in ("i2h.weight", "i2h.bias", "h2o.weight", "h2o.bias"):
+        got, want, ref64 = (dict(m.named_parameters())[name].grad for m in (model, eager, ref))
+        torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"{name} vs eager: {m}")
+        torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"{name} vs fp64: {m}")
+
+
+def test_no_operand_copy_without_dw(monkeypatch):
+    """No backward (no_grad) or a frozen W: the plain op, no copy of the operands."""
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    from fusion_backend import backend
+
+    graphs = []
+    inductor = backend._inductor
+    monkeypatch.setattr(backend, "_inductor", lambda gm, ex, opts: graphs.append(gm) or inductor(gm, ex, opts))
+    model = RNNCell()
+    model.i2h.weight.requires_grad_(False)
+    x, h = torch.randn(B, I, requires_grad=True), torch.randn(B, H)
+    compile_(model)(x, h)[0].sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        compile_(RNNCell())(x, h)
+    targets = [n.target for g in graphs for n in g.graph.nodes]
+    assert fusion_backend.counters[NAME] == 2 and clt.cat_linear_tanh in targets
+    assert not any(t in clt.SAVING_CELL_OPS for t in targets)
+
+
 class BufferWrittenThroughAlias(nn.Module):
     """KernelBench-style cell with its hidden state in a buffer, updated in the forward through
     an alias of the buffer (spelled `how`), and a second cell that never touches it."""

@@ -1,13 +1,15 @@
 """Pattern `cat_linear_tanh`: tanh(Linear(cat((x, h, ...), dim=-1))), the vanilla RNN cell.
 
-The concatenated tensor is never built: the kernel walks the reduction dimension across
-the cat operands, each read from its own pointer and strides (any widths), against the
-matching column range of W as stored, then applies bias and an overflow-free tanh.
+The concatenated tensor is never built for the kernel: it walks the reduction dimension
+across the cat operands, each read from its own pointer and strides (any widths), against the
+matching column range of W as stored, then applies bias and an overflow-free tanh. (Where W
+requires grad, the op also returns the cat, saved for dW as eager saves its own.)
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+import operator
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -324,30 +326,59 @@ def _setup(ctx, inputs, output):
     xs, weight, bias = inputs[:3]
     ctx.widths = [x.shape[1] for x in xs]
     ctx.has_bias = bias is not None
-    # dW needs the cat operands, saved as they are (the cat is never built). A copy (clone or
-    # cat) made here does not help under torch.compile: nothing in the forward reads it, so
-    # AOT's partitioner computes it in the backward, from the operand; a caller writing to an
-    # operand in place before the backward gets autograd's "modified by an inplace operation"
-    # error (README, known limits)
+    # dW from the operands themselves: the rewrite uses `cat_linear_tanh_saving` (below) where
+    # W requires grad; this is for the op called directly
     ctx.save_for_backward(weight, output, *(xs if weight.requires_grad else ()))
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, x_cat=None):
+    """(grads of xs, W, b): dx per cat operand (the cat is not built), dW from `x_cat`, the
+    operands' copy, or else from the saved operands (none saved: W needs no grad)."""
     weight, out, *xs = ctx.saved_tensors
+    if x_cat is not None:
+        xs = [x_cat]
     dz = grad_out * (1 - out * out)  # tanh' from the saved output
-    grads_x, grads_w, start = [], [], 0
-    for i, width in enumerate(ctx.widths):  # per cat operand: the cat is not built in the backward either
+    grads_x, start = [], 0
+    for width in ctx.widths:
         grads_x.append(dz @ weight[:, start:start + width])
-        if xs:
-            grads_w.append(dz.t() @ xs[i])
         start += width
+    grad_w = torch.cat([dz.t() @ x for x in xs], 1) if xs else None
     db = dz.sum(0) if ctx.has_bias else None
-    return grads_x, torch.cat(grads_w, 1) if xs else None, db, None, None, None
+    return grads_x, grad_w, db, None, None, None
 
 
-cat_linear_tanh = define_op(
-    "cat_linear_tanh", "(Tensor[] xs, Tensor weight, Tensor? bias, str precision, bool autotune_on, float budget) -> Tensor",
-    forward, _fake, _backward, _setup)
+# Where W requires grad the op also returns the cat of its operands, which dW reads: eager's
+# cat is a copy, so a caller may write to an operand after the forward (`h.copy_(new_h.detach())`
+# into a persistent hidden buffer) and the backward still sees the values of the forward.
+# Saving the operands themselves gave autograd's "modified by an inplace operation" error there,
+# and a silently wrong dW (35% off) for a write through `.data`. The copy is an output of the op
+# because one made in `setup_context` is traced as a plain cat, which AOT's partitioner moves
+# into the backward, computed from the operands after the write.
+
+def _saving_forward(xs, weight, bias, precision, autotune_on, budget):
+    return forward(xs, weight, bias, precision, autotune_on, budget), torch.cat(xs, 1)
+
+
+def _saving_fake(xs, weight, bias, precision, autotune_on, budget):
+    return _fake(xs, weight, bias, precision, autotune_on, budget), torch.cat(xs, 1)
+
+
+def _setup_saving(ctx, inputs, output):
+    xs, weight, bias = inputs[:3]
+    ctx.widths = [x.shape[1] for x in xs]
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(weight, output[0], output[1])
+
+
+def _backward_saving(ctx, grad_out, grad_copy):
+    weight, out, x_cat = ctx.saved_tensors
+    return _backward(ctx, grad_out, x_cat)
+
+
+_SCHEMA_ARGS = "(Tensor[] xs, Tensor weight, Tensor? bias, str precision, bool autotune_on, float budget)"
+cat_linear_tanh = define_op("cat_linear_tanh", _SCHEMA_ARGS + " -> Tensor", forward, _fake, _backward, _setup)
+cat_linear_tanh_saving = define_op("cat_linear_tanh_saving", _SCHEMA_ARGS + " -> (Tensor, Tensor)", _saving_forward,
+                                   _saving_fake, _backward_saving, _setup_saving)
 
 
 def inline_forward(xs, weight, bias, precision, meta, apply_tanh=True):
@@ -369,7 +400,21 @@ def _backward_inline(ctx, grad_out):
     return _backward(ctx, grad_out)[:4] + (None,)
 
 
+def _cell_inline_saving(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
+                        meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return inline_forward(xs, weight, bias, precision, meta), torch.cat(xs, 1)
+
+
+def _backward_inline_saving(ctx, grad_out, grad_copy):
+    return _backward(ctx, grad_out, ctx.saved_tensors[2])[:4] + (None,)
+
+
 cat_linear_tanh_inline = define_inline_op("cat_linear_tanh_inline", _cell_inline, _backward_inline, _setup)
+cat_linear_tanh_saving_inline = define_inline_op("cat_linear_tanh_saving_inline", _cell_inline_saving,
+                                                 _backward_inline_saving, _setup_saving)
+#: the cell ops whose result (first output) is the hidden state: cell_h2o reads it
+CELL_OPS = (cat_linear_tanh, cat_linear_tanh_inline)
+SAVING_CELL_OPS = (cat_linear_tanh_saving, cat_linear_tanh_saving_inline)
 
 
 class _Match:
@@ -472,14 +517,19 @@ class CatLinearTanh(Pattern):
         site = self._site(m, ctx)
         precision = site["precision"]
         meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
+        # dW to compute: the op that also returns the operands' copy (see `_saving_forward`)
+        saving = backward_will_run(m.cat, [m.weight])
         with graph.inserting_before(m.tanh):
             *xs, w, b = cast_to(graph, list(m.tensors) + [m.weight, m.bias], example_value(m.linear).dtype)
             if meta is not None:
                 site["launch"] = "inline"
-                out = graph.call_function(cat_linear_tanh_inline, (xs, w, b, precision, meta))
+                out = graph.call_function(cat_linear_tanh_saving_inline if saving else cat_linear_tanh_inline,
+                                          (xs, w, b, precision, meta))
             else:
-                out = graph.call_function(cat_linear_tanh, (
+                out = graph.call_function(cat_linear_tanh_saving if saving else cat_linear_tanh, (
                     xs, w, b, precision, ctx.options.autotune, ctx.options.tune_budget_s))
+            if saving:
+                out = graph.call_function(operator.getitem, (out, 0))
         out.meta.update(m.tanh.meta)
         m.tanh.replace_all_uses_with(out)
         for node in (m.tanh, m.linear, m.cat):

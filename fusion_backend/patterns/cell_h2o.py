@@ -12,6 +12,7 @@ kernels leave it alone.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional
 
 import torch
@@ -23,7 +24,7 @@ from fusion_backend.registry import Pattern, register_pattern
 
 from ._common import (define_inline_op, define_op, hint, inline_meta, linear_shape_problem, mutated_in_graph,
                       static_shapes, tensor_problem, tuned_unfused_reason)
-from .cat_linear_tanh import cat_linear_tanh, cat_linear_tanh_inline, cell_space, inline_forward, linear_forward
+from .cat_linear_tanh import CELL_OPS, SAVING_CELL_OPS, cell_space, inline_forward, linear_forward
 
 NAME = "cell_h2o"
 
@@ -75,7 +76,11 @@ class CellH2O(Pattern):
         if not is_op(node, LINEAR) or not isinstance(node.args[0], fx.Node):
             return None
         cell = node.args[0]
-        if cell.op != "call_function" or cell.target not in (cat_linear_tanh, cat_linear_tanh_inline):
+        if cell.op == "call_function" and cell.target is operator.getitem and cell.args[1] == 0:
+            cell = cell.args[0]  # the hidden state of a cell op that also returns its operands' copy
+            if not (isinstance(cell, fx.Node) and cell.op == "call_function" and cell.target in SAVING_CELL_OPS):
+                return None
+        elif cell.op != "call_function" or cell.target not in CELL_OPS:
             return None
         return _Match(node)
 
