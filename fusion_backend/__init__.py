@@ -7,6 +7,8 @@ backend name once, whether or not the `torch_dynamo_backends` entry point was se
 """
 from __future__ import annotations
 
+import collections
+
 from .backend import counters, fusedtriton
 from .devices import DeviceProfile, device_profile, from_properties
 from .options import MODES, OPTION_DOCS, Options
@@ -40,18 +42,29 @@ def release_graphs() -> None:
     _common.release_graphs()
 
 
-def explain(model, *args, mode=None, options=None, **kwargs):
+_UNSET = object()
+
+
+def explain(model, *args, mode=_UNSET, options=_UNSET, **kwargs):
     """Compile `model` with fusedtriton, run it once on (*args, **kwargs), and report:
     the device profile, each fused site (pattern, shapes, dtype, precision, chosen config)
     and each near-miss with its reason. `print(report)` reads well. The call is a real one: a
-    model in training mode updates its BatchNorm running statistics, as any call does."""
+    model in training mode updates its BatchNorm running statistics, as any call does.
+
+    `model` may be the result of `torch.compile(..., backend="fusedtriton", mode=...,
+    options=...)`: its mode and options are used unless given here (explain's own compile is
+    not counted in `counters`)."""
     import torch
 
     from . import autotune
     from .backend import _report_sinks
     from .report import ExplainReport
 
+    compiled_mode, compiled_options = _compiled_settings(model)
+    mode = compiled_mode if mode is _UNSET else mode
+    options = compiled_options if options is _UNSET else options
     sink: list = []
+    counted = collections.Counter(counters)
 
     def backend(gm, example_inputs):
         return fusedtriton(gm, example_inputs, mode=mode, options=options)
@@ -73,12 +86,39 @@ def explain(model, *args, mode=None, options=None, **kwargs):
         # own compiled model stopped recompiling (new shapes ran eagerly). Its compiled entries
         # go too, as with torch._dynamo.explain (which resets all): it compiles again once.
         _forget_compiled_code(model, codes)
+        counters.clear()
+        counters.update(counted)  # sites of explain's own compile: not the program's
     for graph in sink:
         for site in graph.fused:
             choice = autotune.TUNER.lookup(site.info.get("key"))
             if choice is not None:
                 site.info["choice"] = choice.describe()
     return ExplainReport(sink)
+
+
+def _compiled_settings(model):
+    """(mode, options) that `torch.compile(..., backend="fusedtriton", mode=, options=)` gave
+    `model`, read from torch's wrapper of the backend; (None, None) for anything else (a
+    plain module or function, another backend, a torch whose internals differ)."""
+    ctx = getattr(model, "dynamo_ctx", None)  # an OptimizedModule
+    if ctx is None:  # a compiled function: the context is in its closure
+        for cell in getattr(model, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if hasattr(value, "callback") and hasattr(value, "first_ctx"):
+                ctx = value
+                break
+    wrapper = getattr(ctx, "callback", None)
+    for _ in range(8):  # Dynamo's wrappers of the backend, each holding the next
+        if wrapper is None:
+            break
+        kwargs = getattr(wrapper, "kwargs", None)
+        if isinstance(kwargs, dict) and getattr(wrapper, "compiler_name", None) == BACKEND_NAME:
+            return kwargs.get("mode"), kwargs.get("options")
+        wrapper = getattr(wrapper, "_torchdynamo_orig_backend", None)
+    return None, None
 
 
 def _record_compiled_codes(codes: list):

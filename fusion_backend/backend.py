@@ -182,7 +182,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
                              + ("; Triton's interpreter gives CPU graphs one: TRITON_INTERPRET=1, small shapes only"
                                 if device.type == "cpu" else ""))
     if profile is None:
-        log.info(report.summary())
+        log.info(report.text())
         for sink in _report_sinks:
             sink.append(report)
         return _inductor(gm, example_inputs, opts)
@@ -208,7 +208,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
             # again without it, so they go where the compile-time decision put them
             log.info("fusedtriton: no run-time trial (%s): sites fused for it are left unfused", why_not)
             return _compile_again(report, _restore(gm, original), example_inputs, mode, options, trial=False)
-    log.info(report.summary())
+    log.info(report.text())
     for sink in _report_sinks:
         sink.append(report)
     if not report.fused:

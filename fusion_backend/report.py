@@ -49,6 +49,11 @@ class GraphReport:
                 + ("" if self.sites else self._why_no_sites())
                 + (f"; {self.note}" if self.note else ""))
 
+    def text(self) -> str:
+        """The summary and one line per site (with its reason where not fused): what the
+        backend logs at INFO for each graph."""
+        return "\n".join([self.summary()] + _collapsed(self.sites))
+
     def _why_no_sites(self) -> str:
         if self.patterns is not None:
             return (f" (no structure of the enabled pattern(s) {list(self.patterns)} in this graph; the others are "

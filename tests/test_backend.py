@@ -313,12 +313,30 @@ def test_one_info_summary_per_compiled_graph(caplog):
     with caplog.at_level(logging.INFO, logger="fusion_backend"):
         check(torch.compile(model, backend=counting_backend(graphs)), model, x, h)
     assert len(graphs) == 2  # split by the graph break
-    summaries = [r.getMessage() for r in caplog.records
+    summaries = [r.getMessage().split("\n") for r in caplog.records
                  if r.name == "fusion_backend" and r.levelno == logging.INFO and r.getMessage().startswith("fusedtriton[")]
-    assert summaries == [
+    assert [lines[0] for lines in summaries] == [
         "fusedtriton[interpreter]: 1 site(s) fused, 0 not fused; rest to Inductor (mode=default)",
         "fusedtriton[interpreter]: 2 site(s) fused, 0 not fused; rest to Inductor (mode=default)",
     ]
+    # then one line per site, as explain() prints it
+    assert [[line.split(" at ")[0].strip() for line in lines[1:] if " at " in line] for lines in summaries] == [
+        [f"+ {LBGR}"], [f"+ {CLT}", f"+ {LBGR}"]], summaries
+
+
+@needs_interpreter
+def test_info_log_gives_the_reason_of_a_site_not_fused(caplog):
+    """README: the INFO summary names the sites fused and not, with reasons (it gave counts)."""
+    class LinearOutputReturned(Block):
+        def forward(self, x):
+            y = self.lin(x)
+            return torch.relu(F.gelu(self.bn(y))), y
+
+    model = randomize(LinearOutputReturned(16, 16)).eval()
+    with caplog.at_level(logging.INFO, logger="fusion_backend"), torch.no_grad():
+        torch.compile(model, backend="fusedtriton")(torch.randn(8, 16))
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fusedtriton[")]
+    assert f"- {LBGR} at " in message and "NOT fused: intermediate" in message and "other users" in message
 
 
 @needs_interpreter
@@ -651,6 +669,30 @@ def test_explain_of_a_callable_without_code_leaves_other_compiles_alone():
     graphs = stats["unique_graphs"]
     other(x3)  # (with grad on, as compiled)
     assert stats["unique_graphs"] == graphs  # not compiled again
+
+
+@needs_interpreter
+@pytest.mark.parametrize("compiled_as", ["module", "function"])
+def test_explain_of_a_compiled_model_uses_its_settings_and_leaves_counters(compiled_as):
+    """explain() of what `torch.compile(..., options=...)` returned reports with those options
+    (it compiled with its defaults and reported a site the model never fused), unless given
+    others; its own compile does not count in `counters`."""
+    torch.manual_seed(24)
+    model = randomize(Block(16, 16)).eval()
+    x = torch.randn(8, 16)
+    only_cell = {"patterns": [CLT]}
+    target = model if compiled_as == "module" else (lambda t: model(t))
+    compiled = torch.compile(target, backend="fusedtriton", options=only_cell)
+    with torch.no_grad():
+        compiled(x)
+        assert fusion_backend.counters[LBGR] == 0
+        assert not fusion_backend.explain(compiled, x).fused
+        assert fusion_backend.counters[LBGR] == 0
+        report = fusion_backend.explain(compiled, x, options=None)  # given here: the defaults
+        assert [s.pattern for s in report.fused] == [LBGR]
+        assert fusion_backend.counters[LBGR] == 0
+        check(torch.compile(model, backend="fusedtriton"), model, x)
+    assert fusion_backend.counters[LBGR] == 1
 
 
 @needs_interpreter
