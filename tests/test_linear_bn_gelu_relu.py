@@ -247,6 +247,29 @@ def test_large_inputs_stay_finite(train):
 
 # ----------------------------------------------------------------------------- training statistics
 
+def test_training_statistics_under_a_large_common_offset():
+    """y ~ 1e6 with a spread ~1 (a big Linear bias): the batch variance stays as accurate as
+    eager's against fp64 (within the "highest" factor). The tile sums ran over the 1e6-sized
+    values and lost the variance to 3x eager's error; they now run over deviations from each
+    feature's first value in the tile."""
+    from tolerances import highest
+
+    torch.manual_seed(1)
+    model = LBGR(momentum=1.0, k=24, n=20)
+    with torch.no_grad():
+        model.lin.bias.fill_(1e6)
+    model, eager, ref = trio(model, True)
+    compiled = compile_(model)
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(64, 24)
+            compiled(x), eager(x), ref(x.double())
+            got, want = rel_err(model.bn.running_var, ref.bn.running_var), rel_err(eager.bn.running_var,
+                                                                                  ref.bn.running_var)
+            assert got <= highest(want), f"step {step}: running_var rel_err {got:.3g} vs eager's {want:.3g}"
+    assert fusion_backend.counters[NAME] == 1
+
+
 def test_training_three_steps_custom_momentum():
     torch.manual_seed(5)
     model, eager, ref = trio(randomize(LBGR(momentum=0.3)), True)

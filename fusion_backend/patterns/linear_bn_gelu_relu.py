@@ -146,11 +146,18 @@ def _gemm_bias_welford_kernel(
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y,
              mask=m_ok[:, None] & n_ok[None, :])
-    # statistics of the values as stored (as eager's BatchNorm sees them)
-    v = tl.where(m_ok[:, None], y.to(tl.float32), 0.0)
+    # statistics of the values as stored (as eager's BatchNorm sees them), summed as deviations
+    # from each feature's first value in the tile: a large common offset (y ~ 1e6 with spread
+    # ~1, a big bias) no longer rounds the tile's sum (fp32 sums of 1e6-sized values lost the
+    # variance to 3x eager's error); a non-finite first value shifts by 0, as before
+    v = y.to(tl.float32)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    tile_mean = tl.sum(v, axis=0) / count
-    d = tl.where(m_ok[:, None], v - tile_mean[None, :], 0.0)
+    shift = tl.sum(tl.where((offs_m == pid_m * BLOCK_M)[:, None], v, 0.0), axis=0)
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+    s = tl.where(m_ok[:, None], v - shift[None, :], 0.0)
+    dmean = tl.sum(s, axis=0) / count
+    tile_mean = shift + dmean
+    d = tl.where(m_ok[:, None], s - dmean[None, :], 0.0)
     tile_m2 = tl.sum(d * d, axis=0)
     tl.store(pmean_ptr + pid_m * N + offs_n, tile_mean, mask=n_ok)
     tl.store(pm2_ptr + pid_m * N + offs_n, tile_m2, mask=n_ok)
