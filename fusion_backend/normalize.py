@@ -124,11 +124,35 @@ def _normalize_matmul(node):
             and len(users[0].args) == 2:
         add = users[0]
         bias = add.args[1] if add.args[0] is node else add.args[0]
-        if isinstance(bias, fx.Node) and _rank(bias) == 1 and bias is not node and _same_dtypes(node, add, bias):
+        if isinstance(bias, fx.Node) and _rank(bias) == 1 and bias is not node and _same_dtypes(node, add, bias) \
+                and _nothing_between(node, add):
             # bias + x@w.t() == F.linear(x, w, bias): rewrite the add node, leave matmul dead
             _set(add, LINEAR, (node.args[0], w, bias))
             return
     _set(node, LINEAR, (node.args[0], w, None))
+
+
+def _nothing_between(first: fx.Node, last: fx.Node) -> bool:
+    """Whether computing `first` at `last` changes nothing: no node between them writes in place
+    (to x or W through a view, say) or switches a mode (grad, autocast, inference mode) or
+    wraps a region (a higher-order op). The matmul folded into its bias add computes at the add:
+    past a write it read other values, past `no_grad` around the matmul alone it gave W a
+    gradient eager does not, past an autocast switch it computed in another dtype."""
+    from fusion_backend.patterns._common import _ENTERS, _EXITS, _SET_GRAD, writes_in_place
+
+    node = first.next
+    while node is not last:
+        if node.op == "output":
+            return False
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+            if name == _SET_GRAD or name in _ENTERS or name in _EXITS \
+                    or isinstance(node.target, torch._ops.HigherOrderOperator):
+                return False
+        if writes_in_place(node):
+            return False
+        node = node.next
+    return True
 
 
 def _same_dtypes(*nodes) -> bool:
@@ -212,8 +236,10 @@ def _fresh_private_input(node, src) -> bool:
 
 
 def _normalize_activation(node):
-    if _is_call(node, (torch.tanh, F.tanh), ("tanh",)) and len(node.args) == 1 and not node.kwargs:
-        _set(node, TANH, node.args)
+    if _is_call(node, (torch.tanh, F.tanh), ("tanh",)):
+        src = _arg(node, 0, "input", default=None)
+        if src is not None and set(node.kwargs) <= {"input"}:  # (`out=` is a write: never respelled)
+            _set(node, TANH, (src,))
     elif _is_call(node, (torch.relu, F.relu), ("relu",)):
         src = _arg(node, 0, "input", default=None)
         inplace = _arg(node, 1, "inplace", default=False)

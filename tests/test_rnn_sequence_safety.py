@@ -435,3 +435,38 @@ def test_random_ops_keep_their_order():
         want64 = copy.deepcopy(model).double()(xs.double(), h0.double())
     assert fusion_backend.counters[SEQ] == 1
     assert_close_to(got, want, want64)
+
+
+class ReturnsHiddenAndItsDetach(Base):
+    """`return h, h.detach()` (and the last step's h2o output with its detach): the rewrite
+    made h a view of the recurrence's buffer, and AOTAutograd (torch 2.13) failed at the first
+    call on such a view returned with its detach ("select(): index out of range"), where
+    Inductor alone runs the model."""
+
+    def __init__(self, readout):
+        super().__init__()
+        self.readout = readout
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(T):
+            h = self.step(xs[t], h)
+            outs.append(self.h2o(h))
+        if self.readout:
+            return outs[1], outs[1].detach(), torch.stack(outs)
+        return h, h.detach()
+
+
+@pytest.mark.parametrize("readout", [False, True], ids=["hidden", "h2o-row"])
+def test_a_returned_row_and_its_detach(readout):
+    torch.manual_seed(61)
+    model = ReturnsHiddenAndItsDetach(readout)
+    eager = copy.deepcopy(model)
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, want = compile_(model)(xs, h0), eager(xs, h0)
+    assert fusion_backend.counters[SEQ] == 1
+    for got, ref in zip(out, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    out[0].sum().backward()
+    want[0].sum().backward()
+    torch.testing.assert_close(model.i2h.weight.grad, eager.i2h.weight.grad, **grad_close(eager.i2h.weight.grad))

@@ -430,7 +430,7 @@ class CatLinearTanh(Pattern):
 
     @staticmethod
     def match(node):
-        if not is_op(node, TANH):
+        if not is_op(node, TANH) or len(node.args) != 1:  # (a tanh normalize left as it was)
             return None
         linear = node.args[0]
         if not is_op(linear, LINEAR):

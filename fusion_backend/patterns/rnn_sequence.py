@@ -339,8 +339,11 @@ class RnnSequence(Pattern):
                 graph.erase_node(node)
         B = hint(example_value(h0).shape[0])
         hoisted = "input projection of all steps: one GEMM"
-        if _hoist_output_projection(graph, rows, hs):
+        out_rows = _hoist_output_projection(graph, rows, hs)
+        if out_rows is not None:
             hoisted += "; h2o of all steps: one GEMM"
+        for row in rows + (out_rows or []):
+            _own_memory_where_returned(graph, row)
         return {"steps": len(chain), "shape": f"{B}x({in_width}+{hidden})->{hidden}",
                 "dtype": str(dtype).replace("torch.", ""), "precision": precision, "hoisted": hoisted}
 
@@ -363,15 +366,33 @@ def _whole_of(xs) -> Optional[fx.Node]:
     return base
 
 
-def _hoist_output_projection(graph, rows, hs) -> bool:
+def _own_memory_where_returned(graph, row: fx.Node) -> None:
+    """A row of the recurrence's buffer (or of the hoisted h2o's result) that the graph returns
+    or detaches gets a copy of its own, as eager's h_t is a tensor of its own: AOTAutograd
+    (torch 2.13) fails at run time on a graph that returns such a view and its detach (`return
+    h, h.detach()`: "select(): index 5 out of range"), a graph Inductor alone never sees. B x H
+    copied, nothing else changes."""
+    users = [u for u in row.users if u.op == "output" or (u.op in ("call_function", "call_method")
+                                                            and getattr(u.target, "__name__", u.target) == "detach")]
+    if not users:
+        return
+    with graph.inserting_after(row):
+        own = graph.call_function(torch.clone, (row,))
+    own.meta.update(row.meta)
+    for user in users:
+        user.replace_input_with(row, own)
+
+
+def _hoist_output_projection(graph, rows, hs) -> Optional[list]:
     """If every h_t feeds one Linear with the same weights (the h2o), run it once over all
-    steps; a torch.stack of exactly those outputs becomes that result itself."""
+    steps (returns the rows of that result; None where not hoisted); a torch.stack of exactly
+    those outputs becomes that result itself."""
     linears = _output_linears(rows)
     if linears is None:
-        return False
+        return None
     weight, bias = linears[0].args[1], linears[0].args[2]
     if any(_after(n, hs) for n in (weight, bias) if isinstance(n, fx.Node)):
-        return False  # the weights are computed after the recurrence
+        return None  # the weights are computed after the recurrence
     with graph.inserting_before(rows[-1].next):
         steps = graph.call_function(torch.narrow, (hs, 0, 1, len(rows)))
         out_all = graph.call_function(torch.nn.functional.linear, (steps, weight, bias))
@@ -389,10 +410,13 @@ def _hoist_output_projection(graph, rows, hs) -> bool:
                 and all(len(row.users) == 1 for row in out_rows)):
             node.replace_all_uses_with(out_all)
             graph.erase_node(node)
+    kept = []
     for out_row in out_rows:
-        if not out_row.users:
+        if out_row.users:
+            kept.append(out_row)
+        else:
             graph.erase_node(out_row)
-    return True
+    return kept
 
 
 def _output_linears(hs_nodes) -> Optional[list]:
