@@ -723,3 +723,45 @@ def test_replayed_launch_gpu(precision, monkeypatch):
     direct = torch.empty(M, N, device="cuda")
     clt.runner(xs, w, b, precision, direct)(kwargs)
     assert torch.equal(out, direct) and len(_common._REPLAYS) == count
+
+
+@pytest.mark.parametrize("how", ["copy_", ".data"])
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_cell_hidden_written_between_forward_and_backward_gpu(how, precision):
+    """The caller writes its hidden buffer after the forward, before the backward: the cell's
+    op saves a copy of its operands for dW (the opaque `cat_linear_tanh_saving`; an inline op's
+    copy was recomputed from the operands in the backward: on the H100 the write raised, or
+    through `.data` gave dW 77% off). The h2o site still reads the cell's hidden state."""
+    import fusion_backend.patterns.cat_linear_tanh as clt
+    from fusion_backend import backend
+
+    torch.set_float32_matmul_precision(precision)
+    graphs = []
+    inductor = backend._inductor
+
+    def recording(gm, example_inputs, options):
+        graphs.append(gm)
+        return inductor(gm, example_inputs, options)
+
+    backend._inductor = recording
+    try:
+        torch.manual_seed(71)
+        B, I, H, O = 8, 37, 23, 29
+        cell = RNNCell(I, H, O).cuda()
+        eager, ref = copy.deepcopy(cell), copy.deepcopy(cell).double()
+        compiled = torch.compile(cell, backend="fusedtriton", options=NO_TUNE)
+        x, h0 = torch.randn(B, I, device="cuda"), torch.randn(B, H, device="cuda")
+        for m, fn, dtype in ((cell, compiled, torch.float32), (eager, eager, torch.float32),
+                             (ref, ref, torch.float64)):
+            h = h0.clone().to(dtype)
+            out, hidden = fn(x.to(dtype), h)
+            (h.data if how == ".data" else h).copy_(hidden.detach())
+            out.sum().backward()
+    finally:
+        backend._inductor = inductor
+    assert fusion_backend.counters["cat_linear_tanh"] == 1 and fusion_backend.counters["cell_h2o"] == 1
+    assert any(n.target is clt.cat_linear_tanh_saving for g in graphs for n in g.graph.nodes)
+    for name in ("i2h.weight", "h2o.weight"):
+        got, want, r = (dict(m.named_parameters())[name].grad for m in (cell, eager, ref))
+        tol = allowed_error(torch.float32, precision, eager_err=rel_err(want, r))
+        assert rel_err(got, r) <= tol, (name, rel_err(got, r), rel_err(want, r))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import triton
@@ -400,21 +400,13 @@ def _backward_inline(ctx, grad_out):
     return _backward(ctx, grad_out)[:4] + (None,)
 
 
-def _cell_inline_saving(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
-                        meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return inline_forward(xs, weight, bias, precision, meta), torch.cat(xs, 1)
-
-
-def _backward_inline_saving(ctx, grad_out, grad_copy):
-    return _backward(ctx, grad_out, ctx.saved_tensors[2])[:4] + (None,)
-
-
 cat_linear_tanh_inline = define_inline_op("cat_linear_tanh_inline", _cell_inline, _backward_inline, _setup)
-cat_linear_tanh_saving_inline = define_inline_op("cat_linear_tanh_saving_inline", _cell_inline_saving,
-                                                 _backward_inline_saving, _setup_saving)
-#: the cell ops whose result (first output) is the hidden state: cell_h2o reads it
+#: the cell ops whose result is the hidden state (SAVING_CELL_OPS: their first output): cell_h2o reads it.
+#: No inline op saves a copy: Inductor traces into an inline op, so its cat is a plain one again,
+#: which the partitioner recomputes in the backward from the operands (H100: a write between
+#: forward and backward raised, or through `.data` gave dW 77% off); such sites take the opaque op
 CELL_OPS = (cat_linear_tanh, cat_linear_tanh_inline)
-SAVING_CELL_OPS = (cat_linear_tanh_saving, cat_linear_tanh_saving_inline)
+SAVING_CELL_OPS = (cat_linear_tanh_saving,)
 
 
 class _Match:
@@ -456,8 +448,9 @@ class CatLinearTanh(Pattern):
 
     @staticmethod
     def _inline_shapes(m: _Match) -> bool:
-        """Whether the site may launch inline: static shapes (`_common.inline_meta`)."""
-        return static_shapes(*m.tensors, m.weight)
+        """Whether the site may launch inline: static shapes (`_common.inline_meta`), and no dW
+        to compute (the op that saves the operands' copy for it is opaque: CELL_OPS)."""
+        return static_shapes(*m.tensors, m.weight) and not backward_will_run(m.cat, [m.weight])
 
     @staticmethod
     def problem(m: _Match, ctx) -> Optional[str]:
@@ -521,10 +514,9 @@ class CatLinearTanh(Pattern):
         saving = backward_will_run(m.cat, [m.weight])
         with graph.inserting_before(m.tanh):
             *xs, w, b = cast_to(graph, list(m.tensors) + [m.weight, m.bias], example_value(m.linear).dtype)
-            if meta is not None:
+            if meta is not None:  # (never where saving: `_inline_shapes`)
                 site["launch"] = "inline"
-                out = graph.call_function(cat_linear_tanh_saving_inline if saving else cat_linear_tanh_inline,
-                                          (xs, w, b, precision, meta))
+                out = graph.call_function(cat_linear_tanh_inline, (xs, w, b, precision, meta))
             else:
                 out = graph.call_function(cat_linear_tanh_saving if saving else cat_linear_tanh, (
                     xs, w, b, precision, ctx.options.autotune, ctx.options.tune_budget_s))
