@@ -52,19 +52,26 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, **kwargs):
     model in training mode updates its BatchNorm running statistics, as any call does.
 
     `model` may be the result of `torch.compile(..., backend="fusedtriton", mode=...,
-    options=...)`: its mode and options are used unless given here (explain's own compile is
-    not counted in `counters`)."""
+    options=...)` or a module compiled in place (`module.compile(backend="fusedtriton", ...)`):
+    its mode and options are used unless `mode=` or `options=` is given here (then neither is
+    taken from it). explain's own compile is not counted in `counters`."""
     import torch
 
     from . import autotune
     from .backend import _report_sinks
     from .report import ExplainReport
 
-    compiled_mode, compiled_options = _compiled_settings(model)
-    mode = compiled_mode if mode is _UNSET else mode
-    options = compiled_options if options is _UNSET else options
+    # a module compiled in place calls its compiled copy from __call__: explain compiles the
+    # plain call instead (else the report would be that copy's, with its settings)
+    in_place = getattr(model, "_compiled_call_impl", None) if isinstance(model, torch.nn.Module) else None
+    if mode is _UNSET and options is _UNSET:
+        mode, options = _compiled_settings(in_place if in_place is not None else model)
+    else:
+        mode, options = (None if mode is _UNSET else mode), (None if options is _UNSET else options)
     sink: list = []
     counted = collections.Counter(counters)
+    if in_place is not None:
+        model._compiled_call_impl = None
 
     def backend(gm, example_inputs):
         return fusedtriton(gm, example_inputs, mode=mode, options=options)
@@ -86,6 +93,8 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, **kwargs):
         # own compiled model stopped recompiling (new shapes ran eagerly). Its compiled entries
         # go too, as with torch._dynamo.explain (which resets all): it compiles again once.
         _forget_compiled_code(model, codes)
+        if in_place is not None:
+            model._compiled_call_impl = in_place
         counters.clear()
         counters.update(counted)  # sites of explain's own compile: not the program's
     for graph in sink:

@@ -165,14 +165,15 @@ def _locked(path: str):
     with open(path + ".lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            locked = True
         except OSError as exc:  # a file system without locks (some NFS mounts): atomic replace alone
             log.debug("fusedtriton: no lock on %s (%s); writing without it", path, exc)
-            yield
-            return
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _write(path: str, environment: str, key: str, entry: dict) -> None:

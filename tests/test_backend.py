@@ -696,6 +696,40 @@ def test_explain_of_a_compiled_model_uses_its_settings_and_leaves_counters(compi
 
 
 @needs_interpreter
+def test_explain_arguments_replace_the_compiled_models_settings():
+    """explain(compiled, x, mode=...) of a model compiled with options={"mode": ...}: the
+    model's options are not mixed in (they raised "disagree" for another mode, or overrode
+    mode="default" silently)."""
+    model = randomize(Block(16, 16)).eval()
+    x = torch.randn(8, 16)
+    compiled = torch.compile(model, backend="fusedtriton", options={"mode": "max-autotune-no-cudagraphs"})
+    with torch.no_grad():
+        for mode in ("reduce-overhead", "default"):
+            report = fusion_backend.explain(compiled, x, mode=mode)
+            assert report.graphs[0].mode in (mode, None if mode == "default" else mode), report
+        report = fusion_backend.explain(compiled, x)
+        assert report.graphs[0].mode == "max-autotune-no-cudagraphs"
+
+
+@needs_interpreter
+def test_explain_of_a_module_compiled_in_place():
+    """`module.compile(backend="fusedtriton", options=...)`: explain() reports with those
+    options, or with its own arguments where given (the module's compiled call ran instead
+    and the report was its), and the module's compiled call is back afterwards."""
+    model = randomize(Block(16, 16)).eval()
+    eager = copy.deepcopy(model)
+    x = torch.randn(8, 16)
+    model.compile(backend="fusedtriton", options={"patterns": [CLT]})
+    impl = model._compiled_call_impl
+    with torch.no_grad():
+        assert not fusion_backend.explain(model, x).fused
+        assert [s.pattern for s in fusion_backend.explain(model, x, options=None).fused] == [LBGR]
+        assert model._compiled_call_impl is impl
+        torch.testing.assert_close(model(x), eager(x))
+    assert fusion_backend.counters[LBGR] == 0  # the module's own options leave the block alone
+
+
+@needs_interpreter
 def test_summary_names_the_patterns_option_when_nothing_matched():
     """A graph whose only structure is a pattern left out by options['patterns']: the summary
     says the enabled patterns found nothing, not that the graph has no pattern's structure."""

@@ -270,6 +270,26 @@ def test_training_statistics_under_a_large_common_offset():
     assert fusion_backend.counters[NAME] == 1
 
 
+def test_infinite_inputs_give_eagers_running_mean():
+    """An inf (and a -inf) in a column of a batch spanning several row tiles: the merged mean
+    is inf, or NaN where both meet, as eager's (the merge's `mb - mean` made every such mean
+    NaN); running_var NaN as eager's, outputs' NaN positions as eager's."""
+    import math
+
+    torch.manual_seed(7)
+    model, eager, _ = trio(LBGR(k=12, n=10), True)
+    x = torch.randn(21, 12)
+    x[0, 0], x[20, 1] = math.inf, -math.inf
+    with torch.no_grad():
+        out, want = compile_(model)(x), eager(x)
+    assert fusion_backend.counters[NAME] == 1
+    for name in ("running_mean", "running_var"):
+        got, ref = getattr(model.bn, name), getattr(eager.bn, name)
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf()), (name, got, ref)
+        assert torch.equal(got[got.isinf()], ref[ref.isinf()])
+    assert torch.equal(out.isnan(), want.isnan())
+
+
 def test_training_three_steps_custom_momentum():
     torch.manual_seed(5)
     model, eager, ref = trio(randomize(LBGR(momentum=0.3)), True)

@@ -179,7 +179,10 @@ def _merge_welford_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, M, N, TILE_M,
         m2b = tl.load(pm2_ptr + t * N + offs_n, mask=n_ok, other=0.0)
         total = count + nb
         delta = mb - mean
-        mean = mean + delta * (nb / total)
+        # an infinite tile mean (an inf in the tile): the weighted sum, so that inf and a finite
+        # mean give inf and inf and -inf give NaN, as eager's mean does (mb - mean gave NaN)
+        finite = (tl.abs(mb) < float("inf")) & (tl.abs(mean) < float("inf"))
+        mean = tl.where(finite, mean + delta * (nb / total), (count * mean + nb * mb) / total)
         m2 = m2 + m2b + delta * delta * (count * nb / total)
         count = total
     tl.store(mean_ptr + offs_n, mean, mask=n_ok)
