@@ -302,6 +302,35 @@ def test_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
     assert autotune.TUNER.lookup(key).source == "fallback"
 
 
+@needs_interpreter
+def test_out_of_memory_in_a_kernel_is_not_pinned(monkeypatch):
+    """A fused kernel that ran out of memory: that call takes the unfused computation, and the
+    next one launches the kernel again (any other failure pins the key to the fallback)."""
+    class OutOfMemoryOnce(_RaisingLauncher):
+        def __getitem__(self, grid):
+            real = lbgr._gemm_bn_gelu_relu_eval_kernel_real[grid]
+
+            def launch(*args, **kwargs):
+                type(self).calls += 1
+                if type(self).calls == 1:
+                    raise torch.OutOfMemoryError("injected: out of memory")
+                return real(*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel_real", lbgr._gemm_bn_gelu_relu_eval_kernel, raising=False)
+    monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel", OutOfMemoryOnce())
+    monkeypatch.setattr(common, "_warned", set())
+    OutOfMemoryOnce.calls = 0
+    torch.manual_seed(36)
+    model = randomize(Block(24, 20))
+    compiled = torch.compile(model, backend="fusedtriton")
+    for _ in range(3):
+        check(compiled, model, torch.randn(9, 24))
+    assert OutOfMemoryOnce.calls == 3  # tried again after the out-of-memory call
+    key = autotune.make_key("eval:" + LBGR, "interpreter", torch.float32, "ieee", 9, K=24, N=20)
+    assert autotune.TUNER.lookup(key).source != "fallback"
+
+
 # ----------------------------------------------------------------------------- logging and counters
 
 @needs_interpreter

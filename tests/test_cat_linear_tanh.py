@@ -639,6 +639,35 @@ def test_sequence_hoists_both_projections_and_refuses_feedback():
     assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(feedback(xs, h0), ref))
 
 
+@pytest.mark.parametrize("error", [RuntimeError, torch.OutOfMemoryError])
+def test_a_recurrence_failure_switches_the_kernel_off_only_where_it_failed(monkeypatch, error):
+    """A launch that failed at one (dtype, precision, B, H) sends later calls there to the torch
+    loop, not every call of the process (other shapes, other models); an out-of-memory failure
+    is tried again at the next call. Results match the loop's either way."""
+    import fusion_backend.patterns.rnn_sequence as seq
+
+    launched = []
+    real_launch = seq.launch
+
+    def launch(p, w_h, hs, precision, programs, kwargs):
+        launched.append(p.shape)
+        if p.shape[2] == 7:
+            raise error("injected failure")
+        return real_launch(p, w_h, hs, precision, programs, kwargs)
+
+    monkeypatch.setattr(seq, "launch", launch)
+    monkeypatch.setattr(seq, "_failed", {})
+    for H_ in (7, 7, 9):
+        p, h0, w_h = torch.randn(3, 2, H_), torch.randn(2, H_), torch.randn(H_, H_) * 0.3
+        hs = seq.recurrence(p, h0, w_h, "ieee")
+        ref = torch.empty_like(hs)
+        ref[0] = h0
+        torch.testing.assert_close(hs, seq._reference(p, w_h, ref))
+    sticky = error is not torch.OutOfMemoryError
+    assert [s[2] for s in launched] == ([7, 9] if sticky else [7, 7, 9])
+    assert len(seq._failed) == int(sticky)
+
+
 def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
     import logging
 
@@ -651,7 +680,7 @@ def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog
             return launch
 
     monkeypatch.setattr(seq, "_rnn_recurrence_kernel", Raising())
-    monkeypatch.setattr(seq, "_failed", [])
+    monkeypatch.setattr(seq, "_failed", {})
     torch.manual_seed(13)
     model = UnrolledRNN()
     model64 = copy.deepcopy(model).double()
@@ -793,7 +822,7 @@ def test_recurrence_over_the_batch_limit_at_run_time_takes_the_torch_loop(monkey
         raise AssertionError("launched the recurrence kernel over its batch limit")
 
     monkeypatch.setattr(seq, "launch", no_launch)
-    monkeypatch.setattr(seq, "_failed", [])  # a failed launch would switch the kernel off for the process
+    monkeypatch.setattr(seq, "_failed", {})  # a failed launch would switch the kernel off for the process
     T, B = 3, 65
     p, h0, w_h = torch.randn(T, B, H), torch.randn(B, H), torch.randn(H, H) * 0.3
     hs = seq.recurrence(p, h0, w_h, "ieee")

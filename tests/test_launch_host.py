@@ -327,3 +327,21 @@ def test_tables_hold_the_config_their_key_names_by_id(fake_graphs):
     del kwargs
     gc.collect()
     assert alive() is not None and alive() in _common._SEEN.values()
+
+
+def test_launch_memoizes_the_kwargs_of_a_recorded_choice():
+    """A choice recorded without its launch kwargs (e.g. by `Tuner.record` outside `launch`):
+    the kwargs are built once and kept on it, so the replay key (which holds their id) is the
+    same at every call (a fresh dict each call never replayed and filled the seen-keys table)."""
+    import fusion_backend.patterns._common as common
+    from fusion_backend import autotune, devices
+
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 1, "num_stages": 1}
+    key = "test|launch-memo"
+    autotune.TUNER.record(key, autotune.Choice(config, "tuned", 0.1, 0.2))
+    seen = []
+    for _ in range(2):
+        common.launch(key, ctx_args=(devices.INTERPRETER, True, 1.0, torch.device("cpu")), space=lambda: [config],
+                      m=16, run_fused=lambda kwargs: seen.append(kwargs), run_unfused=None, run_reference=None,
+                      src_hash="x")
+    assert len(seen) == 2 and seen[0] is seen[1] and autotune.TUNER.lookup(key).kwargs is seen[0]

@@ -296,7 +296,9 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
     try:
         if choice.config is None:
             return run_unfused()
-        kwargs = choice.kwargs if choice.kwargs is not None else kernel_kwargs(choice.config, ctx_args[0])
+        if choice.kwargs is None:  # memoized: the replay key holds id(kwargs), a fresh dict never replays
+            choice.kwargs = kernel_kwargs(choice.config, ctx_args[0])
+        kwargs = choice.kwargs
         if replay is not None and REPLAY_GRAPHS and (choice.fused_ms or 0.0) < trial.TRIAL_BELOW_MS:
             # only where host time can matter: a longer kernel would pay the copies for nothing
             return replay_launch(key, replay, kwargs, run_fused)
@@ -306,7 +308,8 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
             _warned.add(key)
             log.warning("fusedtriton: fused kernel for %s failed (%s: %s); using the unfused computation",
                         key, type(exc).__name__, exc)
-        autotune.TUNER.record(key, autotune.Choice(None, "fallback"))
+        if not isinstance(exc, torch.OutOfMemoryError):  # (out of memory may pass: tried again next call)
+            autotune.TUNER.record(key, autotune.Choice(None, "fallback"))
         return run_reference()
 
 

@@ -116,7 +116,8 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     hs[0].copy_(h0)
     if T == 0 or B == 0:
         return hs
-    if _failed:
+    failure_key = (p.device, p.dtype, precision, B, H)
+    if failure_key in _failed:
         return _reference(p, w_h, hs)
     profile = devices.tensor_profile(p)
     planned = _planned(profile, p.dtype, precision, B, H)
@@ -125,7 +126,8 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     try:
         launch(p, w_h, hs, precision, *planned)
     except Exception as exc:  # a kernel that fails to compile must not break the model
-        _failed.append(exc)
+        if not isinstance(exc, torch.OutOfMemoryError):  # (out of memory may pass: tried again next call)
+            _failed[failure_key] = exc
         log.warning("fusedtriton: %s kernel failed (%s: %s); using the unfused computation",
                     NAME, type(exc).__name__, exc)
         return _reference(p, w_h, hs)
@@ -203,7 +205,10 @@ def launch(p, w_h, hs, precision, programs, kwargs) -> None:
         hs.stride(0), hs.stride(1), hs.stride(2), PRECISION=precision, **kwargs)
 
 
-_failed: list = []
+#: (device, dtype, precision, B, H) -> the exception of a launch that failed there: those
+#: calls take the torch loop from then on (one failure used to switch the kernel off for every
+#: model and shape of the process)
+_failed: dict = {}
 
 
 def _reference(p, w_h, hs):
