@@ -148,11 +148,14 @@ def _foreign(path: str, environment: str) -> bool:
         data.get("schema") != _SCHEMA or data.get("environment") != environment)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _times_ok(entry: dict) -> bool:
     """Whether a cache entry's times are numbers or absent (a hand-edited or foreign entry is
     tuned again rather than failing later, in explain() or the run-time trial's rule)."""
-    return all(entry.get(k) is None or (isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool))
-               for k in ("fused_ms", "unfused_ms"))
+    return all(entry.get(k) is None or _number(entry.get(k)) for k in ("fused_ms", "unfused_ms"))
 
 
 @contextlib.contextmanager
@@ -382,18 +385,13 @@ def _partial_tries(entry) -> int:
     return int(tries) if _number(tries) else 1
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _searched_enough(entry: dict, budget_s: float) -> bool:
     """Whether a cache entry's search serves a caller with this budget: a complete search
     always; one its budget cut short (a small `tune_budget_s`, or cold Triton compiles eating
     the budget) once it was tried PARTIAL_TRIES times, and only callers whose budget is no
     larger (a larger budget searches again)."""
-    if not _partial_tries(entry):
-        return True
-    return _partial_tries(entry) >= PARTIAL_TRIES and budget_s <= entry["partial_budget_s"]
+    tries = _partial_tries(entry)
+    return not tries or (tries >= PARTIAL_TRIES and budget_s <= entry["partial_budget_s"])
 
 
 def _jsonable(space):

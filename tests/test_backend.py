@@ -7,6 +7,7 @@ fp32 at matmul precision "highest" is accepted within
 """
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -270,65 +271,56 @@ def test_rewrite_exception_single_site(monkeypatch, caplog):
     assert "rewrite error: ValueError: injected" in str(report)
 
 
-class _RaisingLauncher:
-    """Stands in for a @triton.jit kernel: kernel[grid](...) raises."""
+class _FailingLauncher:
+    """Stands in for a @triton.jit kernel: kernel[grid](...) raises `error` at its first `fail`
+    calls, then launches `real`."""
 
-    calls = 0
+    def __init__(self, error, fail=math.inf, real=None):
+        self.error, self.fail, self.real, self.calls = error, fail, real, 0
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            type(self).calls += 1
-            raise RuntimeError("injected kernel failure")
+            self.calls += 1
+            if self.calls <= self.fail:
+                raise self.error
+            return self.real[grid](*args, **kwargs)
         return launch
+
+
+def _run_failing_eval_kernel(monkeypatch, launcher):
+    """Three calls of a compiled eval block whose kernel is `launcher`, each checked against eager."""
+    monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel", launcher)
+    monkeypatch.setattr(common, "_warned", set())
+    torch.manual_seed(36)
+    model = randomize(Block(24, 20))
+    compiled = torch.compile(model, backend="fusedtriton")
+    for _ in range(3):
+        check(compiled, model, torch.randn(9, 24))
+    return autotune.TUNER.lookup(autotune.make_key("eval:" + LBGR, "interpreter", torch.float32, "ieee", 9, K=24, N=20))
 
 
 @needs_interpreter
 def test_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel", _RaisingLauncher())
-    monkeypatch.setattr(common, "_warned", set())
-    _RaisingLauncher.calls = 0
-    torch.manual_seed(36)
-    model = randomize(Block(24, 20))
-    compiled = torch.compile(model, backend="fusedtriton")
+    launcher = _FailingLauncher(RuntimeError("injected kernel failure"))
     with caplog.at_level(logging.WARNING, logger="fusion_backend"):
-        for _ in range(3):
-            check(compiled, model, torch.randn(9, 24))
+        choice = _run_failing_eval_kernel(monkeypatch, launcher)
     assert fusion_backend.counters[LBGR] == 1  # the site was fused; its kernel failed at run time
-    assert _RaisingLauncher.calls == 1         # then the key is pinned to the fallback
+    assert launcher.calls == 1                 # then the key is pinned to the fallback
     warnings = [r for r in caplog.records if r.name == "fusion_backend" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "injected kernel failure" in warnings[0].getMessage()
-    key = autotune.make_key("eval:" + LBGR, "interpreter", torch.float32, "ieee", 9, K=24, N=20)
-    assert autotune.TUNER.lookup(key).source == "fallback"
+    assert choice.source == "fallback"
 
 
 @needs_interpreter
 def test_out_of_memory_in_a_kernel_is_not_pinned(monkeypatch):
     """A fused kernel that ran out of memory: that call takes the unfused computation, and the
     next one launches the kernel again (any other failure pins the key to the fallback)."""
-    class OutOfMemoryOnce(_RaisingLauncher):
-        def __getitem__(self, grid):
-            real = lbgr._gemm_bn_gelu_relu_eval_kernel_real[grid]
-
-            def launch(*args, **kwargs):
-                type(self).calls += 1
-                if type(self).calls == 1:
-                    raise torch.OutOfMemoryError("injected: out of memory")
-                return real(*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel_real", lbgr._gemm_bn_gelu_relu_eval_kernel, raising=False)
-    monkeypatch.setattr(lbgr, "_gemm_bn_gelu_relu_eval_kernel", OutOfMemoryOnce())
-    monkeypatch.setattr(common, "_warned", set())
-    OutOfMemoryOnce.calls = 0
-    torch.manual_seed(36)
-    model = randomize(Block(24, 20))
-    compiled = torch.compile(model, backend="fusedtriton")
-    for _ in range(3):
-        check(compiled, model, torch.randn(9, 24))
-    assert OutOfMemoryOnce.calls == 3  # tried again after the out-of-memory call
-    key = autotune.make_key("eval:" + LBGR, "interpreter", torch.float32, "ieee", 9, K=24, N=20)
-    assert autotune.TUNER.lookup(key).source != "fallback"
+    launcher = _FailingLauncher(torch.OutOfMemoryError("injected: out of memory"), fail=1,
+                                real=lbgr._gemm_bn_gelu_relu_eval_kernel)
+    choice = _run_failing_eval_kernel(monkeypatch, launcher)
+    assert launcher.calls == 3  # tried again after the out-of-memory call
+    assert choice.source != "fallback"
 
 
 # ----------------------------------------------------------------------------- logging and counters

@@ -320,6 +320,15 @@ def test_no_trial_for_fused_sites_of_a_ms_or_more_even_with_a_site_fused_for_it(
     assert backend._no_trial_reason(report, gpu, _options()) == ""
 
 
+def _tie_fused_only_for_the_trial(ctx, key, call_op, call_unfused, static_shapes=False):
+    """A stand-in for `tuned_unfused_reason` that sees a tie: fused for the run-time trial
+    when the trial is on, else left to Inductor."""
+    if ctx.options.trial:
+        ctx.launch_bound[key] = "a tie at compile time (test)"
+        return None
+    return "unfused path is faster here (test): left to Inductor"
+
+
 @needs_interpreter
 def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
     """A site fused only for the run-time trial, in a graph that will not get one (here
@@ -329,13 +338,7 @@ def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
     matches eager."""
     import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
-    def decision(ctx, key, call_op, call_unfused, static_shapes=False):
-        if ctx.options.trial:
-            ctx.launch_bound[key] = "a tie at compile time (test)"
-            return None
-        return "unfused path is faster here (test): left to Inductor"
-
-    monkeypatch.setattr(lbgr, "tuned_unfused_reason", decision)
+    monkeypatch.setattr(lbgr, "tuned_unfused_reason", _tie_fused_only_for_the_trial)
     monkeypatch.setattr(backend, "_no_trial_reason",
                         lambda report, profile, opts: "no trial (test)" if opts.trial else "options['trial'] is False")
     model = randomize(Block(24, 20)).eval()
@@ -358,13 +361,7 @@ def test_inductor_failing_on_the_original_graph_keeps_the_fused_one(monkeypatch)
     report's note says why and the result matches eager."""
     import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 
-    def decision(ctx, key, call_op, call_unfused, static_shapes=False):
-        if ctx.options.trial:
-            ctx.launch_bound[key] = "a tie at compile time (test)"
-            return None
-        return "unfused path is faster here (test): left to Inductor"
-
-    monkeypatch.setattr(lbgr, "tuned_unfused_reason", decision)
+    monkeypatch.setattr(lbgr, "tuned_unfused_reason", _tie_fused_only_for_the_trial)
     monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
     inductor, compiled_graphs = backend._inductor, []
 

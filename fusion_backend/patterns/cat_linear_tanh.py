@@ -291,9 +291,9 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
 
     key = autotune.make_key(name, profile.tuning_id, x0.dtype, precision, M,
                             K="+".join(str(t.shape[1]) for t in xs), N=N)
-    flop = gemm_flop(M, N, sum(t.shape[1] for t in xs))
     return launch(key, ctx_args=(profile, autotune_on, budget, x0.device),
-                  space=lambda: cell_space(profile, x0.dtype, precision, flop), m=M,
+                  space=lambda: cell_space(profile, x0.dtype, precision, gemm_flop(M, N, sum(t.shape[1] for t in xs))),
+                  m=M,
                   run_fused=runner(xs, weight, bias, precision, out, apply_tanh),
                   run_unfused=run_unfused, run_reference=run_unfused, src_hash=_SRC,
                   replay=Replay(xs, out, (weight, bias),
@@ -322,21 +322,22 @@ def _fake(xs, weight, bias, precision, autotune_on, budget):
     return xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx, inputs, output, for_dw=None):
+    """Saves W, the output and what dW reads: `for_dw` (the saving op's copy of the operands)
+    or else, where W requires grad, the operands themselves (the op called directly: the
+    rewrite uses `cat_linear_tanh_saving`, below, there)."""
     xs, weight, bias = inputs[:3]
     ctx.widths = [x.shape[1] for x in xs]
     ctx.has_bias = bias is not None
-    # dW from the operands themselves: the rewrite uses `cat_linear_tanh_saving` (below) where
-    # W requires grad; this is for the op called directly
-    ctx.save_for_backward(weight, output, *(xs if weight.requires_grad else ()))
+    if for_dw is None:
+        for_dw = xs if weight.requires_grad else ()
+    ctx.save_for_backward(weight, output, *for_dw)
 
 
-def _backward(ctx, grad_out, x_cat=None):
-    """(grads of xs, W, b): dx per cat operand (the cat is not built), dW from `x_cat`, the
-    operands' copy, or else from the saved operands (none saved: W needs no grad)."""
+def _backward(ctx, grad_out):
+    """(grads of xs, W, b): dx per cat operand (the cat is not built), dW from what `_setup`
+    saved for it (the operands, or their copy; nothing: W needs no grad)."""
     weight, out, *xs = ctx.saved_tensors
-    if x_cat is not None:
-        xs = [x_cat]
     dz = grad_out * (1 - out * out)  # tanh' from the saved output
     grads_x, start = [], 0
     for width in ctx.widths:
@@ -364,15 +365,11 @@ def _saving_fake(xs, weight, bias, precision, autotune_on, budget):
 
 
 def _setup_saving(ctx, inputs, output):
-    xs, weight, bias = inputs[:3]
-    ctx.widths = [x.shape[1] for x in xs]
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(weight, output[0], output[1])
+    _setup(ctx, inputs, output[0], for_dw=output[1:])
 
 
 def _backward_saving(ctx, grad_out, grad_copy):
-    weight, out, x_cat = ctx.saved_tensors
-    return _backward(ctx, grad_out, x_cat)
+    return _backward(ctx, grad_out)
 
 
 _SCHEMA_ARGS = "(Tensor[] xs, Tensor weight, Tensor? bias, str precision, bool autotune_on, float budget)"
