@@ -1,9 +1,11 @@
-"""A training step (forward + backward, grad on) of the MLP block at fp32 "highest": eager,
-Inductor and fusedtriton (trial on and off), each timed 3 times by do_bench (median). Shows
-what the compile-time decision does with sites whose backward will run.
+"""A training step (forward + backward, grad on) of the MLP block and of the RNN cell at fp32
+"highest": eager, Inductor and fusedtriton (trial on and off), each timed 3 times by do_bench
+(median). Shows what the compile-time decision does with sites whose backward will run; the
+cell's rows time the op that also returns cat(x, h) for dW (`cat_linear_tanh_saving`).
 
-    python benchmarks/train_step.py        # on the GPU machine, PYTHONPATH=$PWD
+    python benchmarks/train_step.py [mlp|rnn ...]   # on the GPU machine, PYTHONPATH=$PWD
 """
+import sys
 import statistics
 
 import torch
@@ -12,18 +14,24 @@ import triton
 import fusion_backend
 from fusion_backend import autotune
 from fusion_backend.backend import _report_sinks
-from fusion_backend.models import MLPBlock
+from fusion_backend.models import MLPBlock, RNNCell
 from fusion_backend.trial import TRIAL_CALLS
 
-CASES = ((4096, 2048, 2048, "highest", True), (4096, 2048, 2048, "highest", False),
-         (16384, 4096, 4096, "highest", True), (16384, 4096, 4096, "highest", False))
+CASES = {"mlp": ((4096, 2048, 2048, "highest", True), (4096, 2048, 2048, "highest", False),
+                 (16384, 4096, 4096, "highest", True), (16384, 4096, 4096, "highest", False)),
+         # RNN cell (batch, input = hidden, output): the quickstart's size and the KernelBench one
+         "rnn": ((256, 4096, 1024, "highest", True), (256, 16384, 8192, "highest", True))}
 
 
-def run(M, K, N, precision, train):
+def run(M, K, N, precision, train, kind="mlp"):
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(0)
-    model = MLPBlock(K, N).cuda().train(train)
-    x = torch.randn(M, K, device="cuda")
+    if kind == "mlp":
+        model = MLPBlock(K, N).cuda().train(train)
+        inputs = (torch.randn(M, K, device="cuda"),)
+    else:
+        model = RNNCell(K, K, N).cuda()
+        inputs = (torch.randn(M, K, device="cuda"), torch.randn(M, K, device="cuda"))
     variants = {"eager": lambda: model, "Inductor": lambda: torch.compile(model),
                 "fusedtriton": lambda: torch.compile(model, backend="fusedtriton"),
                 "fusedtriton trial off": lambda: torch.compile(model, backend="fusedtriton", options={"trial": False})}
@@ -36,7 +44,8 @@ def run(M, K, N, precision, train):
         f = make()
 
         def step(f=f):
-            f(x).sum().backward()
+            out = f(*inputs)
+            sum(o.sum() for o in out).backward() if isinstance(out, tuple) else out.sum().backward()
 
         for _ in range(2 + 2 * TRIAL_CALLS + 2):  # compile, and the run-time trial where there is one
             step()
@@ -46,11 +55,13 @@ def run(M, K, N, precision, train):
                 choice = autotune.TUNER.lookup(site.info.get("key"))
                 print(f"  {name}: {site.line().strip()}; {choice.describe() if choice else 'no choice'}", flush=True)
         times[name] = statistics.median(triton.testing.do_bench(step, return_mode="median") for _ in range(3))
-    print(f"{M}x{K}->{N} {precision} {'train' if train else 'eval'}, forward + backward ms: "
+    label = f"{M}x{K}->{N} {precision} {'train' if train else 'eval'}" if kind == "mlp" else f"RNN cell B{M} I=H={K} O={N} {precision}"
+    print(f"{label}, forward + backward ms: "
           + ", ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    for case in CASES:
-        run(*case)
+    for kind in sys.argv[1:] or list(CASES):
+        for case in CASES[kind]:
+            run(*case, kind=kind)
