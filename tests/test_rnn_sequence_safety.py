@@ -470,3 +470,63 @@ def test_a_returned_row_and_its_detach(readout):
     out[0].sum().backward()
     want[0].sum().backward()
     torch.testing.assert_close(model.i2h.weight.grad, eager.i2h.weight.grad, **grad_close(eager.i2h.weight.grad))
+
+
+# ----------------------------------------------------------------------------- writes to the rows
+
+class HiddenScaledAfter(Base):
+    def forward(self, xs, h):
+        for t in range(T):
+            h = self.step(xs[t], h)
+        h.mul_(2)
+        return h
+
+
+class DetachThenWrite(Base):
+    """The detach aliases h in eager: it sees the write made after it."""
+
+    def forward(self, xs, h):
+        for t in range(T):
+            h = self.step(xs[t], h)
+        d = h.detach()
+        h.add_(1)
+        return d
+
+
+class LastOutputScaled(Base):
+    def forward(self, xs, h):
+        outs = []
+        for t in range(T):
+            h = self.step(xs[t], h)
+            outs.append(self.h2o(h))
+        o = outs[-1]
+        o.mul_(2)
+        return o, torch.stack(outs)
+
+
+class OutputScaledInLoop(Base):
+    def forward(self, xs, h):
+        outs = []
+        for t in range(T):
+            h = self.step(xs[t], h)
+            o = self.h2o(h)
+            o.mul_(2)
+            outs.append(o)
+        return outs[1], torch.stack(outs)
+
+
+@pytest.mark.parametrize("model_cls", [HiddenScaledAfter, DetachThenWrite, LastOutputScaled, OutputScaledInLoop])
+def test_in_place_write_to_a_step_output_is_refused(model_cls):
+    """Eager's h_t and h2o outputs are tensors of their own; the fused form's are rows of one
+    buffer, and a write to one was lost (the graph returned a copy taken before it: h 2x off)."""
+    torch.manual_seed(5)
+    model = model_cls()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with torch.no_grad():
+        out = compile_(copy.deepcopy(model))(xs, h0)
+        want, ref = model(xs, h0), copy.deepcopy(model).double()(xs.double(), h0.double())
+    for got, e, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (out, want, ref))):
+        assert_close_to(got, e, r)
+    assert fusion_backend.counters[SEQ] == 0
+    with torch.no_grad():
+        refused(model, xs, h0, reason="writes in place to a step's hidden state or h2o output")

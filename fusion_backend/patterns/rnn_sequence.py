@@ -24,8 +24,8 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log,
-                      space, writes_in_place, written_inside)
+from ._common import (backward_will_run, cdiv, define_op, draws_random, first_write_inside, grad_modes, hint,
+                      kernel_kwargs, log, space, writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -312,7 +312,7 @@ class RnnSequence(Pattern):
         if _random_draws_reordered(chain[0].cat, xs):
             return ("the steps' inputs draw random numbers (e.g. dropout in training) between other random ops: "
                     "moving them before the first step would change which draws each op gets")
-        return _moved_across(chain, xs, h0)
+        return _moved_across(chain, xs, h0) or _step_output_written(chain)
 
     def replace(self, chain, ctx) -> dict:
         graph = ctx.gm.graph
@@ -467,6 +467,20 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
     if problem is None and h2o:  # the h2o GEMM reads its weights and every h_t at the first cat
         problem = written_inside(first, end, [h2o[0].args[1], h2o[0].args[2], *tanhs])
     return problem
+
+
+def _step_output_written(chain) -> Optional[str]:
+    """Why the rows of the fused form would not behave as eager's h_t and h2o outputs, each a
+    tensor of its own: a write in place to one (`h.mul_(2)` before `return h`, an h2o output
+    scaled in the loop) would land in the recurrence's buffer after the copy the graph returns,
+    or in a stack of the h2o outputs that is that buffer; None where nothing writes to them.
+    (A write to h_t between steps is refused first by `_moved_across`: step t+1 reads it.)"""
+    tanhs = [step.tanh for step in chain]
+    writer = first_write_inside(chain[0].cat, None, tanhs + (_output_linears(tanhs) or []))
+    if writer is None:
+        return None
+    return (f"{writer.name} writes in place to a step's hidden state or h2o output: the fused form keeps them "
+            "as rows of one buffer")
 
 
 def _needs_backward(chain, xs, h0) -> bool:
