@@ -476,6 +476,31 @@ def test_rnn_sequence_gpu_bptt(precision):
         assert rel_err(p.grad, r.grad) <= allowed_error(torch.float32, precision, rel_err(q.grad, r.grad)), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rnn_sequence_gpu_half(dtype):
+    """fp16/bf16 sequences at the issue's widths over 32 steps: the input projection P is
+    computed in fp32 (eager rounds x W_x^T + h W_h^T once) and the recurrence writes h_t in the
+    model's dtype; outputs and gradients against eager and fp64."""
+    torch.manual_seed(8)
+    model = UnrolledRNN(1024, 256, 128).cuda().to(dtype)
+    eager, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    xs, h0 = torch.randn(32, 8, 1024, device="cuda", dtype=dtype), torch.randn(8, 256, device="cuda", dtype=dtype)
+    out, h = torch.compile(model, backend="fusedtriton", options=NO_TUNE)(xs, h0)
+    assert fusion_backend.counters["rnn_sequence"] == 1
+    assert out.dtype == h.dtype == dtype
+    e_out, e_h = eager(xs, h0)
+    r_out, r_h = model64(xs.double(), h0.double())
+    for got, e, r in ((out, e_out, r_out), (h, e_h, r_h)):
+        assert rel_err(got, r) <= allowed_error(dtype, "high", rel_err(e, r))
+    (out.float().square().sum() + h.float().sum()).backward()
+    (e_out.float().square().sum() + e_h.float().sum()).backward()
+    (r_out.square().sum() + r_h.sum()).backward()
+    for (name, p), (_, q), (_, r) in zip(model.named_parameters(), eager.named_parameters(),
+                                         model64.named_parameters()):
+        assert p.grad.dtype == dtype, name
+        assert rel_err(p.grad, r.grad) <= allowed_error(dtype, "high", rel_err(q.grad, r.grad)), name
+
+
 class _BlockThenCell(torch.nn.Module):
     """An MLP block feeding an RNN cell: one site of each pattern."""
 

@@ -530,3 +530,59 @@ def test_in_place_write_to_a_step_output_is_refused(model_cls):
     assert fusion_backend.counters[SEQ] == 0
     with torch.no_grad():
         refused(model, xs, h0, reason="writes in place to a step's hidden state or h2o output")
+
+
+# ----------------------------------------------------------------------------- fp16 projections
+
+class FirstStepOut(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.i2h = nn.Linear(2 * width, width)
+
+    def forward(self, xs, h):
+        first = None
+        for t in range(xs.shape[0]):
+            h = torch.tanh(self.i2h(torch.cat((xs[t], h), 1)))
+            first = h if first is None else first
+        return first, h
+
+
+def test_fp16_input_projection_does_not_overflow_before_h_is_added():
+    """x_t W_x^T = 8e4 passes fp16's 65504 while x_t W_x^T + h0 W_h^T = -2e4 does not: eager
+    sums both in one fp32 accumulator (tanh -> -1); the hoisted projection rounded to fp16
+    first became +inf (tanh -> +1)."""
+    width = 8
+    model = FirstStepOut(width).half()
+    with torch.no_grad():
+        model.i2h.weight[:, :width] = 1.0
+        model.i2h.weight[:, width:] = 1.25
+        model.i2h.bias.zero_()
+    xs = torch.full((3, 2, width), 1e4).half()
+    h0 = torch.full((2, width), -1e4).half()
+    with torch.no_grad():
+        got, want = compile_(copy.deepcopy(model))(xs, h0), model(xs, h0)
+    assert fusion_backend.counters[SEQ] == 1
+    assert (want[0] == -1).all()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float16
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_half_sequence_matches_eager_with_grads():
+    """fp16 (the interpreter profile fuses no bf16 sequence): outputs, dtypes and gradients
+    with the projection P in fp32 (its gradient flows back through the casts)."""
+    dtype = torch.float16
+    torch.manual_seed(9)
+    model = models.UnrolledRNN(I, H, O).to(dtype)
+    eager = copy.deepcopy(model)
+    xs, h0 = torch.randn(T, B, I, dtype=dtype), torch.randn(B, H, dtype=dtype)
+    got, want = compile_(model)(xs, h0), eager(xs, h0)
+    assert fusion_backend.counters[SEQ] == 1
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == dtype
+        assert rel_err(g, w) <= HALF
+    sum(o.float().sum() for o in got).backward()
+    sum(o.float().sum() for o in want).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        assert p.grad.dtype == q.grad.dtype == dtype, name
+        assert rel_err(p.grad, q.grad) <= HALF, name

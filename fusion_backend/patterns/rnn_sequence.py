@@ -110,17 +110,18 @@ def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, sync_ptr, T, B, H,
 
 
 def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: str) -> torch.Tensor:
-    """(T+1, B, H): row 0 is h0, row t+1 is h_t."""
+    """(T+1, B, H) in h0's dtype: row 0 is h0, row t+1 is h_t. p (the input projections, fp32
+    for fp16/bf16 cells) is added in fp32."""
     T, B, H = p.shape
-    hs = torch.empty((T + 1, B, H), device=p.device, dtype=p.dtype)
+    hs = torch.empty((T + 1, B, H), device=p.device, dtype=h0.dtype)
     hs[0].copy_(h0)
     if T == 0 or B == 0:
         return hs
-    failure_key = (p.device, p.dtype, precision, B, H)
+    failure_key = (p.device, hs.dtype, precision, B, H)
     if failure_key in _failed:
         return _reference(p, w_h, hs)
     profile = devices.tensor_profile(p)
-    planned = _planned(profile, p.dtype, precision, B, H)
+    planned = _planned(profile, hs.dtype, precision, B, H)
     if planned is None:
         return _reference(p, w_h, hs)
     try:
@@ -218,11 +219,12 @@ def _reference(p, w_h, hs):
 
 
 def _fake(p, h0, w_h, precision):
-    return p.new_empty((p.shape[0] + 1, p.shape[1], p.shape[2]))
+    return p.new_empty((p.shape[0] + 1, p.shape[1], p.shape[2]), dtype=h0.dtype)
 
 
 def _setup(ctx, inputs, output):
-    _, _, w_h, _ = inputs
+    p, _, w_h, _ = inputs
+    ctx.p_dtype = p.dtype
     ctx.save_for_backward(w_h, output)
 
 
@@ -231,7 +233,7 @@ def _backward(ctx, grad_hs):
     w_h, hs = ctx.saved_tensors
     T = hs.shape[0] - 1
     grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs
-    grad_p = torch.empty_like(hs[1:])
+    grad_p = torch.empty_like(hs[1:], dtype=ctx.p_dtype)
     grad_w = torch.zeros_like(w_h)
     carry = torch.zeros_like(hs[0])
     for t in range(T - 1, -1, -1):
@@ -333,7 +335,13 @@ class RnnSequence(Pattern):
             stacked = whole or graph.call_function(torch.stack, (list(xs),))
             w_x = graph.call_function(torch.narrow, (weight, 1, 0, in_width))
             w_h = graph.call_function(torch.narrow, (weight, 1, in_width, hidden))
-            p = graph.call_function(torch.nn.functional.linear, (stacked, w_x, bias))
+            p_operands = (stacked, w_x, bias)
+            if dtype in (torch.float16, torch.bfloat16):
+                # eager sums x_t W_x^T and h W_h^T in one fp32 accumulator and rounds once; P in
+                # fp16 would round twice, and overflow where x_t W_x^T passes 65504 but the sum
+                # does not (the recurrence kernel adds P in fp32)
+                p_operands = tuple(n if n is None else graph.call_method("to", (n, torch.float32)) for n in p_operands)
+            p = graph.call_function(torch.nn.functional.linear, p_operands)
             hs = graph.call_function(rnn_recurrence, (p, h0, w_h, precision))
             rows = [graph.call_function(torch.select, (hs, 0, t + 1)) for t in range(len(chain))]
         for step, row in zip(chain, rows):
