@@ -125,11 +125,29 @@ def _normalize_matmul(node):
         add = users[0]
         bias = add.args[1] if add.args[0] is node else add.args[0]
         if isinstance(bias, fx.Node) and _rank(bias) == 1 and bias is not node and _same_dtypes(node, add, bias) \
-                and _nothing_between(node, add):
+                and _adds_per_column(node, add, bias) and _nothing_between(node, add):
             # bias + x@w.t() == F.linear(x, w, bias): rewrite the add node, leave matmul dead
             _set(add, LINEAR, (node.args[0], w, bias))
             return
     _set(node, LINEAR, (node.args[0], w, None))
+
+
+def _adds_per_column(mm: fx.Node, add: fx.Node, bias: fx.Node) -> bool:
+    """Whether `mm + bias` adds one bias value per output column, as F.linear's bias does: the
+    add broadcasts a length-L bias over an (M, 1) product to (M, L), which F.linear refuses,
+    and a length-1 bias over any N, which it need not accept."""
+    mm_val, add_val, bias_val = example_value(mm), example_value(add), example_value(bias)
+    if not all(isinstance(v, torch.Tensor) for v in (mm_val, add_val, bias_val)):
+        return False
+    return _same_size(bias_val.shape[0], mm_val.shape[-1]) and len(add_val.shape) == len(mm_val.shape) \
+        and all(_same_size(a, b) for a, b in zip(add_val.shape, mm_val.shape))
+
+
+def _same_size(a, b) -> bool:
+    """Equal sizes, without a guard on symbolic ones (their expressions must be the same)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return a == b
 
 
 def _nothing_between(first: fx.Node, last: fx.Node) -> bool:

@@ -446,6 +446,44 @@ def test_matmul_folded_into_its_bias_add_only_where_nothing_is_between(between):
     torch.testing.assert_close(model.b.grad, eager.b.grad)
 
 
+class _NarrowHeadAfterBlock(nn.Module):
+    """A fused MLP block, then `y @ w.t() + b` whose add broadcasts: (M, 1) + (3,) -> (M, 3), or
+    (M, 3) + (1,)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.block = MLPBlock(6, 8)
+        self.w = nn.Parameter(torch.randn(1 if head == "column" else 3, 8))
+        self.b = nn.Parameter(torch.randn(3 if head == "column" else 1))
+
+    def forward(self, x):
+        return self.block(x) @ self.w.t() + self.b
+
+
+@needs_interpreter
+@pytest.mark.parametrize("head", ["column", "scalar-bias"])
+def test_broadcasting_bias_add_is_not_folded_into_a_linear(head):
+    """F.linear adds one bias value per output column; an add that broadcasts otherwise was
+    folded into one, Inductor failed on the rewritten graph ("a and b must have same reduction
+    dim"), and the graph's fused site was lost to the fallback (with a warning)."""
+    torch.manual_seed(13)
+    model = _NarrowHeadAfterBlock(head).eval()
+    eager = copy.deepcopy(model)
+    x = torch.randn(5, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="fusedtriton")(x)
+    assert not [w for w in caught if "Inductor failed" in str(w.message)], [str(w.message) for w in caught]
+    want = eager(x)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    assert out.shape == want.shape == (5, 3)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+    out.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(model.w.grad, eager.w.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.b.grad, eager.b.grad)
+
+
 def test_tanh_with_input_keyword_is_normalized():
     """`torch.tanh(input=y)`: respelled as the positional call, so the cell matches (the
     matchers indexed its missing positional argument, warned and skipped the site)."""
