@@ -144,10 +144,11 @@ def _adds_per_column(mm: fx.Node, add: fx.Node, bias: fx.Node) -> bool:
 
 
 def _same_size(a, b) -> bool:
-    """Equal sizes, without a guard on symbolic ones (their expressions must be the same)."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
-    return a == b
+    """Sizes known equal without adding a guard (a symbolic size that an earlier guard pinned
+    to 8 equals a static 8)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
 
 
 def _nothing_between(first: fx.Node, last: fx.Node) -> bool:

@@ -484,6 +484,30 @@ def test_broadcasting_bias_add_is_not_folded_into_a_linear(head):
     torch.testing.assert_close(model.b.grad, eager.b.grad)
 
 
+class _WeightAsInput(nn.Module):
+    """The weight an input (its sizes symbolic under dynamic=True), the bias a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(8))
+
+    def forward(self, x, w):
+        return torch.relu(F.gelu(F.batch_norm(x @ w.t() + self.b, None, None, training=True)))
+
+
+@needs_interpreter
+def test_bias_add_folded_where_a_guard_pinned_the_symbolic_width():
+    """Under dynamic=True the product's width is a symbol that the add's guard pins to the
+    bias's static 8: the fold into F.linear compared the expressions, not the values, and the
+    site stayed unfused."""
+    torch.manual_seed(14)
+    model = _WeightAsInput()
+    x, w = torch.randn(5, 6), torch.randn(8, 6)
+    out = torch.compile(model, backend="fusedtriton", dynamic=True)(x, w)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    torch.testing.assert_close(out, model(x, w), rtol=1e-5, atol=1e-4)
+
+
 def test_tanh_with_input_keyword_is_normalized():
     """`torch.tanh(input=y)`: respelled as the positional call, so the cell matches (the
     matchers indexed its missing positional argument, warned and skipped the site)."""

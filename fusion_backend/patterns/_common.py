@@ -62,15 +62,6 @@ def written_inside(first: fx.Node, last: Optional[fx.Node], inputs) -> Optional[
     """An in-place write between `first` and `last` (the fused op runs at `last`; None: the
     graph's end) to storage that one of `inputs` shares (the input itself or any view of it),
     or None."""
-    writer = first_write_inside(first, last, inputs)
-    if writer is None:
-        return None
-    return f"{writer.name} writes in place to memory of a fused input before the fused op would run"
-
-
-def first_write_inside(first: fx.Node, last: Optional[fx.Node], inputs) -> Optional[fx.Node]:
-    """The first node after `first` (up to `last`, None: the graph's end) that writes in place
-    to storage one of `inputs` shares, or None."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     storages = set()
@@ -83,7 +74,7 @@ def first_write_inside(first: fx.Node, last: Optional[fx.Node], inputs) -> Optio
         for target in written_nodes(node):
             val = example_value(target)
             if isinstance(val, torch.Tensor) and StorageWeakRef(val.untyped_storage()) in storages:
-                return node
+                return f"{node.name} writes in place to memory of a fused input before the fused op would run"
         node = node.next
     return None
 

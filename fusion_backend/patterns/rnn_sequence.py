@@ -24,8 +24,8 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import (backward_will_run, cdiv, define_op, draws_random, first_write_inside, grad_modes, hint,
-                      kernel_kwargs, log, space, writes_in_place, written_inside)
+from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log, space,
+                      writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -213,8 +213,11 @@ _failed: dict = {}
 
 
 def _reference(p, w_h, hs):
+    """The recurrence in torch ops, summed in p's dtype (fp32 for fp16/bf16 cells, as the
+    kernel: h W_h^T rounded to fp16 first could overflow where the sum does not)."""
+    w_t = w_h.to(p.dtype).t()
     for t in range(p.shape[0]):
-        hs[t + 1] = torch.tanh(p[t] + hs[t] @ w_h.t())
+        hs[t + 1] = torch.tanh(p[t] + hs[t].to(p.dtype) @ w_t)
     return hs
 
 
@@ -314,7 +317,7 @@ class RnnSequence(Pattern):
         if _random_draws_reordered(chain[0].cat, xs):
             return ("the steps' inputs draw random numbers (e.g. dropout in training) between other random ops: "
                     "moving them before the first step would change which draws each op gets")
-        return _moved_across(chain, xs, h0) or _step_output_written(chain)
+        return _moved_across(chain, xs, h0)
 
     def replace(self, chain, ctx) -> dict:
         graph = ctx.gm.graph
@@ -380,20 +383,42 @@ def _whole_of(xs) -> Optional[fx.Node]:
 
 
 def _own_memory_where_returned(graph, row: fx.Node) -> None:
-    """A row of the recurrence's buffer (or of the hoisted h2o's result) that the graph returns
-    or detaches gets a copy of its own, as eager's h_t is a tensor of its own: AOTAutograd
-    (torch 2.13) fails at run time on a graph that returns such a view and its detach (`return
-    h, h.detach()`: "select(): index 5 out of range"), a graph Inductor alone never sees. B x H
-    copied, nothing else changes."""
-    users = [u for u in row.users if u.op == "output" or (u.op in ("call_function", "call_method")
-                                                            and getattr(u.target, "__name__", u.target) == "detach")]
-    if not users:
+    """A row of the recurrence's buffer (or of the hoisted h2o's result) that the graph returns,
+    itself or through a node sharing its memory (a view, its detach), becomes a copy of its own
+    right after the row, and every user of the row reads the copy: eager's h_t is a tensor of
+    its own, so a view returned beside it aliases it, and a write to it after the loop
+    (`h.mul_(2); return h`, or the caller's, after the call) is seen in what is returned, not
+    in the buffer. AOTAutograd (torch 2.13) also fails at run time on a graph that returns such
+    a row and its detach ("select(): index 5 out of range"). B x H copied. A row that does not
+    escape stays a view: a write to it changes only its own row."""
+    if not _returned(row):
         return
     with graph.inserting_after(row):
         own = graph.call_function(torch.clone, (row,))
     own.meta.update(row.meta)
-    for user in users:
-        user.replace_input_with(row, own)
+    row.replace_all_uses_with(own, delete_user_cb=lambda user: user is not own)
+
+
+def _returned(node: fx.Node) -> bool:
+    """Whether the graph returns `node` or a node sharing its memory, reached through its users
+    (views, detach, in-place results)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._pytree import tree_leaves
+
+    def storages(n):
+        return {StorageWeakRef(v.untyped_storage()) for v in tree_leaves(example_value(n))
+                if isinstance(v, torch.Tensor)}
+
+    mine = storages(node)
+    seen, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user.op == "output":
+                return True
+            if user not in seen and storages(user) & mine:
+                seen.add(user)
+                todo.append(user)
+    return False
 
 
 def _hoist_output_projection(graph, rows, hs) -> Optional[list]:
@@ -475,20 +500,6 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
     if problem is None and h2o:  # the h2o GEMM reads its weights and every h_t at the first cat
         problem = written_inside(first, end, [h2o[0].args[1], h2o[0].args[2], *tanhs])
     return problem
-
-
-def _step_output_written(chain) -> Optional[str]:
-    """Why the rows of the fused form would not behave as eager's h_t and h2o outputs, each a
-    tensor of its own: a write in place to one (`h.mul_(2)` before `return h`, an h2o output
-    scaled in the loop) would land in the recurrence's buffer after the copy the graph returns,
-    or in a stack of the h2o outputs that is that buffer; None where nothing writes to them.
-    (A write to h_t between steps is refused first by `_moved_across`: step t+1 reads it.)"""
-    tanhs = [step.tanh for step in chain]
-    writer = first_write_inside(chain[0].cat, None, tanhs + (_output_linears(tanhs) or []))
-    if writer is None:
-        return None
-    return (f"{writer.name} writes in place to a step's hidden state or h2o output: the fused form keeps them "
-            "as rows of one buffer")
 
 
 def _needs_backward(chain, xs, h0) -> bool:
