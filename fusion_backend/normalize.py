@@ -133,14 +133,14 @@ def _normalize_matmul(node):
 
 
 def _adds_per_column(mm: fx.Node, add: fx.Node, bias: fx.Node) -> bool:
-    """Whether `mm + bias` adds one bias value per output column, as F.linear's bias does: the
-    add broadcasts a length-L bias over an (M, 1) product to (M, L), which F.linear refuses,
-    and a length-1 bias over any N, which it need not accept."""
+    """Whether `mm + bias` is what F.linear's bias adds: a bias of N values, or of one (both
+    broadcast over the rows only). An add that broadcasts the product itself, a length-L bias
+    over an (M, 1) product to (M, L), is not: F.linear refuses those shapes."""
     mm_val, add_val, bias_val = example_value(mm), example_value(add), example_value(bias)
     if not all(isinstance(v, torch.Tensor) for v in (mm_val, add_val, bias_val)):
         return False
-    return _same_size(bias_val.shape[0], mm_val.shape[-1]) and len(add_val.shape) == len(mm_val.shape) \
-        and all(_same_size(a, b) for a, b in zip(add_val.shape, mm_val.shape))
+    return (_same_size(bias_val.shape[0], mm_val.shape[-1]) or _same_size(bias_val.shape[0], 1)) \
+        and len(add_val.shape) == len(mm_val.shape) and all(_same_size(a, b) for a, b in zip(add_val.shape, mm_val.shape))
 
 
 def _same_size(a, b) -> bool:

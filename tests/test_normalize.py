@@ -463,9 +463,11 @@ class _NarrowHeadAfterBlock(nn.Module):
 @needs_interpreter
 @pytest.mark.parametrize("head", ["column", "scalar-bias"])
 def test_broadcasting_bias_add_is_not_folded_into_a_linear(head):
-    """F.linear adds one bias value per output column; an add that broadcasts otherwise was
-    folded into one, Inductor failed on the rewritten graph ("a and b must have same reduction
-    dim"), and the graph's fused site was lost to the fallback (with a warning)."""
+    """An add that broadcasts the product, (M, 1) + (3,) -> (M, 3), was folded into F.linear,
+    which refuses those shapes: Inductor failed on the rewritten graph ("a and b must have same
+    reduction dim"), and the graph's fused site was lost to the fallback (with a warning). A
+    one-element bias (broadcast over the product's columns, as F.linear does too) is folded, and
+    stays right."""
     torch.manual_seed(13)
     model = _NarrowHeadAfterBlock(head).eval()
     eager = copy.deepcopy(model)
