@@ -39,6 +39,7 @@ class RewriteContext:
     # for the trial (`_common._fuse_for_the_trial`); kept here, not in the tuner, so a later
     # compile without the trial (or under CUDA graphs) sees the tuner's own verdict
     trial_configs: dict = dataclasses.field(default_factory=dict)
+    graph_problem: Optional[str] = None  # why no site of this graph is fused (every site's reason)
 
     def dot_precision(self, dtype: torch.dtype) -> str:
         return self.profile.dot_precision(dtype)
@@ -102,11 +103,18 @@ def _restore(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
+def _sets_matmul_precision(graph: fx.Graph) -> bool:
+    """Whether the graph calls torch.set_float32_matmul_precision. Dynamo has applied the last
+    such call before the backend runs, so a site before it would be compiled at the precision
+    eager uses only after it."""
+    return any(n.op == "call_function" and n.target is torch.set_float32_matmul_precision for n in graph.nodes)
+
+
 def _rewrite_site(pattern, match, ctx: RewriteContext, anchor: fx.Node) -> Site:
     graph = ctx.gm.graph
     before = set(graph.nodes)
     try:
-        reason = pattern.check(match, ctx)
+        reason = ctx.graph_problem or pattern.check(match, ctx)
         if reason:
             return Site(pattern.name, anchor.name, fused=False, reason=reason)
         info = pattern.replace(match, ctx)
@@ -128,6 +136,9 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
     ctx = RewriteContext(gm=gm, profile=profile, options=options, device=device, examples=examples)
+    if _sets_matmul_precision(gm.graph):
+        ctx.graph_problem = ("the graph calls torch.set_float32_matmul_precision: its sites would not all run at "
+                             "the precision eager uses for them")
     for pattern in registry.enabled_patterns(options.patterns):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node not in gm.graph.nodes:

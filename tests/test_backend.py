@@ -18,6 +18,7 @@ import fusion_backend
 import fusion_backend.patterns._common as common
 import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
 from fusion_backend import autotune, devices
+from fusion_backend.models import MLPBlock
 from fusion_backend.backend import fusedtriton
 from tolerances import assert_matches, rel_err, tolerance
 
@@ -760,3 +761,35 @@ def test_summary_names_the_patterns_option_when_nothing_matched():
     text = str(report)
     assert "enabled pattern(s) ['cat_linear_tanh']" in text and "options['patterns']" in text, text
     assert "no pattern's structure" not in text
+
+
+@pytest.mark.skipif(not devices.interpreter_enabled(), reason="needs TRITON_INTERPRET=1 for a site to judge")
+def test_graph_setting_the_matmul_precision_is_left_unfused():
+    """Dynamo records torch.set_float32_matmul_precision as a node and applies it before the
+    backend runs: a site before the call would be compiled at the precision eager uses only
+    after it. Such a graph's sites are left unfused, with the reason."""
+    class SetsPrecision(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = MLPBlock(12, 10)
+
+        def forward(self, x):
+            y = self.block(x)
+            torch.set_float32_matmul_precision("high")
+            return y * 2
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        model = SetsPrecision().eval()
+        x = torch.randn(6, 12)
+        with torch.no_grad():
+            report = fusion_backend.explain(model, x)
+            torch.set_float32_matmul_precision("highest")
+            out, want = torch.compile(model, backend="fusedtriton")(x), model(x)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert not report.fused and report.skipped, str(report)
+    assert all("set_float32_matmul_precision" in s.reason for s in report.skipped), str(report)
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 0
+    torch.testing.assert_close(out, want)
