@@ -508,6 +508,26 @@ def test_caller_writes_the_hidden_buffer_between_forward_and_backward(monkeypatc
         torch.testing.assert_close(got, ref64.float(), **grad_close(ref64), msg=lambda m: f"{name} vs fp64: {m}")
 
 
+def test_saving_op_double_backward_passes_the_copy_gradient_on():
+    """A direct call of the saving op with create_graph=True: dW = dz^T @ copy depends on the
+    operands through the copy, whose gradient the backward dropped (dx 3.6 where eager gives
+    1.0). Under torch.compile AOTAutograd refuses double backward, as for Inductor alone."""
+    import torch.nn.functional as F
+
+    import fusion_backend.patterns.cat_linear_tanh as clt
+
+    torch.manual_seed(0)
+    x, h = torch.randn(B, I, requires_grad=True), torch.randn(B, H, requires_grad=True)
+    w, b = torch.randn(H, I + H, requires_grad=True), torch.randn(H, requires_grad=True)
+    results = []
+    for cell in (lambda: clt.cat_linear_tanh_saving([x, h], w, b, "ieee", False, 1.0)[0],
+                 lambda: torch.tanh(F.linear(torch.cat((x, h), 1), w, b))):
+        gw, = torch.autograd.grad(cell().square().sum(), w, create_graph=True)
+        results.append(torch.autograd.grad(gw.square().sum(), (x, h, b)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **grad_close(want))
+
+
 def test_no_operand_copy_without_dw(monkeypatch):
     """No backward (no_grad) or a frozen W: the plain op, no copy of the operands."""
     import fusion_backend.patterns.cat_linear_tanh as clt

@@ -369,7 +369,15 @@ def _setup_saving(ctx, inputs, output):
 
 
 def _backward_saving(ctx, grad_out, grad_copy):
-    return _backward(ctx, grad_out)
+    """`_backward`, plus the copy's own gradient passed on to the operands it copies: zeros in a
+    plain backward (nothing but dW reads the copy; one add of B x (I+H)), not in a double
+    backward of a direct call (create_graph=True: dW = dz^T @ copy depends on the operands
+    through the copy; under torch.compile AOTAutograd refuses double backward)."""
+    grads_x, *rest = _backward(ctx, grad_out)
+    if grad_copy is not None:
+        starts = [sum(ctx.widths[:i]) for i in range(len(ctx.widths))]
+        grads_x = [g + grad_copy[:, s:s + w] for g, s, w in zip(grads_x, starts, ctx.widths)]
+    return (grads_x, *rest)
 
 
 _SCHEMA_ARGS = "(Tensor[] xs, Tensor weight, Tensor? bias, str precision, bool autotune_on, float budget)"
