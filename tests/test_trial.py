@@ -329,6 +329,18 @@ def _tie_fused_only_for_the_trial(ctx, key, call_op, call_unfused, static_shapes
     return "unfused path is faster here (test): left to Inductor"
 
 
+def _tied_block(monkeypatch):
+    """(model, its eager copy, the list the backend's reports go to, an input): an eval
+    Linear+BN+GELU+ReLU block whose site the tuner finds a tie (`_tie_fused_only_for_the_trial`)."""
+    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
+
+    monkeypatch.setattr(lbgr, "tuned_unfused_reason", _tie_fused_only_for_the_trial)
+    model = randomize(Block(24, 20)).eval()
+    graphs = []
+    monkeypatch.setattr(backend, "_report_sinks", [graphs])
+    return model, copy.deepcopy(model), graphs, torch.randn(37, 24)
+
+
 @needs_interpreter
 def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
     """A site fused only for the run-time trial, in a graph that will not get one (here
@@ -336,16 +348,9 @@ def test_sites_fused_for_a_trial_that_cannot_run_are_left_unfused(monkeypatch):
     sites of 1 ms or more): the backend rewrites the graph with the trial off, where the
     compile-time decision leaves the site to Inductor; counters and reports say so, the result
     matches eager."""
-    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
-
-    monkeypatch.setattr(lbgr, "tuned_unfused_reason", _tie_fused_only_for_the_trial)
+    model, eager, graphs, x = _tied_block(monkeypatch)
     monkeypatch.setattr(backend, "_no_trial_reason",
                         lambda report, profile, opts: "no trial (test)" if opts.trial else "options['trial'] is False")
-    model = randomize(Block(24, 20)).eval()
-    eager = copy.deepcopy(model)
-    graphs = []
-    monkeypatch.setattr(backend, "_report_sinks", [graphs])
-    x = torch.randn(37, 24)
     with torch.no_grad():
         out = torch.compile(model, backend="fusedtriton")(x)
     torch.testing.assert_close(out, eager(x))
@@ -359,9 +364,7 @@ def test_inductor_failing_on_the_original_graph_keeps_the_fused_one(monkeypatch)
     """The trial's rival, the original graph, fails in Inductor: the fused graph (which
     compiled) is kept as it is, a site fused for the trial included, without a trial; the
     report's note says why and the result matches eager."""
-    import fusion_backend.patterns.linear_bn_gelu_relu as lbgr
-
-    monkeypatch.setattr(lbgr, "tuned_unfused_reason", _tie_fused_only_for_the_trial)
+    model, eager, graphs, x = _tied_block(monkeypatch)
     monkeypatch.setattr(backend, "_no_trial_reason", lambda report, profile, opts: "")
     inductor, compiled_graphs = backend._inductor, []
 
@@ -372,11 +375,6 @@ def test_inductor_failing_on_the_original_graph_keeps_the_fused_one(monkeypatch)
         return inductor(gm, example_inputs, opts)
 
     monkeypatch.setattr(backend, "_inductor", inductor_failing_on_the_original)
-    model = randomize(Block(24, 20)).eval()
-    eager = copy.deepcopy(model)
-    graphs = []
-    monkeypatch.setattr(backend, "_report_sinks", [graphs])
-    x = torch.randn(37, 24)
     with torch.no_grad():
         compiled = torch.compile(model, backend="fusedtriton")
         for _ in range(3):

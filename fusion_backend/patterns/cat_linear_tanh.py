@@ -375,8 +375,7 @@ def _backward_saving(ctx, grad_out, grad_copy):
     through the copy; under torch.compile AOTAutograd refuses double backward)."""
     grads_x, *rest = _backward(ctx, grad_out)
     if grad_copy is not None:
-        starts = [sum(ctx.widths[:i]) for i in range(len(ctx.widths))]
-        grads_x = [g + grad_copy[:, s:s + w] for g, s, w in zip(grads_x, starts, ctx.widths)]
+        grads_x = [g + c for g, c in zip(grads_x, grad_copy.split(ctx.widths, 1))]
     return (grads_x, *rest)
 
 
