@@ -526,11 +526,14 @@ def _backward_common(ctx, grad_out, training):
         z = z + beta.float()
     g = torch.ops.aten.threshold_backward(grad_out, out, 0).float()  # relu(gelu(z)) > 0 iff z > 0
     g = torch.ops.aten.gelu_backward(g, z, approximate=ctx.approximate)
-    dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-        g, y, gamma.float() if gamma is not None else None,
-        None if training else mean, None if training else var.float(),
-        mean if training else None, invstd if training else None, training, ctx.eps,
-        [True, gamma is not None, beta is not None])
+    if y.shape[0] == 0:  # an empty eval batch: aten's CPU kernel divides by the batch size (SIGFPE)
+        dy, dgamma, dbeta = torch.zeros_like(y), torch.zeros_like(mean), torch.zeros_like(mean)
+    else:
+        dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            g, y, gamma.float() if gamma is not None else None,
+            None if training else mean, None if training else var.float(),
+            mean if training else None, invstd if training else None, training, ctx.eps,
+            [True, gamma is not None, beta is not None])
     dy = dy.to(x.dtype)
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw = dy.t() @ x if ctx.needs_input_grad[1] else None
