@@ -6,6 +6,7 @@ Small odd shapes, interpreter on CPU (compiled kernels on a GPU). The numerics a
 pattern; this file checks the registrations the compiled graph relies on."""
 import pytest
 import torch
+from tolerances import grad_close
 
 from fusion_backend.patterns import cat_linear_tanh as clt
 from fusion_backend.patterns import cell_h2o as ch
@@ -87,3 +88,24 @@ def test_opcheck_inference_twin(name):
     _, op, args = next(c for c in _cases(False) if c[0] == name)
     twin = getattr(torch.ops.fusedtriton, op._schema.name.split("::")[1] + "_inference").default
     torch.library.opcheck(twin, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_op_backward_called_directly(affine):
+    """The eval op's own backward (the Python one; a compiled graph's backward is traced and
+    decomposed instead) against eager's BatchNorm in eval mode. On CUDA aten's batch-norm
+    backward asserted on a 2-D input when it was given no saved statistics."""
+    torch.manual_seed(0)
+    x, w, b = _linear(True)
+    g, beta = (_randn(N), _randn(N)) if affine else (None, None)
+    mean, var = _bn_stats()
+    out = lbgr.linear_bn_gelu_relu_eval(x, w, b, g, beta, mean, var, 1e-5, "none", PRECISION, False, 1.0)
+    leaves = [t for t in (x, w, b, g, beta) if t is not None]
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref = torch.relu(torch.nn.functional.gelu(torch.nn.functional.batch_norm(
+        torch.nn.functional.linear(x, w, b), mean, var, g, beta, False, 0.0, 1e-5)))
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    torch.testing.assert_close(out, ref, **grad_close(ref))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **grad_close(want))

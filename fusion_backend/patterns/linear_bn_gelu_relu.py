@@ -529,11 +529,13 @@ def _backward_common(ctx, grad_out, training):
     if y.shape[0] == 0:  # an empty eval batch: aten's CPU kernel divides by the batch size (SIGFPE)
         dy, dgamma, dbeta = torch.zeros_like(y), torch.zeros_like(mean), torch.zeros_like(mean)
     else:
+        # save_mean/save_invstd given in eval too: aten's CUDA kernel asserts they are defined
+        # on its channels-last path, which every contiguous 2-D input takes (it then uses them
+        # as they are; the CPU kernel reads the running statistics in eval)
         dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
             g, y, gamma.float() if gamma is not None else None,
             None if training else mean, None if training else var.float(),
-            mean if training else None, invstd if training else None, training, ctx.eps,
-            [True, gamma is not None, beta is not None])
+            mean, invstd, training, ctx.eps, [True, gamma is not None, beta is not None])
     dy = dy.to(x.dtype)
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw = dy.t() @ x if ctx.needs_input_grad[1] else None
