@@ -325,12 +325,20 @@ class MutatesAliasAfterCat(nn.Module):
             nn.functional.relu(h, inplace=True)
         elif self.how == "_foreach_mul_":
             torch._foreach_mul_([h], 2.0)  # a private in-place op, its first argument a list
+        elif self.how == "__imul__":
+            h.__imul__(2.0)  # an explicit in-place dunder: Dynamo records the method by that name
+        elif self.how == "Tensor.__iadd__":
+            torch.Tensor.__iadd__(h, 1.0)
+        elif self.how == "batch_norm(training=True)":
+            # writes its running statistics, here rows of h (not its first argument)
+            nn.functional.batch_norm(x[:, :H] * 3 + 5, h[0], h[1], training=True)
         else:
             torch.add(h, 1, out=h)
         return torch.tanh(self.i2h(combined))
 
 
-@pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "relu(inplace=True)", "_foreach_mul_", "out="])
+@pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "relu(inplace=True)", "_foreach_mul_", "out=", "__imul__",
+                                 "Tensor.__iadd__", "batch_norm(training=True)"])
 def test_inplace_write_to_cat_operand_alias_after_cat(how):
     """Any spelling of an in-place write to a cat operand between the cat and the tanh leaves
     the site unfused (the fused op would read the written value), with the reason."""
@@ -346,7 +354,10 @@ def test_inplace_write_to_cat_operand_alias_after_cat(how):
     h_c, h_e, h_r = h.clone(), h.clone(), h.double()
     with torch.no_grad():
         out, e, r = compile_(model)(x, h_c), eager(x, h_e), ref(x.double(), h_r)
-    assert torch.equal(h_c, h_e)  # the in-place write itself happened
+    if how.startswith("batch_norm"):  # Inductor's batch variance: a rounding apart
+        torch.testing.assert_close(h_c, h_e)  # the in-place write itself happened
+    else:
+        assert torch.equal(h_c, h_e)
     assert fusion_backend.counters[NAME] == 0
     assert_matches(out, e, r)  # the cat saw h before the write
 

@@ -412,6 +412,9 @@ class _MatmulThenAdd(nn.Module):
             y = h @ self.w.t()
         if self.between == "write":  # after the matmul read h
             h.view(-1).add_(100.0)
+        if self.between == "write W by dunder":  # W.__imul__: Dynamo records the dunder by name
+            with torch.no_grad():
+                self.w.__imul__(2.0)
         if self.between == "autocast":  # the add inside autocast, the matmul outside: fp32 both
             with torch.autocast("cpu", dtype=torch.float16):
                 z = y + self.b
@@ -421,7 +424,7 @@ class _MatmulThenAdd(nn.Module):
 
 
 @pytest.mark.skipif(not devices.interpreter_enabled(), reason="needs TRITON_INTERPRET=1 for a fused site")
-@pytest.mark.parametrize("between", ["write", "no_grad", "autocast", "nothing"])
+@pytest.mark.parametrize("between", ["write", "write W by dunder", "no_grad", "autocast", "nothing"])
 def test_matmul_folded_into_its_bias_add_only_where_nothing_is_between(between):
     """normalize turns `x @ W.t()` + `b` into F.linear at the add; with an in-place write, a
     grad-mode or an autocast switch between the two that computed with other values (off by
@@ -432,13 +435,13 @@ def test_matmul_folded_into_its_bias_add_only_where_nothing_is_between(between):
     eager = copy.deepcopy(model)
     x = torch.randn(4, 6)
     # (the write after the matmul read h: a backward would raise in eager too)
-    with torch.set_grad_enabled(between != "write"):
+    with torch.set_grad_enabled(not between.startswith("write")):
         out, want = torch.compile(model, backend="fusedtriton")(x), eager(x)
     assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
     for got, ref in zip(out, want):
         assert got.dtype == ref.dtype
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    if between == "write":
+    if between.startswith("write"):
         return
     (out[0].sum() + out[1].sum()).backward()
     (want[0].sum() + want[1].sum()).backward()
@@ -519,3 +522,36 @@ def test_tanh_with_input_keyword_is_normalized():
     g.output(t)
     normalize._normalize_activation(t)
     assert t.target is normalize.TANH and t.args == (y,) and not t.kwargs
+
+
+
+def test_written_nodes_sees_every_argument_a_call_writes():
+    """What counts as an in-place write (the fusion checks' `written_nodes`): the in-place
+    dunders by name, the running statistics of batch/instance norm computing batch statistics,
+    and any argument an aten schema marks written (not only the first)."""
+    from fusion_backend.patterns._common import written_nodes
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, w, rm, rv = (g.placeholder(name) for name in ("x", "w", "rm", "rv"))
+    calls = {  # name: (op, target, args, kwargs, what it writes)
+        "iadd_method": ("call_method", "__iadd__", (x, 1.0), {}, [x]),
+        "imul_function": ("call_function", torch.Tensor.__imul__, (w, 2.0), {}, [w]),
+        "getitem_method": ("call_method", "__getitem__", (x, 0), {}, []),
+        "bn_train": ("call_function", F.batch_norm, (x, rm, rv), {"training": True}, [rm, rv]),
+        "bn_eval": ("call_function", F.batch_norm, (x, rm, rv), {}, []),
+        "bn_eval_positional": ("call_function", F.batch_norm, (x, rm, rv, None, None, False), {}, []),
+        "bn_flag_unknown": ("call_function", F.batch_norm, (x, rm, rv, None, None, x), {}, [rm, rv]),
+        "torch_bn_train": ("call_function", torch.batch_norm, (x, None, None, rm, rv, True, 0.1, 1e-5, False), {},
+                           [rm, rv]),
+        "instance_norm": ("call_function", F.instance_norm, (x, rm, rv), {}, [rm, rv]),
+        "aten_bn_legit": ("call_function", aten._native_batch_norm_legit.default,
+                          (x, None, None, rm, rv, True, 0.1, 1e-5), {}, [rm, rv]),
+        "aten_bn_no_training": ("call_function", aten._native_batch_norm_legit_no_training.default,
+                                (x, None, None, rm, rv, 0.1, 1e-5), {}, []),
+        "aten_add_out": ("call_function", aten.add.out, (x, w), {"out": rm}, [rm]),
+        "aten_add_packet": ("call_function", aten.add_, (w, x), {}, [w]),
+    }
+    for name, (op, target, args, kwargs, want) in calls.items():
+        node = g.create_node(op, target, args, kwargs, name=name)
+        assert written_nodes(node) == want, name

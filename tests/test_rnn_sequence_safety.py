@@ -248,6 +248,14 @@ class XsScaled(Base):
         return h
 
 
+class XsScaledByDunder(Base):
+    def forward(self, xs, h):
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            xs.__iadd__(1.0)  # an explicit in-place dunder, recorded under its own name
+        return h
+
+
 class XsRectified(Base):
     def forward(self, xs, h):
         xs = xs * 1.0  # an intermediate: normalize leaves an in-place ReLU on it as it is
@@ -283,7 +291,8 @@ class H2OWeightScaled(Base):
         return torch.stack(outs)
 
 
-@pytest.mark.parametrize("model_cls", [XsScaled, XsRectified, HiddenViewZeroed, WeightViewScaled, H2OWeightScaled])
+@pytest.mark.parametrize("model_cls", [XsScaled, XsScaledByDunder, XsRectified, HiddenViewZeroed, WeightViewScaled,
+                                       H2OWeightScaled])
 def test_in_place_write_between_steps_is_refused(model_cls):
     torch.manual_seed(3)
     model = model_cls()

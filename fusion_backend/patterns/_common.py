@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import fx
+from torch.nn import functional as F
 
 from fusion_backend import autotune, config_spaces, registry, trial
 from fusion_backend.normalize import example_value
@@ -186,33 +187,81 @@ def mutated_in_graph(node: fx.Node, aliases: bool = False) -> bool:
 # Dynamo records `t += u` on a tensor as operator.iadd(t, u), which writes t
 _AUGMENTED = {getattr(operator, name) for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
                                                     "imatmul", "iand", "ior", "ixor", "ilshift", "irshift")}
+# ... and an explicit `t.__imul__(u)` (or `torch.Tensor.__iadd__(t, u)`) under the dunder's name
+_AUGMENTED_DUNDERS = {f"__{f.__name__}__" for f in _AUGMENTED}
+
+#: calls that write tensors other than their first argument: batch and instance norm update
+#: the running statistics they are given where they compute batch statistics. function ->
+#: ((position, name) of each written argument, (position, name, default) of the flag that
+#: makes them write); a flag that is not a constant counts as set
+_WRITES_STATISTICS = {
+    F.batch_norm: (((1, "running_mean"), (2, "running_var")), (5, "training", False)),
+    F.instance_norm: (((1, "running_mean"), (2, "running_var")), (5, "use_input_stats", True)),
+    torch.batch_norm: (((3, "running_mean"), (4, "running_var")), (5, "training", None)),
+    torch.instance_norm: (((3, "running_mean"), (4, "running_var")), (5, "use_input_stats", None)),
+    torch.native_batch_norm: (((3, "running_mean"), (4, "running_var")), (5, "training", None)),
+}
+
+
+def _arg(node: fx.Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def _schema_written(node: fx.Node, schemas) -> list:
+    """The arguments an aten op writes by its schemas (`Tensor(a!)`): any of them, in any position."""
+    written = []
+    for schema in schemas:
+        for position, argument in enumerate(schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                written.append(_arg(node, position, argument.name))
+    return written
+
+
+def _statistics_written(node: fx.Node) -> list:
+    try:
+        spec = _WRITES_STATISTICS.get(node.target)
+    except TypeError:  # an unhashable target
+        return []
+    if spec is None:
+        return []
+    tensors, (position, name, default) = spec
+    if _arg(node, position, name, default) is False:
+        return []
+    return [_arg(node, p, n) for p, n in tensors]
 
 
 def written_nodes(node: fx.Node) -> list:
     """The nodes whose memory `node` writes in place: the first argument of an in-place op or
-    method (`add_`, `copy_`, an aten overload with a mutable schema), of an item assignment, of
-    an augmented assignment (`t += u`) and of a call with `inplace=True` (`F.relu(t,
-    inplace=True)`), and the `out=` tensors of any call."""
+    method (`add_`, `copy_`), of an item assignment, of an augmented assignment (`t += u`, also
+    spelled `t.__iadd__(u)`) and of a call with `inplace=True` (`F.relu(t, inplace=True)`); the
+    `out=` tensors of any call; every argument an aten op's schema marks as written; the
+    running statistics of batch and instance norm computing batch statistics."""
     if node.op not in ("call_function", "call_method"):
         return []
     written = []
     out = node.kwargs.get("out")
     if out is not None:
-        written += [n for n in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(n, fx.Node)]
+        written += [out]
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        mutable = target._schema.is_mutable
+        written += _schema_written(node, [target._schema])
+        mutable = False
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        written += _schema_written(node, [getattr(target, o)._schema for o in target.overloads()])
+        mutable = False
     else:
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        # `add_`, and private ones such as `_foreach_mul_` (their first argument a list); not
-        # dunders (`__getitem__`)
+        # `add_`, and private ones such as `_foreach_mul_` (their first argument a list); of the
+        # dunders only the augmented assignments (not `__getitem__`)
         mutable = ((name.endswith("_") and not name.endswith("__")) or name == "setitem"
-                   or any(target is f for f in _AUGMENTED))
+                   or name in _AUGMENTED_DUNDERS or any(target is f for f in _AUGMENTED))
+        if node.op == "call_function":
+            written += _statistics_written(node)
     mutable = mutable or _inplace_flag(node)
-    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     if mutable:
-        written += [n for n in (first if isinstance(first, (tuple, list)) else (first,)) if isinstance(n, fx.Node)]
-    return written
+        written += [node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))]
+    nodes = [n for w in written for n in (w if isinstance(w, (tuple, list)) else (w,)) if isinstance(n, fx.Node)]
+    return list(dict.fromkeys(nodes))  # `out=` is also in the schema
 
 
 @functools.lru_cache(maxsize=None)
