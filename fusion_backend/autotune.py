@@ -152,6 +152,11 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _finite(v) -> bool:
+    """A number that is not NaN or infinite (JSON files may hold NaN and Infinity)."""
+    return _number(v) and math.isfinite(v)
+
+
 def _times_ok(entry: dict) -> bool:
     """Whether a cache entry's times are numbers or absent (a hand-edited or foreign entry is
     tuned again rather than failing later, in explain() or the run-time trial's rule)."""
@@ -379,10 +384,10 @@ PARTIAL_TRIES = 2
 def _partial_tries(entry) -> int:
     """How many searches of this cache entry's key were cut short by their budget (0: none, or
     no entry)."""
-    if not isinstance(entry, dict) or not _number(entry.get("partial_budget_s")):
+    if not isinstance(entry, dict) or not _finite(entry.get("partial_budget_s")):
         return 0
     tries = entry.get("partial_tries")
-    return int(tries) if _number(tries) else 1
+    return int(tries) if _finite(tries) else 1  # (a hand-edited NaN or Infinity: one)
 
 
 def _searched_enough(entry: dict, budget_s: float) -> bool:

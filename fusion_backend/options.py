@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping, Optional, Tuple
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -126,9 +128,7 @@ class Options:
         autotune = options.get("autotune", True)
         if not isinstance(autotune, bool):
             raise ValueError(f"fusedtriton: options['autotune'] must be True or False, got {autotune!r}")
-        budget = options.get("tune_budget_s", 30.0)
-        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget < float("inf"):
-            raise ValueError(f"fusedtriton: options['tune_budget_s'] must be a positive number, got {budget!r}")
+        budget = _positive_seconds(options.get("tune_budget_s", 30.0))
         only_named = options.get("only_named_devices", False)
         if not isinstance(only_named, bool):
             raise ValueError(f"fusedtriton: options['only_named_devices'] must be True or False, got {only_named!r}")
@@ -141,7 +141,7 @@ class Options:
         extra = _inductor_patches(options.get("inductor_options", {}))
         return Options(
             mode=None if mode == "default" else mode, patterns=patterns, autotune=autotune,
-            tune_budget_s=float(budget), only_named_devices=only_named, trial=trial, inline=inline,
+            tune_budget_s=budget, only_named_devices=only_named, trial=trial, inline=inline,
             inductor_options=tuple(sorted(extra.items())),
         )
 
@@ -161,3 +161,15 @@ class Options:
         patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
         patches.update(dict(self.inductor_options))
         return patches
+
+
+def _positive_seconds(budget) -> float:
+    """`tune_budget_s` as a float: any real number (numpy's too) that is positive and finite."""
+    if isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+        try:
+            seconds = float(budget)
+        except OverflowError:  # an int beyond float's range
+            seconds = math.inf
+        if 0 < seconds < math.inf:
+            return seconds
+    raise ValueError(f"fusedtriton: options['tune_budget_s'] must be a positive number of seconds, got {budget!r}")

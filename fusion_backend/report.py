@@ -89,7 +89,11 @@ class ExplainReport:
 
     @property
     def profile(self):
+        """The profile of the compiled graphs; None where no graph was compiled, a sorted list
+        where they differ."""
         profiles = {g.profile for g in self.graphs}
+        if not profiles:
+            return None
         return profiles.pop() if len(profiles) == 1 else sorted(map(str, profiles))
 
     @property
@@ -101,6 +105,8 @@ class ExplainReport:
         return [s for g in self.graphs for s in g.skipped]
 
     def __str__(self) -> str:
+        if not self.graphs:
+            return "fusedtriton explain: no graph compiled (Dynamo captured no tensor operations)"
         lines = [f"fusedtriton explain: profile={self.profile}, {len(self.graphs)} graph(s), "
                  f"{len(self.fused)} fused site(s), {len(self.skipped)} not fused"]
         for n, g in enumerate(self.graphs):

@@ -512,6 +512,22 @@ def test_cache_entry_with_bad_times_is_tuned_again(bad, tmp_cache):
     choice.describe()
 
 
+@pytest.mark.parametrize("tries", ["NaN", "Infinity", "1e999"])
+def test_cache_entry_with_non_finite_partial_tries_is_searched_again(tries, tmp_cache):
+    """A hand-edited entry of a search cut short whose try count is NaN or infinite (JSON
+    reads both) raised ValueError/OverflowError in every process instead of being searched again."""
+    choose(Tuner(timer=stub_timer))
+    path = _cache_path()
+    with open(path) as f:
+        data = json.load(f)
+    for entry in data["entries"].values():
+        entry.update(partial_budget_s=5.0, partial_tries="@")
+    with open(path, "w") as f:
+        f.write(json.dumps(data).replace('"@"', tries))
+    choice = choose(Tuner(timer=stub_timer), budget_s=5.0)
+    assert choice.source == "tuned" and isinstance(choice.fused_ms, float)
+
+
 def test_unwritable_cache_dir_does_not_break_tuning(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")

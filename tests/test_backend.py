@@ -793,3 +793,10 @@ def test_graph_setting_the_matmul_precision_is_left_unfused():
     assert all("set_float32_matmul_precision" in s.reason for s in report.skipped), str(report)
     assert fusion_backend.counters["linear_bn_gelu_relu"] == 0
     torch.testing.assert_close(out, want)
+
+
+def test_explain_of_a_call_that_compiles_no_graph():
+    """`profile=[]` was printed where Dynamo captured nothing to compile."""
+    report = fusion_backend.explain(lambda x: x, torch.randn(3))
+    assert report.graphs == [] and report.profile is None
+    assert str(report) == "fusedtriton explain: no graph compiled (Dynamo captured no tensor operations)"

@@ -1,6 +1,7 @@
 """mode= and options=: documented values accepted, anything else rejected with the valid choices."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,14 @@ def test_mode_disagreement():
     assert Options.parse("max-autotune", {"mode": "max-autotune"}).mode == "max-autotune"
 
 
+@pytest.mark.parametrize("value", [5, 5.0, np.float32(5.0), np.int64(5), np.float64(5.0)])
+def test_budget_takes_any_real_number(value):
+    """numpy's float32 and int64 were refused ("must be a positive number, got
+    np.float32(5.0)") while its float64, a float subclass, was taken."""
+    budget = Options.parse(None, {"tune_budget_s": value}).tune_budget_s
+    assert budget == 5.0 and type(budget) is float
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("autotune", "yes", "True or False"),
     ("autotune", 1, "True or False"),
@@ -107,6 +116,8 @@ def test_mode_disagreement():
     ("inductor_options", [("max_autotune", True)], "dict"),
     ("inductor_options", "max_autotune", "dict"),
     ("tune_budget_s", math.nan, "positive number"),
+    ("tune_budget_s", math.inf, "positive number"),
+    pytest.param("tune_budget_s", 10 ** 400, "positive number", id="tune_budget_s-10**400"),  # was OverflowError
     ("patterns", 5, "registered patterns"),
 ])
 def test_bad_types(key, value, words):
