@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/fusedtriton-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q tests/test_gpu.py ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -q tests/test_gpu.py tests/test_launch_host.py tests/test_opcheck.py ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   python3 benchmarks/bench.py ${BENCH_ARGS:-} --json "$OUT/bench.json" --cases "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{"case"'
