@@ -551,6 +551,16 @@ def test_written_nodes_sees_every_argument_a_call_writes():
                                 (x, None, None, rm, rv, 0.1, 1e-5), {}, []),
         "aten_add_out": ("call_function", aten.add.out, (x, w), {"out": rm}, [rm]),
         "aten_add_packet": ("call_function", aten.add_, (w, x), {}, [w]),
+        "builtin_by_aten_schema": ("call_function", torch._native_batch_norm_legit,
+                                   (x, None, None, rm, rv, True, 0.1, 1e-5), {}, [rm, rv]),
+        "builtin_amp_unscale": ("call_function", torch._amp_foreach_non_finite_check_and_unscale_, ([x], rm, rv), {},
+                                [x, rm]),
+        "method_by_aten_schema": ("call_method", "index_put_", (x, (w,), rm), {}, [x]),
+        "native_batch_norm": ("call_function", torch.native_batch_norm, (x, None, None, rm, rv, True, 0.1, 1e-5), {},
+                              [rm, rv]),
+        "embedding_max_norm": ("call_function", F.embedding, (x, w), {"max_norm": 1.0}, [w]),
+        "embedding": ("call_function", F.embedding, (x, w), {}, []),
+        "embedding_bag_max_norm": ("call_function", F.embedding_bag, (x, w, None, 2.0), {}, [w]),
     }
     for name, (op, target, args, kwargs, want) in calls.items():
         node = g.create_node(op, target, args, kwargs, name=name)

@@ -8,6 +8,7 @@ import logging
 import operator
 import threading
 import time
+import types
 from typing import Optional
 
 import torch
@@ -190,52 +191,87 @@ _AUGMENTED = {getattr(operator, name) for name in ("iadd", "isub", "imul", "itru
 # ... and an explicit `t.__imul__(u)` (or `torch.Tensor.__iadd__(t, u)`) under the dunder's name
 _AUGMENTED_DUNDERS = {f"__{f.__name__}__" for f in _AUGMENTED}
 
-#: calls that write tensors other than their first argument: batch and instance norm update
-#: the running statistics they are given where they compute batch statistics. function ->
-#: ((position, name) of each written argument, (position, name, default) of the flag that
-#: makes them write); a flag that is not a constant counts as set
-_WRITES_STATISTICS = {
-    F.batch_norm: (((1, "running_mean"), (2, "running_var")), (5, "training", False)),
-    F.instance_norm: (((1, "running_mean"), (2, "running_var")), (5, "use_input_stats", True)),
-    torch.batch_norm: (((3, "running_mean"), (4, "running_var")), (5, "training", None)),
-    torch.instance_norm: (((3, "running_mean"), (4, "running_var")), (5, "use_input_stats", None)),
-    torch.native_batch_norm: (((3, "running_mean"), (4, "running_var")), (5, "training", None)),
+#: Python-level calls that write tensors other than their first argument, where a flag says
+#: so: batch and instance norm update the running statistics they are given where they compute
+#: batch statistics, an embedding lookup with `max_norm` renormalizes the rows of its weight.
+#: function -> ((position, name) of each written argument, (position, name, default,
+#: the flag's value that means no write)); a flag that is not a constant counts as set
+_WRITES_WHERE_FLAGGED = {
+    F.batch_norm: (((1, "running_mean"), (2, "running_var")), (5, "training", False, False)),
+    F.instance_norm: (((1, "running_mean"), (2, "running_var")), (5, "use_input_stats", True, False)),
+    torch.batch_norm: (((3, "running_mean"), (4, "running_var")), (5, "training", None, False)),
+    torch.instance_norm: (((3, "running_mean"), (4, "running_var")), (5, "use_input_stats", None, False)),
+    torch.native_batch_norm: (((3, "running_mean"), (4, "running_var")), (5, "training", None, False)),  # (no a! in its schema)
+    F.embedding: (((1, "weight"),), (3, "max_norm", None, None)),
+    F.embedding_bag: (((1, "weight"),), (3, "max_norm", None, None)),
 }
 
 
-def _arg(node: fx.Node, position: int, name: str, default=None):
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+def _arg(node: fx.Node, position: Optional[int], name: str, default=None):
+    if position is not None and len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
 
 
 def _schema_written(node: fx.Node, schemas) -> list:
-    """The arguments an aten op writes by its schemas (`Tensor(a!)`): any of them, in any position."""
+    """The arguments an aten op writes by its schemas (`Tensor(a!)`), of any overload: the
+    positional ones by position or name, the keyword-only ones by name."""
     written = []
     for schema in schemas:
         for position, argument in enumerate(schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:
-                written.append(_arg(node, position, argument.name))
+                written.append(_arg(node, None if argument.kwarg_only else position, argument.name))
     return written
 
 
-def _statistics_written(node: fx.Node) -> list:
+@functools.lru_cache(maxsize=None)
+def _aten_schemas(name: str) -> tuple:
+    """The schemas of `torch.ops.aten.<name>`'s overloads (none where there is no such op): a
+    torch builtin or a Tensor method reaches the graph by name (`torch._native_batch_norm_legit`,
+    `x.index_put_`), with aten's arguments in aten's order."""
     try:
-        spec = _WRITES_STATISTICS.get(node.target)
+        packet = getattr(torch.ops.aten, name)
+        return tuple(getattr(packet, overload)._schema for overload in packet.overloads())
+    except (AttributeError, RuntimeError):
+        return ()
+
+
+def _flagged_written(node: fx.Node) -> list:
+    try:
+        spec = _WRITES_WHERE_FLAGGED.get(node.target)
     except TypeError:  # an unhashable target
         return []
     if spec is None:
         return []
-    tensors, (position, name, default) = spec
-    if _arg(node, position, name, default) is False:
+    tensors, (position, name, default, no_write) = spec
+    if _arg(node, position, name, default) is no_write:
         return []
     return [_arg(node, p, n) for p, n in tensors]
+
+
+def _body_writes(node: fx.Node) -> bool:
+    """Whether a higher-order op's body (`checkpoint`, `wrap`: a submodule the graph reaches by
+    get_attr) writes in place anywhere; True where a body cannot be found."""
+    module = node.graph.owning_module
+    bodies = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    for body in bodies:
+        sub = getattr(module, body.target, None) if module is not None else None
+        graph = getattr(sub, "graph", None)
+        if graph is None:
+            return True
+        if any(written_nodes(n) for n in graph.nodes):
+            return True
+    return not bodies
 
 
 def written_nodes(node: fx.Node) -> list:
     """The nodes whose memory `node` writes in place: the first argument of an in-place op or
     method (`add_`, `copy_`), of an item assignment, of an augmented assignment (`t += u`, also
     spelled `t.__iadd__(u)`) and of a call with `inplace=True` (`F.relu(t, inplace=True)`); the
-    `out=` tensors of any call; every argument an aten op's schema marks as written; the
-    running statistics of batch and instance norm computing batch statistics."""
+    `out=` tensors of any call; every argument an aten op's schema marks as written (also where
+    a torch builtin or a Tensor method of that name is called); the flagged writes of
+    `_WRITES_WHERE_FLAGGED` (running statistics, an embedding's weight); every tensor argument
+    of a higher-order op whose body writes."""
     if node.op not in ("call_function", "call_method"):
         return []
     written = []
@@ -243,20 +279,25 @@ def written_nodes(node: fx.Node) -> list:
     if out is not None:
         written += [out]
     target = node.target
+    mutable = False
     if isinstance(target, torch._ops.OpOverload):
         written += _schema_written(node, [target._schema])
-        mutable = False
     elif isinstance(target, torch._ops.OpOverloadPacket):
         written += _schema_written(node, [getattr(target, o)._schema for o in target.overloads()])
-        mutable = False
+    elif isinstance(target, torch._ops.HigherOrderOperator):
+        if _body_writes(node):
+            written += [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+            written += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
     else:
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
         # `add_`, and private ones such as `_foreach_mul_` (their first argument a list); of the
         # dunders only the augmented assignments (not `__getitem__`)
         mutable = ((name.endswith("_") and not name.endswith("__")) or name == "setitem"
                    or name in _AUGMENTED_DUNDERS or any(target is f for f in _AUGMENTED))
+        if isinstance(target, (str, types.BuiltinFunctionType)) and name:
+            written += _schema_written(node, _aten_schemas(name))
         if node.op == "call_function":
-            written += _statistics_written(node)
+            written += _flagged_written(node)
     mutable = mutable or _inplace_flag(node)
     if mutable:
         written += [node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))]
