@@ -350,7 +350,8 @@ class Tuner:
         finite = lambda v: None if math.isinf(v) else v  # noqa: E731
         complete = len(timed) == len(space)
         timed = sorted(t for t in timed if not math.isinf(t[0]))
-        if not timed:
+        if not timed:  # every fused config failed to compile or launch
+            stats["fused_all_failed"] += 1
             return Choice(None, "tuned", None, finite(unfused_ms)), complete
         finalists = [c for ms, _, c in timed[:RUNOFF_MAX] if ms <= RUNOFF_SPREAD * timed[0][0]]
         best, best_ms = finalists[0], timed[0][0]

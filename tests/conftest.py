@@ -84,16 +84,42 @@ def device_params():
 
 # ----------------------------------------------------------------------------- fixtures
 
+def kernel_failures() -> list:
+    """Fused kernels that failed in this test and were replaced by torch ops: a launch that
+    raised (the key pinned to the reference computation), a tuning in which every fused config
+    failed, a recurrence launch that failed. The results then come from torch, so a test
+    checking numbers and counters alone would pass with the kernel broken."""
+    from fusion_backend.patterns import rnn_sequence
+
+    failed = []
+    for key, choice in autotune.TUNER.choices.items():
+        if choice.source == "fallback":
+            failed.append(f"{key}: the fused kernel raised at launch; torch ops ran instead")
+    if autotune.stats.get("fused_all_failed"):
+        failed.append(f"{autotune.stats['fused_all_failed']} tuning(s) in which every fused config failed")
+    failed += [f"recurrence {key}: {exc!r}" for key, exc in rnn_sequence._failed.items()]
+    return failed
+
+
 @pytest.fixture(autouse=True)
-def _fresh_backend_state(monkeypatch, tmp_path_factory):
+def _fresh_backend_state(request, monkeypatch, tmp_path_factory):
     """Each test starts with no Dynamo caches, zero counters, an empty in-memory tuner, and an
-    autotune disk cache outside the user's home (tests that inspect it use `tmp_cache`)."""
+    autotune disk cache outside the user's home (tests that inspect it use `tmp_cache`); it
+    fails where a fused kernel failed and torch ops stood in (`kernel_failures`), unless
+    marked `kernel_failure_expected`."""
+    from fusion_backend.patterns import rnn_sequence
+
     monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "fusedtriton-cache"))
     torch._dynamo.reset()
     fusion_backend.counters.clear()
     autotune.TUNER.forget()
     autotune.stats.clear()
+    rnn_sequence._failed.clear()
     yield
+    failed = kernel_failures()
+    rnn_sequence._failed.clear()
+    if failed and request.node.get_closest_marker("kernel_failure_expected") is None:
+        pytest.fail("fused kernel failure(s), torch ops stood in: " + "; ".join(failed))
     torch._dynamo.reset()
     fusion_backend.counters.clear()
     autotune.TUNER.forget()

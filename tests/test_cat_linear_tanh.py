@@ -682,6 +682,7 @@ def test_sequence_hoists_both_projections_and_refuses_feedback():
     assert rel_err(out, ref) <= tolerance(torch.float32, eager_err=rel_err(feedback(xs, h0), ref))
 
 
+@pytest.mark.kernel_failure_expected
 @pytest.mark.parametrize("error", [RuntimeError, torch.OutOfMemoryError])
 def test_a_recurrence_failure_switches_the_kernel_off_only_where_it_failed(monkeypatch, error):
     """A launch that failed at one (dtype, precision, B, H) sends later calls there to the torch
@@ -711,6 +712,7 @@ def test_a_recurrence_failure_switches_the_kernel_off_only_where_it_failed(monke
     assert len(seq._failed) == int(sticky)
 
 
+@pytest.mark.kernel_failure_expected
 def test_sequence_kernel_failure_falls_back_with_one_warning(monkeypatch, caplog):
     import logging
 
