@@ -82,6 +82,27 @@ def device_params():
     return [pytest.param(p, id=p.stem) for p in files]
 
 
+# ----------------------------------------------------------------------------- models
+
+def randomize_batch_norm(model, seed=0):
+    """Non-trivial affine parameters and running statistics for every BatchNorm1d of `model`
+    (fresh ones are the identity in eval: mean 0, var 1, weight 1, bias 0, which would hide an
+    epilogue that drops a term). Returns the model."""
+    import torch.nn as nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm1d):
+                if mod.weight is not None:
+                    mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.3)
+                if mod.running_mean is not None:
+                    mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.5)
+                    mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) * 1.5 + 0.5)
+    return model
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 def kernel_failures() -> list:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN, fp64_reference
+from conftest import randomize_batch_norm
 from tolerances import allowed_error, grad_close, rel_err, stats_close
 
 NO_TUNE = {"autotune": False}
@@ -40,10 +41,7 @@ CASES = [  # (M, K, N, dtype, precision)
 def test_linear_bn_gelu_relu_gpu(M, K, N, dtype, precision, train):
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(M + N)
-    m = MLPBlock(K, N).cuda().to(dtype).train(train)
-    with torch.no_grad():
-        m.batch_norm.running_mean.normal_(0, 0.5)
-        m.batch_norm.running_var.uniform_(0.5, 2)
+    m = randomize_batch_norm(MLPBlock(K, N)).cuda().to(dtype).train(train)
     eager = MLPBlock(K, N).cuda().to(dtype).train(train)
     eager.load_state_dict(m.state_dict())
     x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -175,7 +173,7 @@ def test_reduce_overhead_captures_fused_ops(monkeypatch):
     from torch._dynamo.utils import counters as dynamo_counters
 
     torch.manual_seed(3)
-    m = MLPBlock(256, 192).cuda().eval()
+    m = randomize_batch_norm(MLPBlock(256, 192)).cuda().eval()
     cell = RNNCell(64, 96, 32).cuda()
     x = torch.randn(64, 256, device="cuda")
     xr, hr = torch.randn(16, 64, device="cuda"), torch.randn(16, 96, device="cuda")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend import devices
+from conftest import randomize_batch_norm
 from tolerances import HIGHEST_FLOOR, assert_matches, grad_close, rel_err, stats_close
 
 # CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
@@ -81,18 +82,7 @@ class BnOutToo(LBGR):
 
 
 def randomize(model, seed=0):
-    """Non-trivial BatchNorm affine parameters and running statistics (fresh random data)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm1d):
-                if mod.weight is not None:
-                    mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.3)
-                if mod.running_mean is not None:
-                    mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.5)
-                    mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) * 1.5 + 0.5)
-    return model
+    return randomize_batch_norm(model, seed)
 
 
 def trio(model, train):
