@@ -54,14 +54,15 @@ def refused(model, *inputs, reason):
     fusion_backend.counters.clear()
 
 
-def assert_close_to(got, eager, ref64=None):
-    """fp32 within the "highest" tolerance of fp64 (and of eager); bf16/fp16 within HALF of eager."""
+def assert_close_to(got, eager, ref64):
+    """Within the tolerance of fp64 and of eager: fp32 at "highest" (relative to eager's own
+    error), bf16/fp16 within HALF (or twice eager's own error, where eager's is larger)."""
     assert got.dtype == eager.dtype and got.shape == eager.shape, (got.dtype, eager.dtype)
     if got.dtype in (torch.float16, torch.bfloat16):
-        assert rel_err(got, eager) <= HALF
-        return
-    tol = tolerance(torch.float32, "highest", eager_err=rel_err(eager, ref64))
-    assert rel_err(got, ref64) <= tol and rel_err(got, eager) <= tol
+        tol = max(HALF, 2 * rel_err(eager, ref64))
+    else:
+        tol = tolerance(torch.float32, "highest", eager_err=rel_err(eager, ref64))
+    assert rel_err(got, ref64) <= tol and rel_err(got, eager) <= tol, (rel_err(got, ref64), rel_err(got, eager), tol)
 
 
 def train_step(model, xs, h0):
@@ -160,8 +161,9 @@ def test_autocast_h2o_is_not_hoisted_out_of_autocast(model_cls):
     xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
     with torch.no_grad():
         out, e = compile_(model)(xs, h0), model(xs, h0)
+        r = copy.deepcopy(model).double()(xs.double(), h0.double())  # (autocast leaves fp64 alone)
     assert e.dtype == torch.bfloat16
-    assert_close_to(out, e)
+    assert_close_to(out, e, r)
     assert fusion_backend.counters[SEQ] == 0
     refused(model, xs, h0, reason="runs in another grad mode or autocast region")
 
@@ -375,11 +377,12 @@ def test_stack_of_outputs_returned_with_a_step_output_is_its_own_tensor():
     with torch.no_grad():
         (ys, last), (ys_e, last_e) = compile_(copy.deepcopy(model))(xs, h0), model(xs, h0)
         assert fusion_backend.counters[SEQ] == 1
-        assert_close_to(ys, ys_e, model.double()(xs.double(), h0.double())[0])
+        ys64 = model.double()(xs.double(), h0.double())[0]
+        assert_close_to(ys, ys_e, ys64)
         last.zero_()
         last_e.zero_()
     assert ys.untyped_storage().data_ptr() != last.untyped_storage().data_ptr()
-    assert rel_err(ys, ys_e) < 1e-5  # the stack kept the last row
+    assert_close_to(ys, ys_e, ys64)  # the stack kept the last row
 
 
 class AutocastSequence(Base):
@@ -470,12 +473,14 @@ class ReturnsHiddenAndItsDetach(Base):
 def test_a_returned_row_and_its_detach(readout):
     torch.manual_seed(61)
     model = ReturnsHiddenAndItsDetach(readout)
-    eager = copy.deepcopy(model)
+    eager, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
     xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
     out, want = compile_(model)(xs, h0), eager(xs, h0)
+    with torch.no_grad():
+        want64 = model64(xs.double(), h0.double())
     assert fusion_backend.counters[SEQ] == 1
-    for got, ref in zip(out, want):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for got, ref, ref64 in zip(out, want, want64):
+        assert_close_to(got.detach(), ref.detach(), ref64)
     out[0].sum().backward()
     want[0].sum().backward()
     torch.testing.assert_close(model.i2h.weight.grad, eager.i2h.weight.grad, **grad_close(eager.i2h.weight.grad))
