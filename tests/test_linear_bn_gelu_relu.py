@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend import devices
-from conftest import randomize_batch_norm
+from conftest import randomize_batch_norm as randomize
 from tolerances import HIGHEST_FLOOR, assert_matches, grad_close, rel_err, stats_close
 
 # CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
@@ -79,10 +79,6 @@ class BnOutToo(LBGR):
     def forward(self, x):
         z = self.bn(self.lin(x))
         return self.relu(self.gelu(z)), z
-
-
-def randomize(model, seed=0):
-    return randomize_batch_norm(model, seed)
 
 
 def trio(model, train):

@@ -754,8 +754,7 @@ class LinearBnGeluRelu(Pattern):
         if written:
             return written
         if hint(x_val.shape[0]) == 0:
-            # nothing to gain, and in training eager leaves the running statistics alone; with
-            # grad on, the eval op's backward (native_batch_norm_backward) divides by the batch.
+            # nothing to gain, and in training eager leaves the running statistics alone.
             # Dynamo gives batch 0 a graph of its own, so this costs nothing elsewhere
             return "empty batch: left to Inductor"
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"], *self._calls(m, ctx),
