@@ -15,7 +15,7 @@ import fusion_backend.patterns.cat_linear_tanh as clt
 from fusion_backend import config_spaces, devices
 from fusion_backend.patterns._common import kernel_kwargs
 from conftest import profile_named
-from tolerances import rel_err, tolerance
+from tolerances import REORDERED_SUMS, rel_err, tolerance
 
 pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
                                 reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
@@ -61,7 +61,8 @@ def test_wxt_kernel_matches_fp64(widths, N, M, bias, apply_tanh, split_k):
 
 def test_wxt_split_k_is_deterministic_and_agrees_with_one_split():
     """The partials are summed in split order by whichever program arrives last: the same
-    result on every run; and the same as one program per tile up to fp32 rounding."""
+    result on every run; and the same as one program per tile up to fp32 rounding (both
+    within the class of fp64, and of each other by a few fp32 roundings of the partial sums)."""
     torch.manual_seed(7)
     xs = [aligned(9, 40), aligned(9, 24)]
     w, b = aligned(21, 64, scale=0.2), torch.randn(21)
@@ -73,7 +74,10 @@ def test_wxt_split_k_is_deterministic_and_agrees_with_one_split():
     assert torch.equal(runs[0], runs[1])
     one = torch.empty(9, 21)
     clt._launch_wxt(xs, w, b, one, tiles(1), "tf32", True)
-    torch.testing.assert_close(runs[0], one, rtol=1e-5, atol=1e-6)
+    ref, _ = reference(xs, w, b, True)
+    assert rel_err(runs[0], ref) <= tolerance(torch.float32, "high")
+    assert rel_err(one, ref) <= tolerance(torch.float32, "high")
+    assert rel_err(runs[0], one) <= REORDERED_SUMS
 
 
 def test_wxt_saturates_and_keeps_non_finite_where_eager_has_them():

@@ -520,11 +520,7 @@ def test_autocast_gpu(dtype, train):
     import copy
 
     torch.manual_seed(41)
-    model = _BlockThenCell().cuda().train(train)
-    with torch.no_grad():
-        model.block.batch_norm.running_mean.normal_(0, 0.5)
-        model.block.batch_norm.running_var.uniform_(0.5, 2.0)
-        model.block.batch_norm.weight.uniform_(0.5, 1.5)
+    model = randomize_batch_norm(_BlockThenCell(), seed=41).cuda().train(train)
     eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
     x, h = torch.randn(300, 257, device="cuda"), torch.randn(300, 96, device="cuda")
     with torch.autocast("cuda", dtype=dtype):
@@ -607,12 +603,7 @@ def test_inline_launch_gpu(monkeypatch, M, K, N, dtype, precision, grad, train):
 
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(M + K)
-    m = MLPBlock(K, N).cuda().to(dtype).train(train)
-    with torch.no_grad():
-        m.batch_norm.running_mean.normal_(0, 0.5)
-        m.batch_norm.running_var.uniform_(0.5, 2)
-        m.batch_norm.weight.uniform_(0.5, 1.5)
-        m.batch_norm.bias.normal_(0, 0.3)
+    m = randomize_batch_norm(MLPBlock(K, N), seed=M + K).cuda().to(dtype).train(train)
     eager, m64 = copy.deepcopy(m), copy.deepcopy(m).double()
     x = torch.randn(M, 2 * K, device="cuda", dtype=dtype)[:, ::2]  # strided: read without a copy
     profile = devices.tensor_profile(x)
