@@ -5,7 +5,6 @@ against eager, timed.
     TRITON_INTERPRET=1 python examples/quickstart.py   # CPU: the fused path, run by Triton's interpreter
 """
 import copy
-import os
 import time
 
 import torch
@@ -39,7 +38,7 @@ def first(out):
 def main():
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
-    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreter = fusion_backend.devices.interpreter_enabled()
     profile = fusion_backend.device_profile(dev)
     print(f"device {dev}, fusedtriton profile: {profile.name if profile else None}")
     if profile is None:
@@ -77,7 +76,8 @@ def main():
                 out, ref = first(compiled(*inputs)), first(eager(*inputs))
                 worst = max(worst, ((out - ref).norm() / ref.norm()).item())
         print(f"\n== {name}: fused sites {dict(fusion_backend.counters)}, max rel. diff vs eager {worst:.2e}")
-        report = fusion_backend.explain(model, *make_inputs())
+        with torch.no_grad():  # the graph timed below: inference (with grad the ops keep what a backward needs)
+            report = fusion_backend.explain(model, *make_inputs())
         print(report)
         inputs = make_inputs()
         with torch.no_grad():

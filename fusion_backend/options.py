@@ -44,7 +44,7 @@ def _check_type(key, value, current) -> None:
     for kind, ok in ((bool, (bool,)), (int, (int,)), (float, (int, float)), (str, (str,))):
         if type(current) is kind:
             if type(value) not in ok or (kind is not bool and isinstance(value, bool)):
-                raise ValueError(f"fusedtriton: options['inductor_options'][{key!r}] must be a {kind.__name__} "
+                raise ValueError(f"fusedtriton: options['inductor_options'][{key!r}] must be of type {kind.__name__} "
                                  f"(Inductor's is {current!r}), got {type(value).__name__} {value!r}")
             return
 
@@ -172,4 +172,6 @@ def _positive_seconds(budget) -> float:
             seconds = math.inf
         if 0 < seconds < math.inf:
             return seconds
-    raise ValueError(f"fusedtriton: options['tune_budget_s'] must be a positive number of seconds, got {budget!r}")
+    shown = repr(budget)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."  # 10**400 is 401 digits
+    raise ValueError(f"fusedtriton: options['tune_budget_s'] must be a positive number of seconds (finite), got {shown}")

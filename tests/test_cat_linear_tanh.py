@@ -192,6 +192,21 @@ def test_gradients_match_eager():
     assert_grads_close(got, want, ref64, ("x", "h", "W", "b"))
 
 
+def test_explain_names_the_saving_op_where_a_backward_will_run():
+    """With gradients on, the cell's site runs the op that saves its operands for dW: explain()
+    says so (mode=saving), as it says eval_keep_y for the MLP block; under no_grad, mode=plain."""
+    model = RNNCell()
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    site = fusion_backend.explain(model, x, h).fused[0]
+    assert site.pattern == NAME and site.info["mode"] == "saving", site
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = fusion_backend.explain(model, x, h)
+    site = report.fused[0]
+    assert site.pattern == NAME and site.info["mode"] == "plain", site
+    assert "cat_linear_tanh at" in str(report) and "mode=plain" in str(report), report
+
+
 def test_gradients_with_a_frozen_weight():
     """i2h's weight frozen (requires_grad False): the op saves no cat operands (no dW to
     compute) and x, h and the bias still get eager's gradients."""

@@ -123,6 +123,7 @@ def test_budget_takes_any_real_number(value):
 def test_bad_types(key, value, words):
     with pytest.raises(ValueError) as err:
         Options.parse(None, {key: value})
+    assert len(str(err.value)) < 400, "the value is shown shortened (10**400 printed 401 digits)"
     assert key in str(err.value)
     assert words in str(err.value)
 

@@ -511,11 +511,12 @@ class CatLinearTanh(Pattern):
 
     def replace(self, m: _Match, ctx) -> dict:
         graph = ctx.gm.graph
-        site = self._site(m, ctx)
+        # dW to compute: the op that also returns the operands' copy (see `_saving_forward`);
+        # explain() names it, as it names the MLP block's eval_keep_y
+        saving = backward_will_run(m.cat, [m.weight])
+        site = {"mode": "saving" if saving else "plain", **self._site(m, ctx)}
         precision = site["precision"]
         meta = inline_meta(ctx, site["key"], self._inline_shapes(m))
-        # dW to compute: the op that also returns the operands' copy (see `_saving_forward`)
-        saving = backward_will_run(m.cat, [m.weight])
         with graph.inserting_before(m.tanh):
             *xs, w, b = cast_to(graph, list(m.tensors) + [m.weight, m.bias], example_value(m.linear).dtype)
             if meta is not None:  # (never where saving: `_inline_shapes`)
