@@ -180,9 +180,21 @@ def _abandon(counted, report=None):
         sink[:] = [r for r in sink if r is not report]
 
 
+def _inductor_for(report, counted, gm, example_inputs, opts):
+    """Inductor on `gm`, the graph `report` describes: where Dynamo restarts the compile from
+    inside Inductor, the report goes with the attempt (`_abandon`), whether or not it fused
+    anything (explain() listed a second, unfused graph for one that was then fused)."""
+    try:
+        return _inductor(gm, example_inputs, opts)
+    except RestartAnalysis:
+        _abandon(counted, report)
+        raise
+
+
 def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
     """torch.compile backend: `torch.compile(model, backend="fusedtriton", mode=..., options={...})`."""
     opts = Options.parse(mode, options)
+    counted = collections.Counter(counters)
     device = _graph_device(gm, example_inputs)
     profile = devices.device_profile(device)
     if profile is not None and opts.only_named_devices and profile.name not in devices.NAMED_PROFILES + ("interpreter",):
@@ -196,10 +208,9 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         log.info(report.text())
         for sink in _report_sinks:
             sink.append(report)
-        return _inductor(gm, example_inputs, opts)
+        return _inductor_for(report, counted, gm, example_inputs, opts)
 
     original = _copy_graph(gm)
-    counted = collections.Counter(counters)
     try:
         with _on_device(device):  # compile-time tuning launches on the graph's GPU, not the current one
             report = rewrite(gm, profile, opts, device, example_inputs)
@@ -223,11 +234,10 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     for sink in _report_sinks:
         sink.append(report)
     if not report.fused:
-        return _inductor(_restore(gm, original), example_inputs, opts)
+        return _inductor_for(report, counted, _restore(gm, original), example_inputs, opts)
     try:
-        compiled = _inductor(gm, example_inputs, opts)
+        compiled = _inductor_for(report, counted, gm, example_inputs, opts)
     except RestartAnalysis:
-        _abandon(counted, report)
         raise
     except Exception as exc:
         if opts.inline and any(site.info.get("launch") == "inline" for site in report.fused):
@@ -239,7 +249,7 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         warnings.warn(f"fusedtriton: Inductor failed on the rewritten graph ({type(exc).__name__}: {exc}); "
                       "compiling the original graph instead", RuntimeWarning)
         _unfuse(report, f"graph fell back to Inductor: {type(exc).__name__}")
-        return _inductor(_restore(gm, original), example_inputs, opts)
+        return _inductor_for(report, counted, _restore(gm, original), example_inputs, opts)
     if opts.cudagraphs:
         compiled = _without_replays(compiled)
     why_not = _no_trial_reason(report, profile, opts)
@@ -247,9 +257,8 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         log.debug("fusedtriton: no run-time trial: %s", why_not)
         return compiled
     try:
-        original_compiled = _inductor(_restore(gm, original), example_inputs, opts)
+        original_compiled = _inductor_for(report, counted, _restore(gm, original), example_inputs, opts)
     except RestartAnalysis:
-        _abandon(counted, report)
         raise
     except Exception as exc:
         # the original graph is only the trial's rival: keep the fused one, which compiled, with

@@ -738,7 +738,9 @@ class LinearBnGeluRelu(Pattern):
         if not m.training and (m.running_mean is None or m.running_var is None):
             return "eval-mode BatchNorm without running statistics"
         if m.training and m.running_mean is not None and not isinstance(m.momentum, (int, float)):
-            return "BatchNorm momentum is not a constant (momentum=None: cumulative average)"
+            what = ("momentum=None, a cumulative average" if m.momentum is None
+                    else f"a value of the graph ({type(m.momentum).__name__})")  # a float Dynamo made symbolic
+            return f"BatchNorm momentum is not a constant: {what}"
         # in training the op never reads the running statistics (their update is emitted at the
         # BatchNorm's place, as eager reads them): a shared BatchNorm's first site writing them
         # does not concern the second
