@@ -115,6 +115,9 @@ def store_eval_tile(acc, offs_m, offs_n, M, N, b_ptr, gamma_ptr, beta_ptr, mean_
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # BatchNorm reads the Linear's output as stored in the output dtype (eager's and Inductor's
+    # graphs store it): rounded to fp16/bf16, inf beyond their range (a no-op in fp32)
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
     mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     # eps in fp32 as Triton's own launcher types a Python float; Inductor's launch of the
     # inline op types it fp64, which would turn the whole tile's epilogue into fp64 math

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fusion_backend
 from fusion_backend import devices
 from conftest import randomize_batch_norm as randomize
-from tolerances import HIGHEST_FLOOR, assert_matches, grad_close, rel_err, stats_close
+from tolerances import HIGHEST_FLOOR, assert_matches, grad_close, rel_err, stats_close, tolerance
 
 # CPU tests: the kernels run under Triton's interpreter, which conftest turns on only where
 # there is no GPU (tests/test_gpu.py covers the GPU).
@@ -212,6 +212,42 @@ def test_nan_inf_positions_match_eager(train, approximate):
     else:  # the rows without NaN/Inf inputs are independent of the others
         assert finite.sum() >= (M - 3) * N // 2
         assert_matches(out[finite], e[finite], r[finite])
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("how", ["half", "autocast"])
+def test_fp16_linear_output_overflows_as_eager(how, grad):
+    """In fp16 the Linear's output is stored as fp16 before BatchNorm reads it (eager's and
+    Inductor's graphs alike): beyond 65504 it is inf there, and BatchNorm, GELU and ReLU carry
+    that (inf, or NaN from -inf). The eval epilogue rounds its fp32 accumulator the same way
+    (it normalized the fp32 value: finite outputs where eager had inf/NaN, and with gradients a
+    finite forward whose backward, from the stored fp16 y, was NaN)."""
+    torch.manual_seed(5)
+    model = randomize(LBGR(approximate="tanh")).eval()  # (tanh form: no CPU erf quirk at +inf)
+    with torch.no_grad():
+        w = model.lin.weight
+        w.uniform_(-0.1, 0.1)
+        w[:10].uniform_(20, 40)  # x W^T beyond fp16's range in these features only
+        w[5:10] *= -1            # -inf there: NaN after GELU
+        model.bn.running_var.uniform_(3e4, 6e4)
+    x = torch.rand(M, K) * 50
+    if how == "half":
+        model, x = model.half(), x.half()
+    model, eager, ref = trio(model, False)
+    xs = [x.clone().requires_grad_(grad) for _ in range(2)]
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.float16, enabled=how == "autocast"):
+        out, e = compile_(model)(xs[0]), eager(xs[1])
+    r = ref(x.double())
+    assert fusion_backend.counters[NAME] == 1
+    assert out.dtype == e.dtype == torch.float16
+    assert e[:, :5].isinf().any() and e[:, 5:10].isnan().any() and e[:, 10:].isfinite().all()
+    assert torch.equal(out.isnan(), e.isnan()) and torch.equal(out.isinf(), e.isinf())
+    assert rel_err(out[:, 10:], r[:, 10:]) <= tolerance(torch.float16)
+    if grad:
+        g = torch.rand_like(out)
+        (out * g).sum().backward()
+        (e * g).sum().backward()
+        assert torch.equal(xs[0].grad.isfinite(), xs[1].grad.isfinite())
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -458,6 +494,30 @@ def test_near_miss_float64():
     model = randomize(LBGR()).double()
     _explain_and_check(model, torch.randn(M, K, dtype=torch.float64), "unsupported dtype torch.float64",
                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("half", ["module", "statistics", "weight"])
+def test_near_miss_batch_norm_dtypes_eager_refuses(half):
+    """BatchNorm tensors in fp16 beside an fp32 Linear (or fp16 and fp32 mixed among them):
+    eager raises; Dynamo compiles the graph (it traces shapes), so the site is left to Inductor,
+    named in explain(), not fused as if the dtypes were fine."""
+    torch.manual_seed(13)
+    model = randomize(LBGR()).eval()
+    x = torch.randn(M, K)
+    bn = model.bn
+    if half == "module":
+        bn.half()
+    elif half == "statistics":
+        bn.running_mean.data = bn.running_mean.half()
+        bn.running_var.data = bn.running_var.half()
+    else:
+        bn.weight.data = bn.weight.half()
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)(x)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, x)
+    assert report.fused == [] and len(report.skipped) == 1, report
+    assert "eager raises" in report.skipped[0].reason, report
 
 
 # ----------------------------------------------------------------------------- aliasing

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import fusion_backend
 from fusion_backend import devices, models
+from conftest import randomize_batch_norm
 from tolerances import HALF, grad_close, rel_err, tolerance
 
 pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
@@ -352,6 +353,77 @@ def test_steps_over_unbind_are_fused_and_match():
     assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
     assert_close_to(out, e, r)
     assert_grads_match(models_)
+
+
+class CachedWeightNorm(Base):
+    """W from a weight_norm parametrization, computed once per forward under
+    `parametrize.cached()`: the first step's Linear computes it, after the first cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h = nn.utils.parametrizations.weight_norm(nn.Linear(I + H, H))
+        # eval: in training the gemm bias's exact gradient is zero (BatchNorm cancels it), and
+        # eager's and ours are rounding noise that grad_close cannot compare
+        self.block = randomize_batch_norm(models.MLPBlock(H, O)).eval()
+
+    def forward(self, xs, h):
+        with nn.utils.parametrize.cached():
+            for t in range(xs.shape[0]):
+                h = self.step(xs[t], h)
+        return self.block(h)
+
+
+def test_weight_computed_inside_the_first_step_moves_with_the_inputs():
+    """The hoisted projection reads W before the first cat: the nodes computing W move there
+    with the steps' inputs (the graph was left failing lint, and the whole graph, the MLP
+    block's site too, fell back to Inductor with a warning)."""
+    import warnings
+
+    torch.manual_seed(6)
+    model = CachedWeightNorm()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback warns
+        out, e, r, models_ = train_step(model, xs, h0)
+    assert fusion_backend.counters[SEQ] == 1 and fusion_backend.counters["linear_bn_gelu_relu"] == 1, \
+        dict(fusion_backend.counters)
+    assert_close_to(out, e, r)
+    assert_grads_match(models_)
+
+
+class StackUnderNoGrad(Base):
+    """The h2o outputs stacked under no_grad (kept for metrics), the last h trained."""
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            h = self.step(xs[t], h)
+            outs.append(self.h2o(h))
+        with torch.no_grad():
+            preds = torch.stack(outs)
+        return preds, h
+
+
+def test_stack_in_another_grad_mode_is_not_replaced_by_the_hoisted_gemm():
+    """The hoisted h2o GEMM stands in for a stack of its rows only in its own grad mode: a stack
+    under no_grad became the GEMM's result, with a gradient (i2h's off by 1.1, h2o's set where
+    eager's is None)."""
+    torch.manual_seed(7)
+    model = StackUnderNoGrad()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    results = []
+    for m, fn, dtype in ((model, compile_(model), torch.float32), (eager, eager, torch.float32),
+                         (ref, ref, torch.float64)):
+        preds, h = fn(xs.to(dtype), h0.to(dtype))
+        (h.square().sum() + preds.square().sum()).backward()  # preds: a constant, as in eager
+        results.append((preds, h))
+    assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
+    (preds, h), (e_preds, e_h), (r_preds, r_h) = results
+    assert not preds.requires_grad and not e_preds.requires_grad
+    assert_close_to(preds, e_preds, r_preds)
+    assert_close_to(h, e_h, r_h)
+    assert_grads_match((model, eager, ref))
 
 
 # ------------------------------------------------- stacked outputs, autocast operands, random ops

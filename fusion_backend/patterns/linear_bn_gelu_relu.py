@@ -682,6 +682,19 @@ def needs_backward(m) -> bool:
     return backward_will_run(m.linear, (m.x, m.weight, m.bias, m.gamma, m.beta))
 
 
+def _bn_dtype_problem(m, dtype) -> Optional[str]:
+    """BatchNorm's parameters and statistics as eager takes them: one dtype for all, the
+    input's or fp32 (fp16 statistics for an fp32 input, or an fp16 weight beside fp32
+    statistics, raise in eager; Dynamo traces shapes only, so the graph compiles anyway)."""
+    dtypes = {n.name: example_value(n).dtype for n in (m.gamma, m.beta, m.running_mean, m.running_var)
+              if isinstance(n, fx.Node) and example_value(n) is not None}
+    kinds = set(dtypes.values())
+    if len(kinds) > 1 or not kinds <= {dtype, torch.float32}:
+        return (f"BatchNorm parameters/statistics in {sorted(str(k) for k in kinds)} for a {dtype} input: "
+                "eager raises (they take one dtype, the input's or float32)")
+    return None
+
+
 class _Match:
     def __init__(self, linear, bn, gelu, relu):
         self.linear, self.bn, self.gelu, self.relu = linear, bn, gelu, relu
@@ -731,6 +744,9 @@ class LinearBnGeluRelu(Pattern):
         out_val = example_value(m.relu)
         if out_val is None or out_val.dtype != dtype:
             return f"output dtype {None if out_val is None else out_val.dtype} differs from the Linear's {dtype}"
+        problem = _bn_dtype_problem(m, dtype)
+        if problem:
+            return problem
         if not isinstance(m.training, bool) or not isinstance(m.eps, (int, float)):
             return "BatchNorm training flag or eps is not a constant"
         if m.approximate not in ("none", "tanh"):

@@ -309,15 +309,16 @@ class RnnSequence(Pattern):
         if hint(h_val.shape[0]) > batch_limit:
             return f"batch {hint(h_val.shape[0])} > {batch_limit}: the recurrence kernel holds the whole batch"
         members = {n for step in chain for n in (step.cat, step.linear, step.tanh)}
-        for x in xs:  # the hoisted projection must not need any step's output
+        moving = xs + _params(chain[0])
+        for x in moving:  # the hoisted projection must not need any step's output
             if _depends_on(x, members):
                 return f"input {x.name} of a step depends on an earlier step"
             if _impure_ancestor_after(x, chain[0].cat):
                 return f"input {x.name} is computed by an in-place op inside the sequence"
-        if _random_draws_reordered(chain[0].cat, xs):
+        if _random_draws_reordered(chain[0].cat, moving):
             return ("the steps' inputs draw random numbers (e.g. dropout in training) between other random ops: "
                     "moving them before the first step would change which draws each op gets")
-        return _moved_across(chain, xs, h0)
+        return _moved_across(chain, moving, h0)
 
     def replace(self, chain, ctx) -> dict:
         graph = ctx.gm.graph
@@ -329,7 +330,7 @@ class RnnSequence(Pattern):
         precision = ctx.dot_precision(dtype)
         in_width = hint(example_value(xs[0]).shape[1])
         hidden = hint(example_value(h0).shape[1])
-        for x in xs:  # move each input's computation before the first step
+        for x in xs + _params(first):  # move each input's computation before the first step
             _move_before(x, first.cat)
         with graph.inserting_before(first.cat):
             # with a backward to run, the Linear saves its input for dW: that must be a copy, as
@@ -440,12 +441,14 @@ def _hoist_output_projection(graph, rows, hs) -> Optional[list]:
         lin.replace_all_uses_with(out_row)
         graph.erase_node(lin)
     users = set(out_rows[0].users)
+    modes = grad_modes(graph)
     for node in users:
         # only a stack that is the rows' one user: their result is out_all's memory, where a
-        # step's output returned or written in place as well would change the "stack" too
+        # step's output returned or written in place as well would change the "stack" too;
+        # and one in out_all's grad mode (a stack under no_grad has no gradient: out_all has)
         if (node.op == "call_function" and node.target is torch.stack and not node.kwargs
                 and list(node.args[0]) == out_rows and (len(node.args) < 2 or node.args[1] == 0)
-                and all(len(row.users) == 1 for row in out_rows)):
+                and all(len(row.users) == 1 for row in out_rows) and modes[node] == modes[out_all]):
             node.replace_all_uses_with(out_all)
             graph.erase_node(node)
     kept = []
@@ -504,6 +507,13 @@ def _moved_across(chain, xs, h0) -> Optional[str]:
 
 def _needs_backward(chain, xs, h0) -> bool:
     return backward_will_run(chain[0].cat, (*xs, h0, chain[0].weight, chain[0].bias))
+
+
+def _params(step) -> list:
+    """The step's W and b where they are graph values: computed inside the first step (a
+    weight parametrization under `parametrize.cached()` runs in the first Linear, after the
+    first cat), they move before it with the inputs, where the hoisted projection reads them."""
+    return [n for n in (step.weight, step.bias) if isinstance(n, fx.Node)]
 
 
 def _depends_on(node: fx.Node, targets: set) -> bool:
