@@ -521,6 +521,47 @@ def test_random_ops_keep_their_order():
     assert_close_to(got, want, want64)
 
 
+class _DropConnect(nn.Module):
+    def forward(self, w):
+        return nn.functional.dropout(w, 0.5, self.training)
+
+
+class DropConnectAndInputDropout(Base):
+    """W drawn inside the first step (a DropConnect parametrization, computed once under
+    `parametrize.cached()`), each x_t's dropout drawn in its own step after it."""
+
+    def __init__(self):
+        super().__init__()
+        nn.utils.parametrize.register_parametrization(self.i2h, "weight", _DropConnect())
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, xs, h):
+        with nn.utils.parametrize.cached():
+            for t in range(xs.shape[0]):
+                h = self.step(self.drop(xs[t]), h)
+        return h
+
+
+def test_moved_random_draws_keep_their_order_among_themselves():
+    """W's computation and the inputs' move before the first step together, in graph order:
+    moved input by input, x_1..x_T's dropout masks were drawn before W's DropConnect mask,
+    which eager draws in step 0 (with Inductor's eager-order random numbers the fused model's
+    output was off by 1.9)."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(10)
+    model = DropConnectAndInputDropout()
+    xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with inductor_config.patch(fallback_random=True), torch.no_grad():
+        compiled = compile_(copy.deepcopy(model))
+        torch.manual_seed(11)
+        got = compiled(xs, h0)
+        torch.manual_seed(11)
+        want = model(xs, h0)
+    assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
+    assert rel_err(got, want) <= tolerance(torch.float32, "high"), rel_err(got, want)
+
+
 class ReturnsHiddenAndItsDetach(Base):
     """`return h, h.detach()` (and the last step's h2o output with its detach): the rewrite
     made h a view of the recurrence's buffer, and AOTAutograd (torch 2.13) failed at the first

@@ -330,8 +330,7 @@ class RnnSequence(Pattern):
         precision = ctx.dot_precision(dtype)
         in_width = hint(example_value(xs[0]).shape[1])
         hidden = hint(example_value(h0).shape[1])
-        for x in xs + _params(first):  # move each input's computation before the first step
-            _move_before(x, first.cat)
+        _move_before(xs + _params(first), first.cat)  # the inputs' and W's computations
         with graph.inserting_before(first.cat):
             # with a backward to run, the Linear saves its input for dW: that must be a copy, as
             # eager's cats are, not the user's tensor, which may be changed in place before backward
@@ -565,6 +564,10 @@ def _impure_ancestor_after(node: fx.Node, anchor: fx.Node) -> bool:
                for n in _after(node, anchor))
 
 
-def _move_before(node: fx.Node, anchor: fx.Node) -> None:
-    for n in _after(node, anchor):
+def _move_before(nodes, anchor: fx.Node) -> None:
+    """Move the computations of `nodes` placed after `anchor` to just before it, all together
+    in their graph order (moved one node's ancestry at a time, x_1's dropout went ahead of a
+    DropConnect computing W inside the first step: their random draws swapped)."""
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    for n in sorted({a for node in nodes for a in _after(node, anchor)}, key=order.__getitem__):
         anchor.prepend(n)
