@@ -509,7 +509,8 @@ def test_random_ops_keep_their_order():
         got = compiled(xs, h0)
         torch.manual_seed(9)
         want = model(xs, h0)
-    assert rel_err(got, want) < 1e-5
+    # (random masks: no fp64 reference draws them; a mask drawn for another op is off by O(1))
+    assert rel_err(got, want) <= tolerance(torch.float32, "high")
     assert fusion_backend.counters[SEQ] == 0
     refused(model, xs, h0, reason="draw random numbers")
     model.eval()
