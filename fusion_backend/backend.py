@@ -122,6 +122,11 @@ def _rewrite_site(pattern, match, ctx: RewriteContext, anchor: fx.Node) -> Site:
         for node in reversed(list(graph.nodes)):
             if node not in before and not node.users:
                 graph.erase_node(node)
+        if set(graph.nodes) != before:
+            # the replacement failed halfway (old nodes erased, a new op already read): the
+            # site cannot be left as it was, so the whole graph goes to Inductor untouched
+            # (`fusedtriton`'s last net), not a half-rewritten graph reported unfused
+            raise
         log.warning("fusedtriton: rewriting %s at %s failed (%s: %s); left unfused",
                     pattern.name, anchor.name, type(exc).__name__, exc)
         return Site(pattern.name, anchor.name, fused=False, reason=f"rewrite error: {type(exc).__name__}: {exc}")

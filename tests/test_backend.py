@@ -265,6 +265,29 @@ def test_rewrite_exception_single_site(monkeypatch, caplog):
     assert "rewrite error: ValueError: injected" in str(report)
 
 
+@needs_interpreter
+def test_replacement_failing_halfway_sends_the_whole_graph_to_inductor(monkeypatch):
+    """A replace that raises after changing the graph (old nodes erased, the new op in use)
+    cannot be undone site by site: the whole graph is compiled untouched, with a warning, and
+    nothing is reported fused (it was compiled half-rewritten and reported unfused)."""
+    real_replace = lbgr.LinearBnGeluRelu.replace
+
+    def replace_then_fail(self, m, ctx):
+        real_replace(self, m, ctx)
+        raise RuntimeError("injected after the rewrite")
+
+    monkeypatch.setattr(lbgr.LinearBnGeluRelu, "replace", replace_then_fail)
+    torch.manual_seed(36)
+    model = randomize(TwoBlocksAndCell())
+    x, h = torch.randn(9, 24), torch.randn(9, 12)
+    graphs = []
+    with pytest.warns(RuntimeWarning, match="rewriting the graph failed.*injected after the rewrite"):
+        check(torch.compile(model, backend=counting_backend(graphs)), model, x, h)
+    assert total_fused() == 0
+    assert len(graphs) == 1
+    assert not [n for n in graphs[0].graph.nodes if "fusedtriton" in str(n.target)]
+
+
 class _FailingLauncher:
     """Stands in for a @triton.jit kernel: kernel[grid](...) raises `error` at its first `fail`
     calls, then launches `real`."""

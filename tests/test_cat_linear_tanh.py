@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fusion_backend
 from fusion_backend import models
@@ -190,6 +191,36 @@ def test_gradients_match_eager():
     assert fusion_backend.counters[NAME] == 1
     assert_matches(got["hidden"], want["hidden"], ref64["hidden"], "hidden")
     assert_grads_close(got, want, ref64, ("x", "h", "W", "b"))
+
+
+def _gram_and_cell(a, b, w, bias):
+    c = torch.cat((a, b), dim=1)
+    gram = torch.tanh(c @ c.t())  # a Linear whose input and weight are both the cat
+    cell = torch.tanh(F.linear(torch.cat((b, a), 1), w, bias))
+    return gram, cell
+
+
+def test_cat_read_twice_by_the_linear_is_not_fused():
+    """`tanh(c @ c.t())` with c a cat: the Linear is the cat's one user but reads it twice.
+    Left unfused with that reason, the other cell fused, no rewrite error (the replacement
+    erased the tanh and the Linear, then failed to erase the cat the new op read: a fused op
+    in the graph reported unfused, with a warning)."""
+    torch.manual_seed(27)
+    a, b = torch.randn(B, I), torch.randn(B, H)
+    w, bias = torch.randn(H, I + H) * 0.2, torch.randn(H)
+    args = (a, b, w, bias)
+    with torch.no_grad():
+        report = fusion_backend.explain(_gram_and_cell, *args)
+        torch._dynamo.reset()
+        fusion_backend.counters.clear()
+        out = torch.compile(_gram_and_cell, backend="fusedtriton")(*args)
+    assert [s.node for s in report.fused] == ["cell"], report
+    assert [s.node for s in report.skipped] == ["gram"], report
+    assert "read more than once by" in report.skipped[0].reason, report
+    assert fusion_backend.counters[NAME] == 1
+    eager, ref = _gram_and_cell(*args), _gram_and_cell(*(t.double() for t in args))
+    for o, e, r, what in zip(out, eager, ref, ("gram", "cell")):
+        assert_matches(o, e, r, what)
 
 
 def test_explain_names_the_saving_op_where_a_backward_will_run():

@@ -24,7 +24,20 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def only_user(node: fx.Node, user: fx.Node) -> bool:
-    return list(node.users) == [user]
+    """`user` is the one user of `node` and reads it once: a Linear whose input and weight are
+    both the cat (`c @ c.t()`) is its one user too, and the site's replacement would erase a
+    node the op still reads."""
+    if list(node.users) != [user]:
+        return False
+    uses = []
+    fx.node.map_arg((user.args, user.kwargs), lambda n: uses.append(n) if n is node else None)
+    return len(uses) == 1
+
+
+def other_uses(node: fx.Node, user: fx.Node) -> str:
+    """For a reason: what besides one read by `user` uses `node`."""
+    others = [u.name for u in node.users if u is not user]
+    return f"other users: {others}" if others else f"read more than once by {user.name}"
 
 
 def hint(size) -> int:

@@ -24,7 +24,7 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, 
 
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gemm_flop, gluon_code, grad_mode_problem, hint, inline_meta, launch, linear_shape_problem,
-                      meta_kwargs, mutated_in_graph, only_user, Replay, space, static_shapes, tensor_problem,
+                      meta_kwargs, mutated_in_graph, only_user, other_uses, Replay, space, static_shapes, tensor_problem,
                       tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
@@ -461,9 +461,9 @@ class CatLinearTanh(Pattern):
         """Why this cat -> Linear -> tanh cannot become one fused op (None: it can); shared with
         `rnn_sequence`, which fuses chains of such cells."""
         if not only_user(m.linear, m.tanh):
-            return f"Linear output {m.linear.name} has other users"
+            return f"Linear output {m.linear.name} has {other_uses(m.linear, m.tanh)}"
         if not only_user(m.cat, m.linear):
-            return f"cat result {m.cat.name} has other users: {[u.name for u in m.cat.users if u is not m.linear]}"
+            return f"cat result {m.cat.name} has {other_uses(m.cat, m.linear)}"
         problem = grad_mode_problem([m.tanh, m.linear, m.cat])  # (the op runs at the tanh)
         if problem:
             return problem

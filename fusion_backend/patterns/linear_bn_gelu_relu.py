@@ -25,7 +25,7 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_seg
 
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gemm_flop, gluon_code, grad_mode_problem, heuristic_kwargs, hint, inline_meta, launch,
-                      linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, space, static_shapes,
+                      linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses, space, static_shapes,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
@@ -725,7 +725,7 @@ class LinearBnGeluRelu(Pattern):
     def check(self, m: _Match, ctx) -> Optional[str]:
         for inner, outer in ((m.linear, m.bn), (m.bn, m.gelu), (m.gelu, m.relu)):
             if not only_user(inner, outer):
-                return f"intermediate {inner.name} has other users: {[u.name for u in inner.users if u is not outer]}"
+                return f"intermediate {inner.name} has {other_uses(inner, outer)}"
         problem = grad_mode_problem([m.bn, m.linear, m.gelu, m.relu])  # (the op runs at the BatchNorm)
         if problem:
             return problem
