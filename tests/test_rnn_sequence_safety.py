@@ -494,23 +494,29 @@ class DropoutSequence(Base):
         return torch.stack(outs)
 
 
+def assert_same_draws(model, xs, h0, seed=9):
+    """The compiled copy of `model` and `model` itself, each from the same seed with Inductor's
+    eager-order random numbers (`fallback_random`), agree: every op got the masks eager draws
+    for it. (No fp64 reference draws them; a mask drawn for another op is off by O(1).)"""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True), torch.no_grad():
+        compiled = compile_(copy.deepcopy(model))
+        torch.manual_seed(seed)
+        got = compiled(xs, h0)
+        torch.manual_seed(seed)
+        want = model(xs, h0)
+    assert rel_err(got, want) <= tolerance(torch.float32, "high"), rel_err(got, want)
+
+
 def test_random_ops_keep_their_order():
     """Hoisting the steps' inputs would draw every x_t's dropout mask before the outputs'
     masks: with Inductor's eager-order random numbers (`fallback_random`) the model must draw
     the same masks as eager, so the sequence is left unfused; in eval (no draws) it is fused."""
-    import torch._inductor.config as inductor_config
-
     torch.manual_seed(8)
     model = DropoutSequence()
     xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
-    with inductor_config.patch(fallback_random=True), torch.no_grad():
-        compiled = compile_(copy.deepcopy(model))
-        torch.manual_seed(9)
-        got = compiled(xs, h0)
-        torch.manual_seed(9)
-        want = model(xs, h0)
-    # (random masks: no fp64 reference draws them; a mask drawn for another op is off by O(1))
-    assert rel_err(got, want) <= tolerance(torch.float32, "high")
+    assert_same_draws(model, xs, h0)
     assert fusion_backend.counters[SEQ] == 0
     refused(model, xs, h0, reason="draw random numbers")
     model.eval()
@@ -548,19 +554,11 @@ def test_moved_random_draws_keep_their_order_among_themselves():
     moved input by input, x_1..x_T's dropout masks were drawn before W's DropConnect mask,
     which eager draws in step 0 (with Inductor's eager-order random numbers the fused model's
     output was off by 1.9)."""
-    import torch._inductor.config as inductor_config
-
     torch.manual_seed(10)
     model = DropConnectAndInputDropout()
     xs, h0 = torch.randn(T, B, I), torch.randn(B, H)
-    with inductor_config.patch(fallback_random=True), torch.no_grad():
-        compiled = compile_(copy.deepcopy(model))
-        torch.manual_seed(11)
-        got = compiled(xs, h0)
-        torch.manual_seed(11)
-        want = model(xs, h0)
+    assert_same_draws(model, xs, h0)
     assert fusion_backend.counters[SEQ] == 1, dict(fusion_backend.counters)
-    assert rel_err(got, want) <= tolerance(torch.float32, "high"), rel_err(got, want)
 
 
 class ReturnsHiddenAndItsDetach(Base):
