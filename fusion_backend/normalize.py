@@ -79,9 +79,11 @@ def _permute_dims(node):
     return tuple(dims) if isinstance(dims, (list, tuple)) else None
 
 
-def _transposed_2d(node):
-    """If `node` is the transpose of a 2-D tensor, that tensor; else None."""
-    if not isinstance(node, fx.Node) or "out" in node.kwargs:
+def _transposed_2d(node, reader):
+    """If `node` is the transpose of a 2-D tensor, that tensor; else None. Only where `reader`
+    (the matmul) runs in the transpose's mode: W.t() taken under no_grad is a frozen use of W,
+    and F.linear(x, W) at the matmul would give W a gradient eager never does."""
+    if not isinstance(node, fx.Node) or "out" in node.kwargs or not _no_mode_switch_between(node, reader):
         return None
     if _is_call(node, (torch.t,), ("t",)):
         src = _arg(node, 0, "input", default=None)
@@ -116,7 +118,7 @@ def _normalize_matmul(node):
         return
     if len(node.args) != 2 or node.kwargs or _rank(node.args[0]) != 2:
         return
-    w = _transposed_2d(node.args[1])
+    w = _transposed_2d(node.args[1], node)
     if w is None:
         return
     users = list(node.users)
@@ -157,7 +159,15 @@ def _nothing_between(first: fx.Node, last: fx.Node) -> bool:
     wraps a region (a higher-order op). The matmul folded into its bias add computes at the add:
     past a write it read other values, past `no_grad` around the matmul alone it gave W a
     gradient eager does not, past an autocast switch it computed in another dtype."""
-    from fusion_backend.patterns._common import _ENTERS, _EXITS, _SET_GRAD, writes_in_place
+    from fusion_backend.patterns._common import writes_in_place
+
+    return _no_mode_switch_between(first, last, also=writes_in_place)
+
+
+def _no_mode_switch_between(first: fx.Node, last: fx.Node, also=None) -> bool:
+    """Whether no node after `first` and before `last` switches a mode (grad, autocast,
+    inference mode) or wraps a region (a higher-order op), nor is one `also` names."""
+    from fusion_backend.patterns._common import _ENTERS, _EXITS, _SET_GRAD
 
     node = first.next
     while node is not last:
@@ -168,7 +178,7 @@ def _nothing_between(first: fx.Node, last: fx.Node) -> bool:
             if name == _SET_GRAD or name in _ENTERS or name in _EXITS \
                     or isinstance(node.target, torch._ops.HigherOrderOperator):
                 return False
-        if writes_in_place(node):
+        if also is not None and also(node):
             return False
         node = node.next
     return True
@@ -199,7 +209,7 @@ def _normalize_addmm(node):
     if node.op == "call_method" or node.kwargs or len(node.args) != 3:
         return
     bias, x, wt = node.args
-    w = _transposed_2d(wt)
+    w = _transposed_2d(wt, node)
     if w is not None and _rank(bias) == 1:
         _set(node, LINEAR, (x, w, bias))
 

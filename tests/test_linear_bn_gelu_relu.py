@@ -496,6 +496,78 @@ def test_near_miss_float64():
                        dtype=torch.float64)
 
 
+class StatsReadFirst(nn.Module):
+    """A penalty on the running mean, computed before the training-mode block (autograd saves
+    running_mean for the gradient of `scale`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.scale = nn.Linear(K, N), nn.BatchNorm1d(N), nn.Parameter(torch.rand(N))
+
+    def forward(self, x):
+        penalty = (self.bn.running_mean * self.scale).sum()
+        return torch.relu(F.gelu(self.bn(self.lin(x)))), penalty
+
+
+class SharedBatchNorm(nn.Module):
+    """One BatchNorm after two Linears: two training sites updating the same statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2, self.bn = nn.Linear(K, N), nn.Linear(K, N), nn.BatchNorm1d(N)
+
+    def forward(self, x):
+        return torch.relu(F.gelu(self.bn(self.lin1(x)))) + torch.relu(F.gelu(self.bn(self.lin2(x))))
+
+
+def test_running_stats_saved_before_the_training_site_leave_it_unfused():
+    """The site's in-graph update of the running statistics bumps their version, eager's kernel
+    does not: a backward that saved them before (here for d penalty / d scale) failed, and the
+    whole graph fell back to Inductor with a warning. The site is left unfused with the reason;
+    results, gradients and statistics as eager's."""
+    import warnings
+
+    torch.manual_seed(14)
+    model = randomize(StatsReadFirst()).train()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(M, K)
+    report = fusion_backend.explain(copy.deepcopy(model), x)
+    assert report.fused == [] and "read with grad on before the BatchNorm" in report.skipped[0].reason, report
+    torch._dynamo.reset()
+    fusion_backend.counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback warns
+        outs = [compile_(model)(x), eager(x), ref(x.double())]
+        for out, penalty in outs:
+            (out.sum() + penalty).backward()
+    for got, want, r in zip(*outs):
+        assert_matches(got, want, r)
+    assert_stats_match(model, eager, ref)
+    # (d penalty / d scale is left out: eager's backward reads the running mean its BatchNorm has
+    # updated since, Inductor's the value the penalty read; the site is Inductor's here)
+    for name in ("lin.weight", "bn.weight", "bn.bias"):
+        got, want = model.get_parameter(name).grad, eager.get_parameter(name).grad
+        torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"{name}: {m}")
+
+
+def test_batch_norm_shared_by_two_training_sites():
+    """The second site's statistics are read by the first site's update (not saved by any
+    backward): both fused, statistics updated twice as in eager, gradients as eager's."""
+    torch.manual_seed(15)
+    model = randomize(SharedBatchNorm()).train()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(M, K)
+    outs = [compile_(model)(x), eager(x), ref(x.double())]
+    assert fusion_backend.counters[NAME] == 2
+    assert_matches(*outs)
+    for out in outs:
+        out.square().sum().backward()
+    assert_stats_match(model, eager, ref)
+    for name in ("lin1.weight", "lin2.weight", "bn.weight", "bn.bias"):
+        got, want = model.get_parameter(name).grad, eager.get_parameter(name).grad
+        torch.testing.assert_close(got, want, **grad_close(want), msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("half", ["module", "statistics", "weight"])
 def test_near_miss_batch_norm_dtypes_eager_refuses(half):
     """BatchNorm tensors in fp16 beside an fp32 Linear (or fp16 and fp32 mixed among them):

@@ -454,6 +454,47 @@ def test_matmul_folded_into_its_bias_add_only_where_nothing_is_between(between):
     torch.testing.assert_close(model.b.grad, eager.b.grad, **grad_close(eager.b.grad))
 
 
+class _FrozenTransposeBlock(nn.Module):
+    """A block whose Linear reads W.t() taken under no_grad (a frozen use of W), spelled as a
+    matmul + bias or as addmm; beside it a plain block, so that the rewritten graph is the one
+    Inductor compiles."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.frozen = randomize_batch_norm(MLPBlock(6, 8), seed=1)
+        self.block = randomize_batch_norm(MLPBlock(6, 8), seed=2)
+
+    def forward(self, x):
+        lin = self.frozen.gemm
+        with torch.no_grad():
+            wt = lin.weight.t()
+        y = torch.addmm(lin.bias, x, wt) if self.spelling == "addmm" else x @ wt + lin.bias
+        z = torch.relu(F.gelu(self.frozen.batch_norm(y)))
+        return z, self.block(x)
+
+
+@pytest.mark.skipif(not devices.interpreter_enabled(), reason="needs TRITON_INTERPRET=1 for a fused site")
+@pytest.mark.parametrize("spelling", ["matmul", "addmm"])
+def test_transpose_taken_under_no_grad_is_not_looked_through(spelling):
+    """normalize reads `x @ W.t()` as F.linear(x, W) only where the transpose runs in the
+    matmul's grad mode: W.t() under no_grad gave W a gradient eager never gives it (an optimizer
+    would then move a weight the program froze)."""
+    torch.manual_seed(52)
+    model = _FrozenTransposeBlock(spelling).eval()
+    eager, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(5, 6)
+    out, want, want64 = torch.compile(model, backend="fusedtriton")(x), eager(x), model64(x.double())
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1  # the plain block
+    for got, ref, ref64 in zip(out, want, want64):
+        assert_matches(got, ref, ref64)
+    (out[0].sum() + out[1].sum()).backward()
+    (want[0].sum() + want[1].sum()).backward()
+    assert eager.frozen.gemm.weight.grad is None and model.frozen.gemm.weight.grad is None
+    torch.testing.assert_close(model.frozen.gemm.bias.grad, eager.frozen.gemm.bias.grad,
+                               **grad_close(eager.frozen.gemm.bias.grad))
+
+
 class _NarrowHeadAfterBlock(nn.Module):
     """A fused MLP block, then `y @ w.t() + b` whose add broadcasts: (M, 1) + (3,) -> (M, 3), or
     (M, 3) + (1,)."""

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 from fusion_backend import autotune, config_spaces, devices, triton_lib
 from fusion_backend.normalize import BATCH_NORM, GELU, LINEAR, RELU, example_value, is_op
@@ -23,7 +24,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
+from ._common import (INLINE_MAX_FLOP, backward_will_run, grad_modes, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gemm_flop, gluon_code, grad_mode_problem, heuristic_kwargs, hint, inline_meta, launch,
                       linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses, space, static_shapes,
                       tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
@@ -682,6 +683,28 @@ def needs_backward(m) -> bool:
     return backward_will_run(m.linear, (m.x, m.weight, m.bias, m.gamma, m.beta))
 
 
+def _stats_read_before_update(m) -> Optional[str]:
+    """In training the site's running-statistics update is an in-graph copy_, which bumps their
+    version counter where eager's BatchNorm kernel writes them without one: a node before the
+    site that read them with grad on may have saved them for its backward, which would then
+    fail ("modified by an inplace operation"), and with it the whole fused graph."""
+    if not m.training or not isinstance(m.running_mean, fx.Node):
+        return None
+    graph = m.bn.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    modes = grad_modes(graph)
+    def may_save(node):  # computes a gradient-tracked value (the updates of a site fused before: no)
+        value = node.meta.get("example_value")
+        return modes[node][0] and any(isinstance(v, torch.Tensor) and v.requires_grad for v in tree_leaves(value))
+
+    for stat in (m.running_mean, m.running_var):
+        readers = [u.name for u in stat.users if u is not m.bn and order[u] < order[m.bn] and may_save(u)]
+        if readers:
+            return (f"running statistics {stat.name} read with grad on before the BatchNorm updates them "
+                    f"({readers}): the fused update would bump their version, eager's does not")
+    return None
+
+
 def _bn_dtype_problem(m, dtype) -> Optional[str]:
     """BatchNorm's parameters and statistics as eager takes them: one dtype for all, the
     input's or fp32 (fp16 statistics for an fp32 input, or an fp16 weight beside fp32
@@ -757,6 +780,9 @@ class LinearBnGeluRelu(Pattern):
             what = ("momentum=None, a cumulative average" if m.momentum is None
                     else f"a value of the graph ({type(m.momentum).__name__})")  # a float Dynamo made symbolic
             return f"BatchNorm momentum is not a constant: {what}"
+        problem = _stats_read_before_update(m)
+        if problem:
+            return problem
         # in training the op never reads the running statistics (their update is emitted at the
         # BatchNorm's place, as eager reads them): a shared BatchNorm's first site writing them
         # does not concern the second
