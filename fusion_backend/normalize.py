@@ -81,9 +81,10 @@ def _permute_dims(node):
 
 def _transposed_2d(node, reader):
     """If `node` is the transpose of a 2-D tensor, that tensor; else None. Only where `reader`
-    (the matmul) runs in the transpose's mode: W.t() taken under no_grad is a frozen use of W,
-    and F.linear(x, W) at the matmul would give W a gradient eager never does."""
-    if not isinstance(node, fx.Node) or "out" in node.kwargs or not _no_mode_switch_between(node, reader):
+    (the matmul) runs with grad on or off as the transpose does: W.t() taken under no_grad is a
+    frozen use of W, and F.linear(x, W) at the matmul would give W a gradient eager never does.
+    (Autocast does not matter: a transpose keeps the dtype, and autocast casts W either way.)"""
+    if not isinstance(node, fx.Node) or "out" in node.kwargs or not _same_grad_mode(node, reader):
         return None
     if _is_call(node, (torch.t,), ("t",)):
         src = _arg(node, 0, "input", default=None)
@@ -162,6 +163,17 @@ def _nothing_between(first: fx.Node, last: fx.Node) -> bool:
     from fusion_backend.patterns._common import writes_in_place
 
     return _no_mode_switch_between(first, last, also=writes_in_place)
+
+
+def _same_grad_mode(first: fx.Node, last: fx.Node) -> bool:
+    """Whether autograd records at `last` as it does at `first` (the graph's modes are read only
+    where a switch lies between them)."""
+    if _no_mode_switch_between(first, last):
+        return True
+    from fusion_backend.patterns._common import grad_modes, grad_on
+
+    modes = grad_modes(first.graph)
+    return grad_on(modes, first) == grad_on(modes, last)
 
 
 def _no_mode_switch_between(first: fx.Node, last: fx.Node, also=None) -> bool:

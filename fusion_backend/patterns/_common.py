@@ -156,6 +156,15 @@ def grad_modes(graph) -> dict:
     return modes
 
 
+def grad_on(modes: dict, node: fx.Node) -> bool:
+    """Whether autograd records at `node` (`modes` from `grad_modes`): grad enabled and not
+    inside an inference-mode region."""
+    enabled, regions = modes[node]
+    inference = any(getattr(r.target, "__name__", "") == "_enter_inference_mode" and (not r.args or r.args[0])
+                    for r in regions)
+    return enabled and not inference
+
+
 def grad_mode_problem(nodes) -> Optional[str]:
     """Why nodes of one site cannot become one op (None: they can): a grad mode switch among
     them (`with torch.no_grad():` around the Linear alone, a frozen projection); the op would
@@ -164,10 +173,7 @@ def grad_mode_problem(nodes) -> Optional[str]:
     modes = grad_modes(nodes[0].graph)
 
     def grad(node):
-        enabled, regions = modes[node]
-        inference = any(getattr(r.target, "__name__", "") == "_enter_inference_mode" and (not r.args or r.args[0])
-                        for r in regions)
-        return enabled and not inference
+        return grad_on(modes, node)
 
     state = {True: "enabled", False: "disabled"}
     first = grad(nodes[0])
