@@ -3,7 +3,16 @@
 TRITON_INTERPRET must be in the environment before triton is imported (torch._dynamo imports
 triton, and `import fusion_backend` imports torch._dynamo), so it is set before anything else.
 """
+import atexit
 import os
+import shutil
+import tempfile
+
+# Inductor's on-disk caches (the FX graph and AOT autograd caches) reuse a compiled joint graph
+# across processes even after the Python backward of a fused op changed: a broken backward passed
+# its gradient tests with a warm cache. Each test session compiles into its own folder.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedtriton-tests-inductor-")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402  (plain `import torch` does not import triton)
 

@@ -684,19 +684,25 @@ def test_unrolled_sequence_one_recurrence_and_bptt():
     eager = copy.deepcopy(model)
     model64 = copy.deepcopy(model).double()
     xs, h0 = torch.randn(steps, B, I), torch.randn(B, H)
-    out, h = torch.compile(model, backend="fusedtriton", options=SEQUENCE)(xs, h0)
+    # x and h0 require grad too: their gradients (h0's carried back through every step) as well
+    inputs = [(xs.clone().requires_grad_(), h0.clone().requires_grad_()) for _ in range(2)]
+    x64, h64 = xs.double().requires_grad_(), h0.double().requires_grad_()
+    out, h = torch.compile(model, backend="fusedtriton", options=SEQUENCE)(*inputs[0])
     assert fusion_backend.counters["rnn_sequence"] == 1  # the chain became one recurrence
     assert fusion_backend.counters[NAME] == 0  # no step left for the per-cell pattern
-    e_out, e_h = eager(xs, h0)
-    r_out, r_h = model64(xs.double(), h0.double())
+    e_out, e_h = eager(*inputs[1])
+    r_out, r_h = model64(x64, h64)
     assert rel_err(out, r_out) <= tolerance(torch.float32, eager_err=rel_err(e_out, r_out))
     assert rel_err(h, r_h) <= tolerance(torch.float32, eager_err=rel_err(e_h, r_h))
     (out.square().sum() + h.sum()).backward()
     (e_out.square().sum() + e_h.sum()).backward()
     (r_out.square().sum() + r_h.sum()).backward()
-    for (name, p), (_, q), (_, r) in zip(model.named_parameters(), eager.named_parameters(),
-                                         model64.named_parameters()):
-        assert rel_err(p.grad, r.grad) <= tolerance(torch.float32, eager_err=rel_err(q.grad, r.grad)), name
+    grads = [(name, p.grad, q.grad, r.grad) for (name, p), (_, q), (_, r) in
+             zip(model.named_parameters(), eager.named_parameters(), model64.named_parameters())]
+    grads += [("xs", inputs[0][0].grad, inputs[1][0].grad, x64.grad),
+              ("h0", inputs[0][1].grad, inputs[1][1].grad, h64.grad)]
+    for name, got, want, ref in grads:
+        assert rel_err(got, ref) <= tolerance(torch.float32, eager_err=rel_err(want, ref)), name
 
 
 class FeedbackRNN(UnrolledRNN):

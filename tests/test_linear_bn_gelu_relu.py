@@ -875,28 +875,63 @@ def test_alias_write_after_the_block_with_a_backward_is_not_fused(train):
     assert len(report.fused) == 1, report
 
 
-def test_float_input_restart_keeps_the_site_fused():
-    """A BatchNorm momentum changed between eval calls: Dynamo's second graph takes it as a
-    float input and asks to trace again (TensorifyScalarRestartAnalysis, raised by Inductor on
-    the rewritten graph). Passed through, not taken as Inductor failing: no warning, the site
-    fused in each graph, counted once per graph."""
+class TiedTransposedWeight(nn.Module):
+    """The block's Linear weight is the transpose of a parameter (tied weights): W is read with
+    stride (1, N) in K, not 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.b, self.bn = nn.Parameter(torch.randn(K, N) / K ** 0.5), nn.Parameter(torch.randn(N)), nn.BatchNorm1d(N)
+
+    def forward(self, x):
+        return torch.relu(F.gelu(self.bn(F.linear(x, self.p.t(), self.b))))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_weight_with_a_strided_k_dimension(train):
+    """W given as a transposed view is read as stored, with its K stride (every other test's W
+    had stride 1 in K: a main loop advancing W by BLOCK_K elements instead of BLOCK_K strides
+    passed them all)."""
+    torch.manual_seed(16)
+    model, eager, ref = trio(randomize(TiedTransposedWeight()), train)
+    x = torch.randn(M, K)
+    with torch.no_grad():
+        out, e, r = compile_(model)(x), eager(x), ref(x.double())
+    assert fusion_backend.counters[NAME] == 1
+    assert_matches(out, e, r)
+    if train:
+        assert_stats_match(model, eager, ref)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_float_input_restart_keeps_the_site_fused(train, caplog):
+    """A BatchNorm momentum changed between calls: Dynamo's second graph takes it as a float
+    input and asks to trace again (TensorifyScalarRestartAnalysis, raised by Inductor on the
+    rewritten graph). Passed through, not taken as Inductor failing: no warning, the site
+    fused in each graph, counted once per graph; in training the statistics move with each
+    call's momentum as eager's (the pass that sees the symbolic momentum leaves the site with
+    its reason, not with a logged rewrite failure)."""
+    import logging
     import warnings
 
     torch.manual_seed(20)
-    model = randomize(LBGR()).eval()
-    eager = copy.deepcopy(model)
+    model = randomize(LBGR()).train(train)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
     compiled = torch.compile(model, backend="fusedtriton")
     x = torch.randn(M, K)
     fusion_backend.counters.clear()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="fusion_backend"):
         # a fallback warns (RuntimeWarning); only those: a library's DeprecationWarning on its
         # first import inside Inductor failed this test when it ran alone
         warnings.simplefilter("error", RuntimeWarning)
         for graphs, momentum in enumerate((0.1, 0.7, 0.0), start=1):
-            model.bn.momentum = eager.bn.momentum = momentum
-            out, e = compiled(x), eager(x)
+            model.bn.momentum = eager.bn.momentum = ref.bn.momentum = momentum
+            out, e, r = compiled(x), eager(x), ref(x.double())
             assert fusion_backend.counters[NAME] == graphs
-            assert_matches(out, e, copy.deepcopy(eager).double()(x.double()))
+            assert_matches(out, e, r)
+            if train:
+                assert_stats_match(model, eager, ref)
+    assert not [rec.getMessage() for rec in caplog.records if rec.name == "fusion_backend"]
 
 
 @pytest.mark.parametrize("profile", ["interpreter", "none"])
