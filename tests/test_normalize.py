@@ -454,6 +454,39 @@ def test_matmul_folded_into_its_bias_add_only_where_nothing_is_between(between):
     torch.testing.assert_close(model.b.grad, eager.b.grad, **grad_close(eager.b.grad))
 
 
+class _InplaceReluAfterAnotherUse(nn.Module):
+    """`F.relu(g, inplace=True)` after another op read g (that op must see g before the ReLU);
+    beside it a plain block."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = randomize_batch_norm(MLPBlock(6, 8), seed=3).eval()
+        self.block = randomize_batch_norm(MLPBlock(6, 8), seed=4).eval()
+
+    def forward(self, x):
+        g = F.gelu(self.inner.batch_norm(self.inner.gemm(x)))
+        pre = g * 2
+        F.relu(g, inplace=True)
+        return g, pre, self.block(x)
+
+
+@pytest.mark.skipif(not devices.interpreter_enabled(), reason="needs TRITON_INTERPRET=1 for a fused site")
+def test_inplace_relu_after_another_reader_is_left_in_place():
+    """An in-place ReLU whose input another node read before it is not respelled out of place
+    (moving the write would change what that node reads, and the graph would no longer be
+    ordered: the whole graph fell back with a warning); the plain block stays fused."""
+    torch.manual_seed(53)
+    model = _InplaceReluAfterAnotherUse()
+    eager, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(5, 6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a whole-graph fallback warns
+        out, want, want64 = torch.compile(model, backend="fusedtriton")(x), eager(x), model64(x.double())
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    for got, ref, ref64 in zip(out, want, want64):
+        assert_matches(got, ref, ref64)
+
+
 class _FrozenTransposeBlock(nn.Module):
     """A block whose Linear reads W.t() taken under no_grad (a frozen use of W), spelled as a
     matmul + bias or as addmm; beside it a plain block, so that the rewritten graph is the one
