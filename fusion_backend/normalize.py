@@ -62,8 +62,9 @@ _MISSING = object()
 
 
 def _arg(node, i, *names, default=_MISSING):
-    """Argument `i` of a call, whether passed positionally or by any of `names`."""
-    if len(node.args) > i:
+    """Argument `i` of a call, whether passed positionally or by any of `names` (`i` None: a
+    keyword-only argument)."""
+    if i is not None and len(node.args) > i:
         return node.args[i]
     for name in names:
         if name in node.kwargs:

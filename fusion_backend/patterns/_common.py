@@ -16,7 +16,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from fusion_backend import autotune, config_spaces, registry, trial
-from fusion_backend.normalize import example_value
+from fusion_backend.normalize import _arg, example_value
 
 log = logging.getLogger("fusion_backend")
 
@@ -226,12 +226,6 @@ _WRITES_WHERE_FLAGGED = {
 }
 
 
-def _arg(node: fx.Node, position: Optional[int], name: str, default=None):
-    if position is not None and len(node.args) > position:
-        return node.args[position]
-    return node.kwargs.get(name, default)
-
-
 def _schema_written(node: fx.Node, schemas) -> list:
     """The arguments an aten op writes by its schemas (`Tensor(a!)`), of any overload: the
     positional ones by position or name, the keyword-only ones by name."""
@@ -239,7 +233,7 @@ def _schema_written(node: fx.Node, schemas) -> list:
     for schema in schemas:
         for position, argument in enumerate(schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:
-                written.append(_arg(node, None if argument.kwarg_only else position, argument.name))
+                written.append(_arg(node, None if argument.kwarg_only else position, argument.name, default=None))
     return written
 
 
@@ -263,9 +257,9 @@ def _flagged_written(node: fx.Node) -> list:
     if spec is None:
         return []
     tensors, (position, name, default, no_write) = spec
-    if _arg(node, position, name, default) is no_write:
+    if _arg(node, position, name, default=default) is no_write:
         return []
-    return [_arg(node, p, n) for p, n in tensors]
+    return [_arg(node, p, n, default=None) for p, n in tensors]
 
 
 def _body_writes(node: fx.Node) -> bool:

@@ -24,10 +24,10 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, backward_will_run, grad_modes, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
-                      descriptor, gemm_flop, gluon_code, grad_mode_problem, heuristic_kwargs, hint, inline_meta, launch,
-                      linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses, space, static_shapes,
-                      tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
+                      descriptor, gemm_flop, gluon_code, grad_mode_problem, grad_modes, grad_on, heuristic_kwargs, hint,
+                      inline_meta, launch, linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses,
+                      space, static_shapes, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -693,9 +693,10 @@ def _stats_read_before_update(m) -> Optional[str]:
     graph = m.bn.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     modes = grad_modes(graph)
+
     def may_save(node):  # computes a gradient-tracked value (the updates of a site fused before: no)
         value = node.meta.get("example_value")
-        return modes[node][0] and any(isinstance(v, torch.Tensor) and v.requires_grad for v in tree_leaves(value))
+        return grad_on(modes, node) and any(isinstance(v, torch.Tensor) and v.requires_grad for v in tree_leaves(value))
 
     for stat in (m.running_mean, m.running_var):
         readers = [u.name for u in stat.users if u is not m.bn and order[u] < order[m.bn] and may_save(u)]
