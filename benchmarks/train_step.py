@@ -3,7 +3,7 @@
 (median). Shows what the compile-time decision does with sites whose backward will run; the
 cell's rows time the op that also returns cat(x, h) for dW (`cat_linear_tanh_saving`).
 
-    python benchmarks/train_step.py [mlp|rnn ...]   # on the GPU machine, PYTHONPATH=$PWD
+    python benchmarks/train_step.py [mlp|rnn|small ...]   # on the GPU machine, PYTHONPATH=$PWD
 """
 import sys
 import statistics
@@ -20,13 +20,15 @@ from fusion_backend.trial import TRIAL_CALLS
 CASES = {"mlp": ((4096, 2048, 2048, "highest", True), (4096, 2048, 2048, "highest", False),
                  (16384, 4096, 4096, "highest", True), (16384, 4096, 4096, "highest", False)),
          # RNN cell (batch, input = hidden, output): the quickstart's size and the KernelBench one
-         "rnn": ((256, 4096, 1024, "highest", True), (256, 16384, 8192, "highest", True))}
+         "rnn": ((256, 4096, 1024, "highest", True), (256, 16384, 8192, "highest", True)),
+         # issue #3's small block: host-bound, where the run-time trial decides
+         "small": ((512, 1024, 1024, "high", True), (512, 1024, 1024, "highest", True))}
 
 
 def run(M, K, N, precision, train, kind="mlp"):
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(0)
-    if kind == "mlp":
+    if kind in ("mlp", "small"):
         model = MLPBlock(K, N).cuda().train(train)
         inputs = (torch.randn(M, K, device="cuda"),)
     else:
@@ -54,8 +56,10 @@ def run(M, K, N, precision, train, kind="mlp"):
             for site in (site for r in reports for site in r.sites):
                 choice = autotune.TUNER.lookup(site.info.get("key"))
                 print(f"  {name}: {site.line().strip()}; {choice.describe() if choice else 'no choice'}", flush=True)
+            for note in {r.note for r in reports if "trial" in r.note}:
+                print(f"  {name}: {note}", flush=True)
         times[name] = statistics.median(triton.testing.do_bench(step, return_mode="median") for _ in range(3))
-    label = f"{M}x{K}->{N} {precision} {'train' if train else 'eval'}" if kind == "mlp" else f"RNN cell B{M} I=H={K} O={N} {precision}"
+    label = f"{M}x{K}->{N} {precision} {'train' if train else 'eval'}" if kind != "rnn" else f"RNN cell B{M} I=H={K} O={N} {precision}"
     print(f"{label}, forward + backward ms: "
           + ", ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
 
