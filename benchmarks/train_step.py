@@ -1,6 +1,6 @@
 """A training step (forward + backward, grad on) of the MLP block and of the RNN cell at fp32
-"highest": eager, Inductor and fusedtriton (trial on and off), each timed 3 times by do_bench
-(median). Shows what the compile-time decision does with sites whose backward will run; the
+"highest": eager, Inductor and fusedtriton (trial on and off), each timed by do_bench in 5 rounds
+interleaved across the variants (median). Shows what the compile-time decision does with sites whose backward will run; the
 cell's rows time the op that also returns cat(x, h) for dW (`cat_linear_tanh_saving`).
 
     python benchmarks/train_step.py [mlp|rnn|small ...]   # on the GPU machine, PYTHONPATH=$PWD
@@ -25,6 +25,10 @@ CASES = {"mlp": ((4096, 2048, 2048, "highest", True), (4096, 2048, 2048, "highes
          "small": ((512, 1024, 1024, "high", True), (512, 1024, 1024, "highest", True))}
 
 
+#: do_bench rounds per variant, interleaved across the variants (median)
+ROUNDS = 5
+
+
 def run(M, K, N, precision, train, kind="mlp"):
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(0)
@@ -37,9 +41,11 @@ def run(M, K, N, precision, train, kind="mlp"):
     variants = {"eager": lambda: model, "Inductor": lambda: torch.compile(model),
                 "fusedtriton": lambda: torch.compile(model, backend="fusedtriton"),
                 "fusedtriton trial off": lambda: torch.compile(model, backend="fusedtriton", options={"trial": False})}
-    times = {}
+    steps = {}
+    torch._dynamo.reset()
     for name, make in variants.items():
-        torch._dynamo.reset()
+        # no reset between variants: each compiled model keeps its own cache entry (one per
+        # backend object) and all stay alive for the interleaved rounds below
         fusion_backend.counters.clear()
         reports = []
         _report_sinks.append(reports)
@@ -58,7 +64,13 @@ def run(M, K, N, precision, train, kind="mlp"):
                 print(f"  {name}: {site.line().strip()}; {choice.describe() if choice else 'no choice'}", flush=True)
             for note in {r.note for r in reports if "trial" in r.note}:
                 print(f"  {name}: {note}", flush=True)
-        times[name] = statistics.median(triton.testing.do_bench(step, return_mode="median") for _ in range(3))
+        steps[name] = step
+    # interleaved rounds: host-bound steps (the small block) drift by tens of percent within a run
+    rounds = {name: [] for name in steps}
+    for _ in range(ROUNDS):
+        for name, step in steps.items():
+            rounds[name].append(triton.testing.do_bench(step, return_mode="median"))
+    times = {name: statistics.median(r) for name, r in rounds.items()}
     label = f"{M}x{K}->{N} {precision} {'train' if train else 'eval'}" if kind != "rnn" else f"RNN cell B{M} I=H={K} O={N} {precision}"
     print(f"{label}, forward + backward ms: "
           + ", ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)

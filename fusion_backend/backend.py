@@ -14,6 +14,7 @@ from torch._dynamo.exc import RestartAnalysis
 
 from . import devices, normalize as _normalize, registry, trial as _trial
 from .options import Options
+from .patterns._common import hint
 from .report import GraphReport, Site
 
 log = logging.getLogger("fusion_backend")
@@ -62,7 +63,7 @@ class RewriteContext:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():
-            shape = [s if isinstance(s, int) else int(s.node.hint) for s in val.shape]
+            shape = [hint(s) for s in val.shape]
             return torch.randn(shape, device=val.device, dtype=val.dtype)
 
 

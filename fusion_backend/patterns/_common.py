@@ -41,10 +41,32 @@ def other_uses(node: fx.Node, user: fx.Node) -> str:
 
 
 def hint(size) -> int:
-    """A concrete int for a possibly symbolic size (for reports and tuning keys), read from the
-    symbol's hint: int() on a SymInt would install a guard and specialize the batch size."""
+    """A concrete int for a possibly symbolic size (for reports, tuning keys and the example
+    tensors timed at compile time), read from the symbol's hint: int() on a SymInt would install
+    a guard and specialize the batch size. A size known only at run time (unbacked: the rows
+    `nonzero` picks) has no hint; it reads as Inductor's own stand-in for such sizes."""
     if isinstance(size, torch.SymInt):
+        if size.node.hint is None:
+            from torch._inductor import config as inductor_config
+
+            return int(inductor_config.unbacked_symint_fallback)
         return int(size.node.hint)
+    return int(size)
+
+
+def size_text(size) -> str:
+    """A size as a report shows it: its value, or the symbol of a size known only at run time
+    (whose `hint` is a stand-in)."""
+    if isinstance(size, torch.SymInt) and size.node.hint is None:
+        return str(size.node.expr)
+    return str(hint(size))
+
+
+def static_size(size) -> Optional[int]:
+    """`size` as an int where it is the same for every call of the compiled graph, else None
+    (a dynamic size: comparing its hint would hold for the example only)."""
+    if isinstance(size, torch.SymInt):
+        return size.node.maybe_as_int()
     return int(size)
 
 

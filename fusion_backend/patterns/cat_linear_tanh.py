@@ -22,10 +22,10 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
-from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
-                      descriptor, gemm_flop, gluon_code, grad_mode_problem, hint, inline_meta, launch, linear_shape_problem,
-                      meta_kwargs, mutated_in_graph, only_user, other_uses, Replay, space, static_shapes, tensor_problem,
-                      tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
+from ._common import (INLINE_MAX_FLOP, Replay, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op,
+                      define_op, descriptor, gemm_flop, gluon_code, grad_mode_problem, hint, inline_meta, launch,
+                      linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses, size_text, space,
+                      static_shapes, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
 MAX_SEGMENTS = 4
@@ -505,7 +505,8 @@ class CatLinearTanh(Pattern):
         precision = ctx.dot_precision(dtype)
         M, N = hint(vals[0].shape[0]), hint(example_value(m.weight).shape[0])
         widths = "+".join(str(hint(v.shape[1])) for v in vals)
-        return {"shape": f"{M}x({widths})->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
+        rows = size_text(vals[0].shape[0])  # (M is a stand-in where the batch is known only at run time)
+        return {"shape": f"{rows}x({widths})->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
                 "autocast": any(v.dtype != dtype for v in vals),
                 "key": autotune.make_key(NAME, ctx.profile.tuning_id, dtype, precision, M, K=widths, N=N)}
 

@@ -22,7 +22,7 @@ from fusion_backend import autotune
 from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
-from ._common import (define_inline_op, define_op, hint, inline_meta, linear_shape_problem, mutated_in_graph,
+from ._common import (define_inline_op, define_op, hint, inline_meta, linear_shape_problem, mutated_in_graph, size_text,
                       static_shapes, tensor_problem, tuned_unfused_reason)
 from .cat_linear_tanh import CELL_OPS, SAVING_CELL_OPS, cell_space, inline_forward, linear_forward
 
@@ -122,7 +122,8 @@ class CellH2O(Pattern):
         N = hint(example_value(m.weight).shape[0])
         dtype = example_value(m.linear).dtype
         precision = ctx.dot_precision(dtype)
-        return {"shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
+        rows = size_text(example_value(m.hidden).shape[0])
+        return {"shape": f"{rows}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""), "precision": precision,
                 "key": autotune.make_key(NAME, ctx.profile.tuning_id, dtype, precision, M, K=str(K), N=N)}
 
     def replace(self, m: _Match, ctx) -> dict:

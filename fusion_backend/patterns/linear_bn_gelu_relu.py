@@ -27,7 +27,8 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_seg
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gemm_flop, gluon_code, grad_mode_problem, grad_modes, grad_on, heuristic_kwargs, hint,
                       inline_meta, launch, linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses,
-                      space, static_shapes, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason, written_inside)
+                      size_text, space, static_shapes, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
+                      written_inside)
 
 NAME = "linear_bn_gelu_relu"
 
@@ -820,7 +821,7 @@ class LinearBnGeluRelu(Pattern):
         # for the backward (H100, fwd + bwd, fp32 "highest", 4096x2048->2048: recomputing it
         # there cost 1.88 ms vs Inductor's 1.57, NOTES.md, tenth session)
         mode = "train" if m.training else "eval_keep_y" if needs_backward(m) else "eval"
-        return {"mode": mode, "shape": f"{M}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""),
+        return {"mode": mode, "shape": f"{size_text(x_val.shape[0])}x{K}->{N}", "dtype": str(dtype).replace("torch.", ""),
                 "precision": precision, "gelu": m.approximate,
                 "autocast": any(example_value(n).dtype != dtype for n in (m.x, m.weight) if n is not None),
                 "key": autotune.make_key(f"{mode}:{NAME}", ctx.profile.tuning_id, dtype, precision, M, K=K, N=N)}

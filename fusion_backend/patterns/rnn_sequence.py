@@ -24,8 +24,8 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
-from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log, space,
-                      writes_in_place, written_inside)
+from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log, size_text,
+                      space, static_size, writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -328,14 +328,21 @@ class RnnSequence(Pattern):
         weight, bias = first.weight, first.bias
         dtype = example_value(first.linear).dtype
         precision = ctx.dot_precision(dtype)
-        in_width = hint(example_value(xs[0]).shape[1])
-        hidden = hint(example_value(h0).shape[1])
         _move_before(xs + _params(first), first.cat)  # the inputs' and W's computations
         with graph.inserting_before(first.cat):
+            # W's split at the widths of this graph's x_t and h, which may be dynamic: the
+            # example's widths would install guards on them (a recompile per width) or split
+            # another W wrong
+            in_width, hidden = _size(graph, xs[0], 1), _size(graph, h0, 1)
             # with a backward to run, the Linear saves its input for dW: that must be a copy, as
             # eager's cats are, not the user's tensor, which may be changed in place before backward
             whole = None if _needs_backward(chain, xs, h0) else _whole_of(xs)
-            stacked = whole or graph.call_function(torch.stack, (list(xs),))
+            if whole is None:
+                stacked = graph.call_function(torch.stack, (list(xs),))
+            elif static_size(example_value(whole).shape[0]) == len(xs):
+                stacked = whole
+            else:  # the steps read the first rows of a longer (or dynamic-length) tensor
+                stacked = graph.call_function(torch.narrow, (whole, 0, 0, len(xs)))
             w_x = graph.call_function(torch.narrow, (weight, 1, 0, in_width))
             w_h = graph.call_function(torch.narrow, (weight, 1, in_width, hidden))
             p_operands = (stacked, w_x, bias)
@@ -353,20 +360,27 @@ class RnnSequence(Pattern):
         for step in reversed(chain):
             for node in (step.tanh, step.linear, step.cat):
                 graph.erase_node(node)
-        B = hint(example_value(h0).shape[0])
         hoisted = "input projection of all steps: one GEMM"
         out_rows = _hoist_output_projection(graph, rows, hs)
         if out_rows is not None:
             hoisted += "; h2o of all steps: one GEMM"
         for row in rows + (out_rows or []):
             _own_memory_where_returned(graph, row)
-        return {"steps": len(chain), "shape": f"{B}x({in_width}+{hidden})->{hidden}",
+        in_width, hidden = hint(example_value(xs[0]).shape[1]), hint(example_value(h0).shape[1])
+        return {"steps": len(chain), "shape": f"{size_text(example_value(h0).shape[0])}x({in_width}+{hidden})->{hidden}",
                 "dtype": str(dtype).replace("torch.", ""), "precision": precision, "hoisted": hoisted}
 
 
+def _size(graph, node: fx.Node, dim: int):
+    """Size `dim` of `node`'s value as a graph argument: an int where it is static, else a
+    `size` node (inserted at the graph's insertion point)."""
+    size = static_size(example_value(node).shape[dim])
+    return size if size is not None else graph.call_method("size", (node, dim))
+
+
 def _whole_of(xs) -> Optional[fx.Node]:
-    """`base` when xs are base[0], base[1], ..., base[T-1] of a (T, ...) tensor: the stack of
-    the steps' inputs is then `base` itself, no copy."""
+    """`base` when xs are base[0], base[1], ..., base[T-1] of a 3-D tensor: the stack of the
+    steps' inputs is then `base`'s first T rows (all of it where its length is T), no copy."""
     import operator
 
     bases = set()
@@ -377,7 +391,7 @@ def _whole_of(xs) -> Optional[fx.Node]:
     base = bases.pop() if len(bases) == 1 else None
     val = example_value(base) if isinstance(base, fx.Node) else None
     # (a tuple for the rows of `xs.unbind(0)`)
-    if not isinstance(val, torch.Tensor) or val.dim() != 3 or hint(val.shape[0]) != len(xs):
+    if not isinstance(val, torch.Tensor) or val.dim() != 3:
         return None
     return base
 
