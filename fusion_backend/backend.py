@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 from torch import fx
 from torch._dynamo.exc import RestartAnalysis
+from torch.utils import _pytree as pytree
 
 from . import devices, normalize as _normalize, registry, trial as _trial
 from .options import Options
@@ -157,6 +158,7 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
                 continue
             if match is not None:
                 report.sites.append(_rewrite_site(pattern, match, ctx, node))
+    report.sites += _sites_in_bodies(gm, options)
     for site in report.fused:
         if site.info.get("key") in ctx.launch_bound:
             site.info["launch_bound"] = ctx.launch_bound[site.info["key"]]
@@ -167,6 +169,39 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+BODY_REASON = ("inside the body of {op} (torch.utils.checkpoint, torch.cond, ...), which the backend does not "
+               "rewrite (README, Known limits): left to Inductor")
+
+
+def _sites_in_bodies(gm: fx.GraphModule, options: Options) -> List[Site]:
+    """Pattern structures inside higher-order ops' bodies (subgraphs the graph reaches by
+    get_attr), nested ones included: the rewrite does not enter them, so they are reported as
+    near-misses rather than not at all. Matched on a normalized copy; the bodies stay as they are."""
+    import copy
+
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for arg in (a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)):
+            body = getattr(gm, arg.target, None) if arg.op == "get_attr" else None
+            if not isinstance(body, fx.GraphModule):
+                continue
+            try:
+                body = copy.deepcopy(body)
+                _normalize.normalize(body)
+                found = [(pattern.name, n.name) for pattern in registry.enabled_patterns(options.patterns)
+                         for n in body.graph.nodes if pattern.match(n) is not None]
+            except Exception as exc:  # only a report: never a reason to fail the compile
+                log.debug("fusedtriton: no patterns searched in %s (%s: %s)", arg.target, type(exc).__name__, exc)
+                continue
+            reason = BODY_REASON.format(op=getattr(node.target, "__name__", node.target))
+            sites += [Site(name, f"{arg.target}.{where}", False, reason) for name, where in found]
+            sites += [dataclasses.replace(site, node=f"{arg.target}.{site.node}")
+                      for site in _sites_in_bodies(body, options)]
+    return sites
 
 
 def _inductor(gm, example_inputs, options: Options):

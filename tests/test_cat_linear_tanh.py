@@ -389,6 +389,8 @@ class MutatesAliasAfterCat(nn.Module):
             nn.functional.embedding(torch.tensor([0, 2]), h, max_norm=0.1)
         elif self.how == "checkpoint":  # the write inside a higher-order op's body
             torch.utils.checkpoint.checkpoint(_double_in_place, h, use_reentrant=False)
+        elif self.how == "cond":  # a higher-order op taking its operands as a tuple
+            torch.cond(h.sum() > -1e9, _double_in_place, lambda t: t.sum(), (h,))
         else:
             torch.add(h, 1, out=h)
         return torch.tanh(self.i2h(combined))
@@ -396,7 +398,7 @@ class MutatesAliasAfterCat(nn.Module):
 
 @pytest.mark.parametrize("how", ["mul_", "imul", "iadd", "relu(inplace=True)", "_foreach_mul_", "out=", "__imul__",
                                  "Tensor.__iadd__", "batch_norm(training=True)", "_native_batch_norm_legit",
-                                 "embedding(max_norm=)", "checkpoint"])
+                                 "embedding(max_norm=)", "checkpoint", "cond"])
 def test_inplace_write_to_cat_operand_alias_after_cat(how):
     """Any spelling of an in-place write to a cat operand between the cat and the tanh leaves
     the site unfused (the fused op would read the written value), with the reason."""

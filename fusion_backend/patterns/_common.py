@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import fx
 from torch.nn import functional as F
+from torch.utils import _pytree as pytree
 
 from fusion_backend import autotune, config_spaces, registry, trial
 from fusion_backend.normalize import _arg, example_value
@@ -126,6 +127,10 @@ def tensor_problem(nodes, *, device, profile) -> Optional[str]:
         val = example_value(node)
         if not isinstance(val, torch.Tensor):
             return f"{getattr(node, 'name', node)} has no tensor metadata"
+        if torch._C._functorch.is_functorch_wrapped_tensor(val):
+            # the ops have no batching rules and their autograd is not functorch's
+            return (f"inside a torch.func transform (grad, vmap, jacrev, ...; {node.name} is a functorch-wrapped "
+                    "tensor): left to Inductor")
         if val.device.type != device.type or (device.index is not None and val.device.index not in (None, device.index)):
             return f"mixed devices: {node.name} is on {val.device}, the graph on {device}"
         if val.dtype not in SUPPORTED_DTYPES:
@@ -288,7 +293,7 @@ def _body_writes(node: fx.Node) -> bool:
     """Whether a higher-order op's body (`checkpoint`, `wrap`: a submodule the graph reaches by
     get_attr) writes in place anywhere; True where a body cannot be found."""
     module = node.graph.owning_module
-    bodies = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    bodies = [a for a in _hop_operands(node) if a.op == "get_attr"]
     for body in bodies:
         sub = getattr(module, body.target, None) if module is not None else None
         graph = getattr(sub, "graph", None)
@@ -297,6 +302,13 @@ def _body_writes(node: fx.Node) -> bool:
         if any(written_nodes(n) for n in graph.nodes):
             return True
     return not bodies
+
+
+def _hop_operands(node: fx.Node) -> list:
+    """Every node among a higher-order op's arguments, nested ones included: `cond` passes its
+    operands as a tuple (`cond(pred, true_fn, false_fn, (h,))`)."""
+    leaves = pytree.tree_leaves((node.args, node.kwargs))
+    return [a for a in leaves if isinstance(a, fx.Node)]
 
 
 def written_nodes(node: fx.Node) -> list:
@@ -321,8 +333,7 @@ def written_nodes(node: fx.Node) -> list:
         written += _schema_written(node, [getattr(target, o)._schema for o in target.overloads()])
     elif isinstance(target, torch._ops.HigherOrderOperator):
         if _body_writes(node):
-            written += [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-            written += [a for a in node.kwargs.values() if isinstance(a, fx.Node)]
+            written += [a for a in _hop_operands(node) if a.op != "get_attr"]
     else:
         name = target if isinstance(target, str) else getattr(target, "__name__", "")
         # `add_`, and private ones such as `_foreach_mul_` (their first argument a list); of the

@@ -265,6 +265,26 @@ def _same_cell(a: _Match, b: _Match) -> bool:
     return a.weight is b.weight and a.bias is b.bias and a.dim == b.dim
 
 
+def _like_cell(a: _Match, b: _Match) -> bool:
+    """Cells that would chain but may read W (or b) from different nodes: matched, so that
+    `check` can say why such a chain is not one sequence (`_same_cell`)."""
+    if a.dim != b.dim or (a.bias is None) != (b.bias is None):
+        return False
+    return example_value(a.weight).shape == example_value(b.weight).shape
+
+
+def _chain(first: _Match, linked) -> list:
+    """`first` and the cells after it, each reading the previous one's h, while `linked(cell,
+    first)` holds."""
+    chain = [first]
+    while True:
+        ends = [t for cat in chain[-1].tanh.users for lin in cat.users for t in lin.users]
+        nxt = [m for m in map(_step, ends) if m is not None and m.tensors[1] is chain[-1].tanh and linked(m, first)]
+        if len(nxt) != 1:
+            return chain
+        chain.append(nxt[0])
+
+
 @register_pattern
 class RnnSequence(Pattern):
     name = NAME
@@ -280,17 +300,21 @@ class RnnSequence(Pattern):
         prev = _step(first.tensors[1])
         if prev is not None and _same_cell(prev, first):
             return None  # not the first step
-        chain = [first]
-        while True:
-            ends = [t for cat in chain[-1].tanh.users for lin in cat.users for t in lin.users]
-            nxt = [m for m in map(_step, ends)
-                   if m is not None and m.tensors[1] is chain[-1].tanh and _same_cell(m, first)]
-            if len(nxt) != 1:
-                break
-            chain.append(nxt[0])
+        chain = _chain(first, _same_cell)
+        if len(chain) >= 2:
+            return chain
+        # no step after `first` reads its W: a chain of cells alike but for their W nodes is
+        # still matched (from its first cell), for `check` to say why it is not a sequence
+        if prev is not None and _like_cell(prev, first):
+            return None
+        chain = _chain(first, _like_cell)
         return chain if len(chain) >= 2 else None
 
     def check(self, chain, ctx) -> Optional[str]:
+        if not all(_same_cell(step, chain[0]) for step in chain):
+            return ("the steps read W or b from different nodes: W computed again in each step (e.g. by an "
+                    "uncached parametrization such as weight_norm: run the loop under "
+                    "torch.nn.utils.parametrize.cached() to fuse it), or other weights per step")
         for step in chain:
             problem = CatLinearTanh.problem(step, ctx)
             if problem:

@@ -1,0 +1,144 @@
+"""Pattern structures the rewrite leaves alone, and what explain() says about them: inside a
+higher-order op's body (torch.utils.checkpoint), under a torch.func transform, and an unrolled
+RNN whose steps each compute W again (an uncached parametrization). Each runs as eager does, and
+the report names the reason (it said "no pattern's structure in this graph", or gave an
+internal error, or nothing).
+Tiny shapes: the kernels run under Triton's interpreter (conftest).
+"""
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrizations, parametrize
+from torch.utils.checkpoint import checkpoint
+
+import fusion_backend
+from fusion_backend import backend, devices
+from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
+from tolerances import assert_matches
+
+pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
+                                reason="needs TRITON_INTERPRET=1 (conftest sets it when there is no GPU)")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, inner, reentrant):
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, *args):
+        return checkpoint(self.inner, *args, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("inner", ["mlp", "cell"])
+def test_pattern_inside_checkpoint_is_a_named_near_miss(inner, reentrant):
+    torch.manual_seed(0)
+    model = Checkpointed(MLPBlock(16, 12) if inner == "mlp" else RNNCell(16, 16, 8), reentrant)
+    x = torch.randn(8, 16, requires_grad=True)
+    args = (x,) if inner == "mlp" else (x, torch.randn(8, 16))
+    report = fusion_backend.explain(model, *args)
+    pattern = "linear_bn_gelu_relu" if inner == "mlp" else "cat_linear_tanh"
+    sites = [s for s in report.skipped if s.pattern == pattern]
+    assert sites and "inside the body of tag_activation_checkpoint" in sites[0].reason, str(report)
+    assert sites[0].node.startswith("wrap_body"), str(report)
+    assert "no pattern's structure" not in str(report)
+    assert not report.fused
+
+
+def test_body_sites_are_reported_beside_fused_ones():
+    """A graph with a fused site and another inside a checkpoint lists both."""
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = MLPBlock(16, 16), MLPBlock(16, 12)
+
+        def forward(self, x):
+            return checkpoint(self.b, self.a(x), use_reentrant=False)
+
+    torch.manual_seed(0)
+    model = Both().eval()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, x)
+        ref = model.double()(x.double())
+        model.float()
+        eager = model(x)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="fusedtriton")(x)
+    assert len(report.fused) == 1 and len(report.skipped) == 1, str(report)
+    assert report.skipped[0].reason == backend.BODY_REASON.format(op="tag_activation_checkpoint"), str(report)
+    assert_matches(out, eager, ref)
+
+
+def test_under_torch_func_transforms_the_reason_is_the_transform():
+    torch.manual_seed(0)
+    mlp = MLPBlock(16, 12).eval()
+    x = torch.randn(8, 16)
+    params = {k: v.detach() for k, v in mlp.named_parameters()}
+
+    def per_param_grad(p, x):
+        return torch.func.grad(lambda p: torch.func.functional_call(mlp, p, (x,)).pow(2).sum())(p)
+
+    cell = RNNCell(16, 16, 8)
+
+    def batched_cells(xs, hs):
+        return torch.func.vmap(cell)(xs, hs)
+
+    for fn, args, pattern in ((per_param_grad, (params, x), "linear_bn_gelu_relu"),
+                              (batched_cells, (torch.randn(3, 8, 16), torch.randn(3, 8, 16)), "cat_linear_tanh")):
+        torch._dynamo.reset()
+        report = fusion_backend.explain(fn, *args)
+        sites = [s for s in report.skipped if s.pattern == pattern]
+        assert sites and "inside a torch.func transform" in sites[0].reason, str(report)
+        assert not report.fused
+        torch._dynamo.reset()
+        got, want = torch.compile(fn, backend="fusedtriton")(*args), fn(*args)
+        torch.testing.assert_close(got, want)
+
+
+def test_sequence_with_w_computed_per_step_says_how_to_fuse_it():
+    """weight_norm on i2h without parametrize.cached(): each step computes W again, so the
+    steps are not one sequence (each cell is fused alone); the near-miss says so, and with the
+    cache the sequence is fused."""
+    torch.manual_seed(0)
+    model = UnrolledRNN(16, 16, 8)
+    parametrizations.weight_norm(model.i2h)
+    xs, h = torch.randn(4, 8, 16), torch.randn(8, 16)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, xs, h)
+        sequence = [s for s in report.skipped if s.pattern == "rnn_sequence"]
+        assert sequence and "parametrize.cached()" in sequence[0].reason, str(report)
+        assert [s for s in report.fused if s.pattern == "cat_linear_tanh"], str(report)
+        torch._dynamo.reset()
+        with parametrize.cached():
+            report = fusion_backend.explain(model, xs, h)
+    assert [s.pattern for s in report.fused] == ["rnn_sequence"], str(report)
+
+
+def test_steps_with_two_weights_are_two_sequences():
+    """Steps 0-2 read W1 and steps 3-5 W2 (h carried across): two sequences, as before the
+    near-miss above was matched."""
+    class TwoWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(5 + 7, 7), nn.Linear(5 + 7, 7)
+
+        def forward(self, xs, h):
+            for t in range(6):
+                cell = self.first if t < 3 else self.second
+                h = torch.tanh(cell(torch.cat((xs[t], h), 1)))
+            return h
+
+    torch.manual_seed(0)
+    model = TwoWeights()
+    xs, h = torch.randn(6, 3, 5), torch.randn(3, 7)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, xs, h)
+        ref = model.double()(xs.double(), h.double())
+        model.float()
+        eager = model(xs, h)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="fusedtriton")(xs, h)
+    assert [s.pattern for s in report.fused] == ["rnn_sequence", "rnn_sequence"], str(report)
+    assert not [s for s in report.skipped if s.pattern == "rnn_sequence"], str(report)
+    assert_matches(out, eager, ref)
