@@ -64,7 +64,7 @@ def main():
                 kwargs = kernel_kwargs(config, profile)
                 extra = "" if config in EXTRA or config in POINTER else " (space)"
                 try_variant(rows, tag, name_of(config) + extra, lambda: run(kwargs), out, ref)
-            del xs, w, xcat, out
+            xs = w = xcat = out = None  # freed before the next shape
             torch.cuda.empty_cache()
     print_variants(rows, "RNN cell GEMMs, fp32 'high' (TF32) and bf16", top=12)
 

@@ -15,7 +15,6 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 import fusion_backend
 import fusion_backend.patterns.linear_bn_gelu_relu as lbgr

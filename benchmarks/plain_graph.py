@@ -12,7 +12,6 @@ import statistics
 
 import torch
 
-import fusion_backend
 from fusion_backend import backend, devices
 from fusion_backend.models import MLPBlock, RNNCell
 from fusion_backend.options import Options

@@ -15,7 +15,6 @@ from torch.utils import _pytree as pytree
 
 from . import devices, normalize as _normalize, registry, trial as _trial
 from .options import Options
-from .patterns._common import hint
 from .report import GraphReport, Site
 
 log = logging.getLogger("fusion_backend")
@@ -62,6 +61,8 @@ class RewriteContext:
             return self.examples[node]
         val = _normalize.example_value(node)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        from .patterns._common import hint  # (here: `import fusion_backend` loads no pattern code)
 
         with unset_fake_temporarily():
             shape = [hint(s) for s in val.shape]

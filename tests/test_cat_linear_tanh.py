@@ -677,12 +677,25 @@ class UnrolledRNN(models.UnrolledRNN):
         super().__init__(I, H, O)
 
 
-def test_unrolled_sequence_one_recurrence_and_bptt():
+class HFirstRNN(UnrolledRNN):
+    """The same loop with h as the cat's first operand: W is [W_h | W_x]."""
+
+    def forward(self, xs, h):
+        outputs = []
+        for t in range(xs.shape[0]):
+            h = torch.tanh(self.i2h(torch.cat((h, xs[t]), dim=1)))
+            outputs.append(self.h2o(h))
+        return torch.stack(outputs), h
+
+
+@pytest.mark.parametrize("order", ["(x, h)", "(h, x)"])
+def test_unrolled_sequence_one_recurrence_and_bptt(order):
     """Dynamo unrolls the loop; the chain of cells becomes one recurrence op; outputs, final
-    hidden state and the gradients through time match eager."""
+    hidden state and the gradients through time match eager. Either cat order (cat((h, x_t))
+    was fused step by step only)."""
     torch.manual_seed(11)
     steps = 6
-    model = UnrolledRNN()
+    model = UnrolledRNN() if order == "(x, h)" else HFirstRNN()
     eager = copy.deepcopy(model)
     model64 = copy.deepcopy(model).double()
     xs, h0 = torch.randn(steps, B, I), torch.randn(B, H)

@@ -117,11 +117,11 @@ class PickedRows(nn.Module):
         return self.cell(x.index_select(0, rows), h.index_select(0, rows))
 
 
-def test_cell_on_a_batch_known_only_at_run_time(monkeypatch):
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)  # (monkeypatch would delete the setting)
+def test_cell_on_a_batch_known_only_at_run_time():
     """A cell whose batch comes from `nonzero` (an unbacked size: no example value to read)
     is fused; the check crashed reading the size's hint and left it unfused with a TypeError
     for its reason. explain() shows the size's symbol."""
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
     torch.manual_seed(0)
     model = PickedRows()
     compiled = torch.compile(model, backend="fusedtriton")
@@ -140,3 +140,53 @@ def test_cell_on_a_batch_known_only_at_run_time(monkeypatch):
         report = fusion_backend.explain(model, x, h, keep)
     cells = [s for s in report.fused if s.pattern == "cat_linear_tanh"]
     assert cells and cells[0].info["shape"].startswith("u"), str(report)
+
+
+class PickedSequence(nn.Module):
+    """The unrolled RNN on the rows a mask picks: its batch is known only at run time."""
+
+    def __init__(self):
+        super().__init__()
+        from fusion_backend.models import UnrolledRNN
+
+        self.rnn = UnrolledRNN(6, 8, 4)
+
+    def forward(self, xs, h, keep):
+        rows = torch.nonzero(keep).squeeze(1)
+        return self.rnn(xs.index_select(1, rows), h.index_select(0, rows))
+
+
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+def test_sequence_on_a_batch_known_only_at_run_time():
+    """Not refused for "batch 8192 > 64" (the stand-in for the unknown batch): fused, and a
+    batch over the kernel's limit would run in torch ops at run time."""
+    torch.manual_seed(0)
+    model = PickedSequence()
+    xs, h, keep = torch.randn(3, 9, 6), torch.randn(9, 8), torch.rand(9) > 0.3
+    with torch.no_grad():
+        report = fusion_backend.explain(model, xs, h, keep)
+        assert [s.pattern for s in report.fused] == ["rnn_sequence"], str(report)
+        torch._dynamo.reset()
+        out, hidden = torch.compile(model, backend="fusedtriton")(xs, h, keep)
+        eager_out, eager_hidden = model(xs, h, keep)
+        ref_out, ref_hidden = model.double()(xs.double(), h.double(), keep)
+    assert_matches(out, eager_out, ref_out)
+    assert_matches(hidden, eager_hidden, ref_hidden, "hidden state")
+
+
+def test_chained_cells_of_two_modules_add_no_guard():
+    """Two different cells, the second reading the first's h, with dynamic widths: one graph
+    (comparing the cells' symbolic shapes installed a guard on the widths, and a recompile)."""
+    def two_cells(x1, x2, h, w1, b1, w2, b2):
+        h = torch.tanh(F.linear(torch.cat((x1, h), 1), w1, b1))
+        return torch.tanh(F.linear(torch.cat((x2, h), 1), w2, b2))
+
+    torch.manual_seed(0)
+    dynamo_counters.clear()
+    compiled = torch.compile(two_cells, backend="fusedtriton", dynamic=True)
+    with torch.no_grad():
+        for i1, i2 in ((4, 6), (5, 7), (6, 6)):
+            args = (torch.randn(3, i1), torch.randn(3, i2), torch.randn(3, 8), torch.randn(8, i1 + 8) * 0.3,
+                    torch.randn(8), torch.randn(8, i2 + 8) * 0.3, torch.randn(8))
+            assert_matches(compiled(*args), two_cells(*args), fp64(two_cells, *args))
+    assert unique_graphs() == 1, dict(dynamo_counters["stats"])

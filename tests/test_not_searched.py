@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 import fusion_backend
 from fusion_backend import backend, devices
 from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
+from conftest import randomize_batch_norm
 from tolerances import assert_matches
 
 pytestmark = pytest.mark.skipif(not devices.interpreter_enabled(),
@@ -141,4 +142,50 @@ def test_steps_with_two_weights_are_two_sequences():
         out = torch.compile(model, backend="fusedtriton")(xs, h)
     assert [s.pattern for s in report.fused] == ["rnn_sequence", "rnn_sequence"], str(report)
     assert not [s for s in report.skipped if s.pattern == "rnn_sequence"], str(report)
+    assert_matches(out, eager, ref)
+
+
+def test_two_different_cells_are_no_sequence():
+    """A second cell (another Linear) reading the first's h: both fused, and no rnn_sequence
+    near-miss telling the user to cache a parametrization there is none of."""
+    class TwoCells(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5 + 7, 7), nn.Linear(5 + 7, 7)
+
+        def forward(self, x, h):
+            h = torch.tanh(self.a(torch.cat((x, h), 1)))
+            return torch.tanh(self.b(torch.cat((x, h), 1)))
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        report = fusion_backend.explain(TwoCells(), torch.randn(3, 5), torch.randn(3, 7))
+    assert [s.pattern for s in report.fused] == ["cat_linear_tanh"] * 2 and not report.skipped, str(report)
+
+
+def _write_own_tensor(x):
+    t = x * 2
+    t.relu_()  # in place, but on the branch's own tensor: x is not written
+    return t.sum(0)
+
+
+def test_cond_writing_only_its_own_tensor_does_not_block_fusion():
+    """A torch.cond branch that writes in place only to a tensor it made: the site reading the
+    cond's operand is fused (every operand counted as written, the site was refused)."""
+    torch.manual_seed(0)
+    mlp = randomize_batch_norm(MLPBlock(12, 10).eval())
+
+    def f(x):
+        return mlp(x) + torch.cond(x.sum() > 0, _write_own_tensor, lambda x: x.sum(0), (x,))[:10]
+
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        report = fusion_backend.explain(f, x)
+        assert [s.pattern for s in report.fused] == ["linear_bn_gelu_relu"], str(report)
+        torch._dynamo.reset()
+        out = torch.compile(f, backend="fusedtriton")(x)
+        eager = f(x)
+        mlp.double()
+        ref = f(x.double())
+        mlp.float()
     assert_matches(out, eager, ref)

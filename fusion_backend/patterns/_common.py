@@ -290,8 +290,12 @@ def _flagged_written(node: fx.Node) -> list:
 
 
 def _body_writes(node: fx.Node) -> bool:
-    """Whether a higher-order op's body (`checkpoint`, `wrap`: a submodule the graph reaches by
-    get_attr) writes in place anywhere; True where a body cannot be found."""
+    """Whether a higher-order op's body (`checkpoint`, `wrap`, `cond`'s branches: submodules the
+    graph reaches by get_attr) writes in place to memory of its inputs (a write to a tensor the
+    body made itself changes nothing outside); True where a body cannot be found or a write's
+    target cannot be told apart from the inputs."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     module = node.graph.owning_module
     bodies = [a for a in _hop_operands(node) if a.op == "get_attr"]
     for body in bodies:
@@ -299,7 +303,15 @@ def _body_writes(node: fx.Node) -> bool:
         graph = getattr(sub, "graph", None)
         if graph is None:
             return True
-        if any(written_nodes(n) for n in graph.nodes):
+        try:
+            inputs = {StorageWeakRef(example_value(n).untyped_storage())
+                      for n in graph.nodes if n.op == "placeholder" and isinstance(example_value(n), torch.Tensor)}
+            for n in graph.nodes:
+                for target in written_nodes(n):
+                    val = example_value(target) if isinstance(target, fx.Node) else None
+                    if not isinstance(val, torch.Tensor) or StorageWeakRef(val.untyped_storage()) in inputs:
+                        return True
+        except Exception:  # (no storage to compare: a functorch-wrapped value, ...)
             return True
     return not bodies
 

@@ -1,5 +1,5 @@
 """Pattern `rnn_sequence`: an unrolled RNN, i.e. a chain of cat -> Linear -> tanh cells that
-share W and b, where step t+1 concatenates (x_{t+1}, h_t).
+share W and b, where step t+1 concatenates (x_{t+1}, h_t) (or (h_t, x_{t+1}) in every step).
 
 Runs before `cat_linear_tanh` (which would judge each step alone). The input projections of
 all steps are hoisted into one GEMM that Inductor compiles, P = stack(x_t) W_x^T + b, and only
@@ -266,23 +266,73 @@ def _same_cell(a: _Match, b: _Match) -> bool:
 
 
 def _like_cell(a: _Match, b: _Match) -> bool:
-    """Cells that would chain but may read W (or b) from different nodes: matched, so that
-    `check` can say why such a chain is not one sequence (`_same_cell`)."""
-    if a.dim != b.dim or (a.bias is None) != (b.bias is None):
+    """Cells whose W (and b) are computed the same way from the same nodes, each step again
+    (an uncached parametrization): matched, so that `check` can say how to make them one
+    sequence. Cells of other modules (a second, stacked cell) are not alike."""
+    return a.dim == b.dim and _same_computation(a.weight, b.weight) and _same_computation(a.bias, b.bias)
+
+
+def _same_computation(a, b, depth: int = 8) -> bool:
+    """Whether `a` and `b` are one node, or calls of one target on arguments that are (up to
+    `depth` calls deep)."""
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_computation(x, y, depth) for x, y in zip(a, b))
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        if isinstance(a, (fx.Node, torch.SymInt, torch.SymFloat, torch.SymBool)) or type(a) is not type(b):
+            return False  # (a symbolic value's == would install a guard)
+        return a == b
+    if depth == 0 or a.op != b.op or a.op not in ("call_function", "call_method", "call_module"):
         return False
-    return example_value(a.weight).shape == example_value(b.weight).shape
+    return (a.target == b.target and a.kwargs.keys() == b.kwargs.keys()
+            and _same_computation(a.args, b.args, depth - 1)
+            and all(_same_computation(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs))
 
 
-def _chain(first: _Match, linked) -> list:
-    """`first` and the cells after it, each reading the previous one's h, while `linked(cell,
-    first)` holds."""
+def _chain(first: _Match, linked, h_pos: int) -> list:
+    """`first` and the cells after it, each reading the previous one's h as its cat operand
+    `h_pos`, while `linked(cell, first)` holds."""
     chain = [first]
     while True:
         ends = [t for cat in chain[-1].tanh.users for lin in cat.users for t in lin.users]
-        nxt = [m for m in map(_step, ends) if m is not None and m.tensors[1] is chain[-1].tanh and linked(m, first)]
+        nxt = [m for m in map(_step, ends)
+               if m is not None and m.tensors[h_pos] is chain[-1].tanh and linked(m, first)]
         if len(nxt) != 1:
             return chain
         chain.append(nxt[0])
+
+
+def _chain_from(first: _Match, h_pos: int) -> Optional[list]:
+    """The chain starting at `first` with h as cat operand `h_pos`, or None (`first` is not a
+    first step, or no step follows it)."""
+    prev = _step(first.tensors[h_pos])
+    if prev is not None and _same_cell(prev, first):
+        return None  # not the first step
+    chain = _chain(first, _same_cell, h_pos)
+    if len(chain) >= 2:
+        return chain
+    # no step after `first` reads its W: a chain of cells alike but for their W nodes is still
+    # matched (from its first cell), for `check` to say why it is not a sequence
+    if prev is not None and _like_cell(prev, first):
+        return None
+    chain = _chain(first, _like_cell, h_pos)
+    return chain if len(chain) >= 2 else None
+
+
+def _unbacked(size) -> bool:
+    return isinstance(size, torch.SymInt) and size.node.hint is None
+
+
+def _h_pos(chain) -> int:
+    """Which cat operand is h: 1 for cat((x_t, h)) (seed 002), 0 for cat((h, x_t))."""
+    return 1 if chain[1].tensors[1] is chain[0].tanh else 0
+
+
+def _inputs(chain):
+    """(the steps' x_t, h0)."""
+    h_pos = _h_pos(chain)
+    return [step.tensors[1 - h_pos] for step in chain], chain[0].tensors[h_pos]
 
 
 @register_pattern
@@ -297,30 +347,17 @@ class RnnSequence(Pattern):
         first = _step(node)
         if first is None:
             return None
-        prev = _step(first.tensors[1])
-        if prev is not None and _same_cell(prev, first):
-            return None  # not the first step
-        chain = _chain(first, _same_cell)
-        if len(chain) >= 2:
-            return chain
-        # no step after `first` reads its W: a chain of cells alike but for their W nodes is
-        # still matched (from its first cell), for `check` to say why it is not a sequence
-        if prev is not None and _like_cell(prev, first):
-            return None
-        chain = _chain(first, _like_cell)
-        return chain if len(chain) >= 2 else None
+        return _chain_from(first, 1) or _chain_from(first, 0)  # cat((x_t, h)), or cat((h, x_t))
 
     def check(self, chain, ctx) -> Optional[str]:
         if not all(_same_cell(step, chain[0]) for step in chain):
-            return ("the steps read W or b from different nodes: W computed again in each step (e.g. by an "
-                    "uncached parametrization such as weight_norm: run the loop under "
-                    "torch.nn.utils.parametrize.cached() to fuse it), or other weights per step")
+            return ("each step computes W (or b) again (e.g. an uncached parametrization such as weight_norm): "
+                    "run the loop under torch.nn.utils.parametrize.cached() to fuse it as one sequence")
         for step in chain:
             problem = CatLinearTanh.problem(step, ctx)
             if problem:
                 return f"step {step.tanh.name}: {problem}"
-        xs = [step.tensors[0] for step in chain]
-        h0 = chain[0].tensors[1]
+        xs, h0 = _inputs(chain)
         x_val, h_val = example_value(xs[0]), example_value(h0)
         dtype = example_value(chain[0].linear).dtype
         # under autocast the Linear's output dtype can match fp16 x_t and h0 while W stays fp32
@@ -330,8 +367,11 @@ class RnnSequence(Pattern):
         if any(example_value(x).shape != x_val.shape for x in xs):
             return "steps' inputs differ in shape"
         batch_limit = config_spaces.space_for(ctx.profile, config_spaces.RECURRENCE)[0]["BLOCK_M"]
-        if hint(h_val.shape[0]) > batch_limit:
-            return f"batch {hint(h_val.shape[0])} > {batch_limit}: the recurrence kernel holds the whole batch"
+        batch = h_val.shape[0]
+        # (a batch known only at run time is not judged by a stand-in: a batch over the limit
+        # then runs the recurrence in torch ops, as any call over it does)
+        if not _unbacked(batch) and hint(batch) > batch_limit:
+            return f"batch {hint(batch)} > {batch_limit}: the recurrence kernel holds the whole batch"
         members = {n for step in chain for n in (step.cat, step.linear, step.tanh)}
         moving = xs + _params(chain[0])
         for x in moving:  # the hoisted projection must not need any step's output
@@ -347,8 +387,8 @@ class RnnSequence(Pattern):
     def replace(self, chain, ctx) -> dict:
         graph = ctx.gm.graph
         first = chain[0]
-        xs = [step.tensors[0] for step in chain]
-        h0 = first.tensors[1]
+        xs, h0 = _inputs(chain)
+        h_first = _h_pos(chain) == 0
         weight, bias = first.weight, first.bias
         dtype = example_value(first.linear).dtype
         precision = ctx.dot_precision(dtype)
@@ -367,8 +407,9 @@ class RnnSequence(Pattern):
                 stacked = whole
             else:  # the steps read the first rows of a longer (or dynamic-length) tensor
                 stacked = graph.call_function(torch.narrow, (whole, 0, 0, len(xs)))
-            w_x = graph.call_function(torch.narrow, (weight, 1, 0, in_width))
-            w_h = graph.call_function(torch.narrow, (weight, 1, in_width, hidden))
+            # W = [W_x | W_h], or [W_h | W_x] for cat((h, x_t))
+            w_x = graph.call_function(torch.narrow, (weight, 1, hidden if h_first else 0, in_width))
+            w_h = graph.call_function(torch.narrow, (weight, 1, 0 if h_first else in_width, hidden))
             p_operands = (stacked, w_x, bias)
             if dtype in (torch.float16, torch.bfloat16):
                 # eager sums x_t W_x^T and h W_h^T in one fp32 accumulator and rounds once; P in
