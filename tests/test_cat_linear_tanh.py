@@ -720,6 +720,43 @@ def test_unrolled_sequence_one_recurrence_and_bptt(order):
         assert rel_err(got, ref) <= tolerance(torch.float32, eager_err=rel_err(want, ref)), name
 
 
+class StackedSharedW(nn.Module):
+    """Two stacked layers sharing one Linear (layer 2's x_t is layer 1's h_t), cat order `order`."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.cell = nn.Linear(2 * H, H)
+
+    def forward(self, xs, h0):
+        h1, h2 = h0, h0 * 0.5
+        for t in range(xs.shape[0]):
+            if self.order == "(h, x)":
+                h1 = torch.tanh(self.cell(torch.cat((h1, xs[t]), 1)))
+                h2 = torch.tanh(self.cell(torch.cat((h2, h1), 1)))
+            else:
+                h1 = torch.tanh(self.cell(torch.cat((xs[t], h1), 1)))
+                h2 = torch.tanh(self.cell(torch.cat((h1, h2), 1)))
+        return h2
+
+
+@pytest.mark.parametrize("order", ["(x, h)", "(h, x)"])
+def test_stacked_layers_sharing_w_are_two_sequences_through_time(order):
+    """Each layer is one recurrence over the steps, in either cat order (in (h, x) order the
+    pieces [layer 1, layer 2] of each step were taken as 2-step sequences)."""
+    torch.manual_seed(3)
+    model = StackedSharedW(order)
+    xs, h0 = torch.randn(4, B, H), torch.randn(B, H)
+    with torch.no_grad():
+        report = fusion_backend.explain(model, xs, h0)
+        torch._dynamo.reset()
+        out = compile_(model)(xs, h0)
+        eager = model(xs, h0)
+        ref = copy.deepcopy(model).double()(xs.double(), h0.double())
+    assert [(s.pattern, s.info["steps"]) for s in report.fused] == [("rnn_sequence", 4)] * 2, str(report)
+    assert_matches(out, eager, ref)
+
+
 class FeedbackRNN(UnrolledRNN):
     """x_t depends on h_{t-1}: the input projections cannot be hoisted."""
 

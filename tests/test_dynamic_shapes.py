@@ -190,3 +190,25 @@ def test_chained_cells_of_two_modules_add_no_guard():
                     torch.randn(8), torch.randn(8, i2 + 8) * 0.3, torch.randn(8))
             assert_matches(compiled(*args), two_cells(*args), fp64(two_cells, *args))
     assert unique_graphs() == 1, dict(dynamo_counters["stats"])
+
+
+def test_mixed_cat_orders_add_no_guard():
+    """Step 0 cat((x, h)), later steps cat((h, x)), with dynamic widths: matched with h first,
+    the steps' inputs are h0 and x_t, whose widths differ; refused without a guard on them
+    (comparing the symbolic shapes installed `I != H` and a recompile Inductor does not have)."""
+    def mixed(xs, h, w, b):
+        outs = []
+        for t in range(3):
+            cat = torch.cat((xs[t], h), 1) if t == 0 else torch.cat((h, xs[t]), 1)
+            h = torch.tanh(F.linear(cat, w, b))
+            outs.append(h)
+        return torch.stack(outs)
+
+    torch.manual_seed(0)
+    dynamo_counters.clear()
+    compiled = torch.compile(mixed, backend="fusedtriton", dynamic=True)
+    with torch.no_grad():
+        for width in (4, 6, 9):
+            args = (torch.randn(3, 5, width), torch.randn(5, 6), torch.randn(6, width + 6) * 0.3, torch.randn(6))
+            assert_matches(compiled(*args), mixed(*args), fp64(mixed, *args))
+    assert unique_graphs() == 1, dict(dynamo_counters["stats"])

@@ -8,6 +8,7 @@ Tiny shapes: the kernels run under Triton's interpreter (conftest).
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 from torch.utils.checkpoint import checkpoint
 
@@ -189,3 +190,24 @@ def test_cond_writing_only_its_own_tensor_does_not_block_fusion():
         ref = f(x.double())
         mlp.float()
     assert_matches(out, eager, ref)
+
+
+def test_random_w_per_step_gets_no_caching_advice():
+    """DropConnect (a dropout on W in each step): W differs per step for real, so the sequence
+    near-miss must not advise parametrize.cached(); each cell is fused alone."""
+    class DropConnect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.Linear(6 + 8, 8)
+
+        def forward(self, xs, h):
+            for t in range(3):
+                w = F.dropout(self.cell.weight, 0.3, training=True)
+                h = torch.tanh(F.linear(torch.cat((xs[t], h), 1), w, self.cell.bias))
+            return h
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        report = fusion_backend.explain(DropConnect(), torch.randn(3, 4, 6), torch.randn(4, 8))
+    assert not [s for s in report.fused + report.skipped if s.pattern == "rnn_sequence"], str(report)
+    assert [s.pattern for s in report.fused] == ["cat_linear_tanh"] * 3, str(report)

@@ -285,6 +285,8 @@ def _same_computation(a, b, depth: int = 8) -> bool:
         return a == b
     if depth == 0 or a.op != b.op or a.op not in ("call_function", "call_method", "call_module"):
         return False
+    if draws_random(a):  # (DropConnect: another W each step, which caching would change)
+        return False
     return (a.target == b.target and a.kwargs.keys() == b.kwargs.keys()
             and _same_computation(a.args, b.args, depth - 1)
             and all(_same_computation(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs))
@@ -320,6 +322,14 @@ def _chain_from(first: _Match, h_pos: int) -> Optional[list]:
     return chain if len(chain) >= 2 else None
 
 
+def _same_shape(a, b) -> bool:
+    """Shapes equal for every size the graph takes, judged without installing a guard (`!=` on
+    symbolic sizes would: a recompile where the sizes differ)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def _unbacked(size) -> bool:
     return isinstance(size, torch.SymInt) and size.node.hint is None
 
@@ -347,7 +357,10 @@ class RnnSequence(Pattern):
         first = _step(node)
         if first is None:
             return None
-        return _chain_from(first, 1) or _chain_from(first, 0)  # cat((x_t, h)), or cat((h, x_t))
+        # cat((x_t, h)), or cat((h, x_t)): the longer chain (a stacked RNN sharing W has short
+        # chains across its layers too: [layer 1, layer 2] at each step, in the other reading)
+        chains = [c for c in (_chain_from(first, 1), _chain_from(first, 0)) if c is not None]
+        return max(chains, key=len) if chains else None
 
     def check(self, chain, ctx) -> Optional[str]:
         if not all(_same_cell(step, chain[0]) for step in chain):
@@ -364,7 +377,7 @@ class RnnSequence(Pattern):
         operands = (*xs, h0, chain[0].weight, chain[0].bias)
         if any(example_value(n).dtype != dtype for n in operands if isinstance(n, fx.Node)):
             return "autocast changes the cell's dtype: sequences are fused without autocast only"
-        if any(example_value(x).shape != x_val.shape for x in xs):
+        if not all(_same_shape(example_value(x).shape, x_val.shape) for x in xs):
             return "steps' inputs differ in shape"
         batch_limit = config_spaces.space_for(ctx.profile, config_spaces.RECURRENCE)[0]["BLOCK_M"]
         batch = h_val.shape[0]
