@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 import fusion_backend
 from fusion_backend import devices
-from fusion_backend.models import RNNCell
+from fusion_backend.models import RNNCell, UnrolledRNN
 from fusion_backend.patterns import rnn_sequence
 from tolerances import assert_matches
 
@@ -105,16 +105,17 @@ def test_sequence_fallback_with_a_new_hidden_width(monkeypatch):
     assert fusion_backend.counters["rnn_sequence"] == 1, dict(fusion_backend.counters)
 
 
-class PickedRows(nn.Module):
-    """The cell on the rows a mask picks: a batch size known only at run time."""
+class Picked(nn.Module):
+    """`inner` on the rows a mask picks (batch dim `x_dim` of x, 0 of h): a batch size known
+    only at run time."""
 
-    def __init__(self):
+    def __init__(self, inner, x_dim=0):
         super().__init__()
-        self.cell = RNNCell(8, 16, 4)
+        self.inner, self.x_dim = inner, x_dim
 
     def forward(self, x, h, keep):
         rows = torch.nonzero(keep).squeeze(1)
-        return self.cell(x.index_select(0, rows), h.index_select(0, rows))
+        return self.inner(x.index_select(self.x_dim, rows), h.index_select(0, rows))
 
 
 @torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)  # (monkeypatch would delete the setting)
@@ -123,7 +124,7 @@ def test_cell_on_a_batch_known_only_at_run_time():
     is fused; the check crashed reading the size's hint and left it unfused with a TypeError
     for its reason. explain() shows the size's symbol."""
     torch.manual_seed(0)
-    model = PickedRows()
+    model = Picked(RNNCell(8, 16, 4))
     compiled = torch.compile(model, backend="fusedtriton")
     with torch.no_grad():
         for batch in (9, 14):
@@ -142,26 +143,12 @@ def test_cell_on_a_batch_known_only_at_run_time():
     assert cells and cells[0].info["shape"].startswith("u"), str(report)
 
 
-class PickedSequence(nn.Module):
-    """The unrolled RNN on the rows a mask picks: its batch is known only at run time."""
-
-    def __init__(self):
-        super().__init__()
-        from fusion_backend.models import UnrolledRNN
-
-        self.rnn = UnrolledRNN(6, 8, 4)
-
-    def forward(self, xs, h, keep):
-        rows = torch.nonzero(keep).squeeze(1)
-        return self.rnn(xs.index_select(1, rows), h.index_select(0, rows))
-
-
 @torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
 def test_sequence_on_a_batch_known_only_at_run_time():
     """Not refused for "batch 8192 > 64" (the stand-in for the unknown batch): fused, and a
     batch over the kernel's limit would run in torch ops at run time."""
     torch.manual_seed(0)
-    model = PickedSequence()
+    model = Picked(UnrolledRNN(6, 8, 4), x_dim=1)  # xs: (steps, batch, width)
     xs, h, keep = torch.randn(3, 9, 6), torch.randn(9, 8), torch.rand(9) > 0.3
     with torch.no_grad():
         report = fusion_backend.explain(model, xs, h, keep)

@@ -47,7 +47,7 @@ def hint(size) -> int:
     a guard and specialize the batch size. A size known only at run time (unbacked: the rows
     `nonzero` picks) has no hint; it reads as Inductor's own stand-in for such sizes."""
     if isinstance(size, torch.SymInt):
-        if size.node.hint is None:
+        if unbacked(size):
             from torch._inductor import config as inductor_config
 
             return int(inductor_config.unbacked_symint_fallback)
@@ -58,9 +58,12 @@ def hint(size) -> int:
 def size_text(size) -> str:
     """A size as a report shows it: its value, or the symbol of a size known only at run time
     (whose `hint` is a stand-in)."""
-    if isinstance(size, torch.SymInt) and size.node.hint is None:
-        return str(size.node.expr)
-    return str(hint(size))
+    return str(size.node.expr) if unbacked(size) else str(hint(size))
+
+
+def unbacked(size) -> bool:
+    """Whether `size` is known only at run time (no example value: its `hint` is a stand-in)."""
+    return isinstance(size, torch.SymInt) and size.node.hint is None
 
 
 def static_size(size) -> Optional[int]:
@@ -292,10 +295,7 @@ def _flagged_written(node: fx.Node) -> list:
 def _body_writes(node: fx.Node) -> bool:
     """Whether a higher-order op's body (`checkpoint`, `wrap`, `cond`'s branches: submodules the
     graph reaches by get_attr) writes in place to memory of its inputs (a write to a tensor the
-    body made itself changes nothing outside); True where a body cannot be found or a write's
-    target cannot be told apart from the inputs."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
+    body made itself changes nothing outside); True where a body cannot be found or read."""
     module = node.graph.owning_module
     bodies = [a for a in _hop_operands(node) if a.op == "get_attr"]
     for body in bodies:
@@ -303,14 +303,10 @@ def _body_writes(node: fx.Node) -> bool:
         graph = getattr(sub, "graph", None)
         if graph is None:
             return True
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]  # (an FX graph's first nodes)
         try:
-            inputs = {StorageWeakRef(example_value(n).untyped_storage())
-                      for n in graph.nodes if n.op == "placeholder" and isinstance(example_value(n), torch.Tensor)}
-            for n in graph.nodes:
-                for target in written_nodes(n):
-                    val = example_value(target) if isinstance(target, fx.Node) else None
-                    if not isinstance(val, torch.Tensor) or StorageWeakRef(val.untyped_storage()) in inputs:
-                        return True
+            if inputs and written_inside(inputs[0], None, inputs) is not None:
+                return True
         except Exception:  # (no storage to compare: a functorch-wrapped value, ...)
             return True
     return not bodies

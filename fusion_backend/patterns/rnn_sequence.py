@@ -25,7 +25,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
 from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log, size_text,
-                      space, static_size, writes_in_place, written_inside)
+                      space, static_size, unbacked, writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
 
 NAME = "rnn_sequence"
@@ -330,10 +330,6 @@ def _same_shape(a, b) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
-def _unbacked(size) -> bool:
-    return isinstance(size, torch.SymInt) and size.node.hint is None
-
-
 def _h_pos(chain) -> int:
     """Which cat operand is h: 1 for cat((x_t, h)) (seed 002), 0 for cat((h, x_t))."""
     return 1 if chain[1].tensors[1] is chain[0].tanh else 0
@@ -383,7 +379,7 @@ class RnnSequence(Pattern):
         batch = h_val.shape[0]
         # (a batch known only at run time is not judged by a stand-in: a batch over the limit
         # then runs the recurrence in torch ops, as any call over it does)
-        if not _unbacked(batch) and hint(batch) > batch_limit:
+        if not unbacked(batch) and hint(batch) > batch_limit:
             return f"batch {hint(batch)} > {batch_limit}: the recurrence kernel holds the whole batch"
         members = {n for step in chain for n in (step.cat, step.linear, step.tanh)}
         moving = xs + _params(chain[0])
