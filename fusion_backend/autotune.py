@@ -44,6 +44,9 @@ class Choice:
     source: str                     # "tuned" | "cache" | "heuristic" | "fixed" | "fallback"
     fused_ms: Optional[float] = None
     unfused_ms: Optional[float] = None
+    #: the budget that cut this choice's search short (None: every config was timed); a caller
+    #: with a larger budget searches again
+    partial_budget_s: Optional[float] = dataclasses.field(default=None, compare=False)
     kwargs: Optional[dict] = dataclasses.field(default=None, repr=False, compare=False)  # launch kwargs, memoized
     #: where the unfused path won: the fastest fused config (a tie inside FUSED_MARGIN may still
     #: be fused, for the run-time trial to settle: `patterns._common.tuned_unfused_reason`)
@@ -153,14 +156,19 @@ def _number(v) -> bool:
 
 
 def _finite(v) -> bool:
-    """A number that is not NaN or infinite (JSON files may hold NaN and Infinity)."""
-    return _number(v) and math.isfinite(v)
+    """A number that is not NaN or infinite (JSON files may hold NaN and Infinity, and integers
+    too large for a float)."""
+    try:
+        return _number(v) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _times_ok(entry: dict) -> bool:
-    """Whether a cache entry's times are numbers or absent (a hand-edited or foreign entry is
-    tuned again rather than failing later, in explain() or the run-time trial's rule)."""
-    return all(entry.get(k) is None or _number(entry.get(k)) for k in ("fused_ms", "unfused_ms"))
+    """Whether a cache entry's times are finite, non-negative numbers or absent (a hand-edited
+    or foreign entry is tuned again rather than failing later, in explain() or the run-time
+    trial's rule: a NaN or negative time turned the trial on, 10**400 raised in it)."""
+    return all(entry.get(k) is None or (_finite(entry.get(k)) and entry.get(k) >= 0) for k in ("fused_ms", "unfused_ms"))
 
 
 @contextlib.contextmanager
@@ -273,11 +281,11 @@ class Tuner:
                autotune: bool, budget_s: float, run_fused: Callable[[dict], None],
                run_unfused: Optional[Callable[[], None]]) -> Choice:
         hit = self.choices.get(key)
-        if hit is not None and not (autotune and hit.source == "heuristic"):
+        if hit is not None and not _search_again(hit, autotune, budget_s):
             return hit
         with self._tuning:
             hit = self.choices.get(key)  # chosen by another thread while this one waited
-            if hit is not None and not (autotune and hit.source == "heuristic"):
+            if hit is not None and not _search_again(hit, autotune, budget_s):
                 return hit
             return self._choose(key, profile=profile, space=space, m=m, src_hash=src_hash, device_name=device_name,
                                 autotune=autotune, budget_s=budget_s, run_fused=run_fused, run_unfused=run_unfused)
@@ -297,8 +305,9 @@ class Tuner:
             return choice if capturing else self.record(key, choice)
 
         path, environment = cache_file(device_name), _environment(device_name)
-        # a decision made under another rule (margin, confirmation) is not reused
-        disk_key = f"{key}|src={src_hash}|rule={rule()}"
+        # a decision made under another rule (margin, confirmation) or over another config
+        # space (a config added since could be the fastest) is not reused
+        disk_key = f"{key}|src={src_hash}|rule={rule()}|space={_space_hash(space)}"
         entry = previous = _read(path, environment).get(disk_key)
         # a cached config must still be in the space (spaces change between releases); the
         # space's own entry is served (JSON turned its tuples into lists)
@@ -311,11 +320,19 @@ class Tuner:
             config = None if cached is None else space[stored.index(cached)]
             runner_up = entry.get("runner_up")
             runner_up = space[stored.index(runner_up)] if runner_up in stored else None
+            partial = entry["partial_budget_s"] if _partial_tries(entry) else None
             return self.record(key, Choice(config, "cache", entry.get("fused_ms"), entry.get("unfused_ms"),
-                                           runner_up=runner_up))
+                                           runner_up=runner_up, partial_budget_s=partial))
 
         choice, complete = self._tune(key, config_spaces.search_order(space), budget_s, run_fused, run_unfused)
         stats["tuned"] += 1
+        if not complete:
+            choice.partial_budget_s = budget_s
+        if choice.config is None and choice.fused_ms is None:
+            # every fused config failed (an out-of-memory or a compile hiccup may pass): this
+            # process runs unfused, the next one tries again (on disk it read as "unfused is
+            # faster" for good, without a fused time ever measured)
+            return self.record(key, choice)
         entry = {"config": choice.config, "fused_ms": choice.fused_ms, "unfused_ms": choice.unfused_ms,
                  "runner_up": choice.runner_up}
         if not complete:
@@ -400,8 +417,21 @@ def _searched_enough(entry: dict, budget_s: float) -> bool:
     return not tries or (tries >= PARTIAL_TRIES and budget_s <= entry["partial_budget_s"])
 
 
+def _search_again(hit: Choice, autotune: bool, budget_s: float) -> bool:
+    """Whether a choice made in this process does not serve a caller with this budget: a
+    heuristic pick where tuning is asked for, or a search cut short by a smaller budget (as
+    `_searched_enough` decides for the disk cache)."""
+    if not autotune:
+        return False
+    return hit.source == "heuristic" or (hit.partial_budget_s is not None and budget_s > hit.partial_budget_s)
+
+
 def _jsonable(space):
     return json.loads(json.dumps(space))
+
+
+def _space_hash(space) -> str:
+    return hashlib.sha1(json.dumps(_jsonable(space), sort_keys=True).encode()).hexdigest()[:12]
 
 
 TUNER = Tuner()

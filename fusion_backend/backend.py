@@ -380,14 +380,18 @@ def _no_trial_reason(report: GraphReport, profile, opts: Options) -> str:
 
 
 def _trial_decided(report: GraphReport):
-    def decided(fused_ms: float, unfused_ms: float, keep_fused: bool):
-        times = (f"{fused_ms:.4f} ms/call fused vs {unfused_ms:.4f} unfused "
-                 f"(median of blocks of {_trial.TRIAL_BLOCK} back-to-back calls)")
+    def decided(fused_ms: Optional[float], unfused_ms: Optional[float], keep_fused: bool):
+        if fused_ms is None:  # the other graph raised during the trial
+            times = f"the {'original' if keep_fused else 'fused'} graph raised during the trial"
+        else:
+            times = (f"{fused_ms:.4f} ms/call fused vs {unfused_ms:.4f} unfused "
+                     f"(median of blocks of {_trial.TRIAL_BLOCK} back-to-back calls)")
         if keep_fused:
             report.note = f"run-time trial: fused graph kept, {times}"
         else:
             report.note = f"run-time trial: original graph kept, {times}"
-            _unfuse(report, f"run-time trial: the whole graph ran faster unfused ({times}): left to Inductor")
+            why = times if fused_ms is None else f"the whole graph ran faster unfused ({times})"
+            _unfuse(report, f"run-time trial: {why}: left to Inductor")
         log.info("fusedtriton: %s", report.note)
 
     return decided

@@ -85,7 +85,8 @@ class GraphTrial:
     then in alternating blocks of `block` back-to-back calls until each has had `calls` timed
     calls (rounded up to whole blocks), then sends every call to the faster one (by the median
     of its blocks' time per call; the fused graph on a tie) and calls `on_decided(fused_ms,
-    unfused_ms, keep_fused)` once."""
+    unfused_ms, keep_fused)` once. A graph that raises during the trial loses it (the times
+    are then None)."""
 
     def __init__(self, fused: Callable, unfused: Callable, on_decided: Callable, calls: int = TRIAL_CALLS,
                  clock=None, block: int = TRIAL_BLOCK):
@@ -120,7 +121,11 @@ class GraphTrial:
             return (self.chosen or self.graphs[0])(*args)
         n = self.count
         if n < 2:  # the first call of each graph warms it up
-            out = self.graphs[n](*args)
+            try:
+                out = self.graphs[n](*args)
+            except Exception:
+                self._lost(n)
+                raise
             self.count = n + 1
             return out
         block, i = divmod(n - 2, self.block)
@@ -129,16 +134,28 @@ class GraphTrial:
             if i == 0:
                 self._start = self.clock.start()
             out = self.graphs[which](*args)
-        except BaseException:
+        except BaseException as exc:
             # a call that raised (or a Ctrl-C while the clock waited for the GPU) leaves no half
             # block behind: its span would start at another block's event, or at none
             self._drop_open_block()
+            if isinstance(exc, Exception):
+                self._lost(which)
             raise
         self.count = n + 1
         if i == self.block - 1:
             self.spans[which].append(self.clock.stop(self._start))
             self._start = None
         return out
+
+    def _lost(self, which: int):
+        """Graph `which` raised (e.g. out of memory: the original graph keeps intermediates the
+        fused one does not): the other one runs from now on. This call's error still reaches
+        the caller: the graph may have written its inputs before it failed, so running the
+        other one on them could apply those writes twice. Retrying the failed graph on every
+        call instead made a model unusable that the other graph runs."""
+        self.chosen = self.graphs[1 - which]
+        self.graphs, self.spans = (self.chosen,), ([], [])
+        self.on_decided(None, None, which == 1)
 
     def _drop_open_block(self):
         """Rewind to the first call of a block that has started but not stopped."""

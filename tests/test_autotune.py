@@ -223,6 +223,35 @@ def test_failing_candidates_are_not_chosen(tmp_cache):
     assert choice.config is None and choice.unfused_ms == 9.0 and choice.fused_ms is None
 
 
+@pytest.mark.kernel_failure_expected  # every candidate fails on purpose
+def test_a_search_where_every_fused_config_failed_is_not_cached(tmp_cache):
+    """Every candidate failing (an out-of-memory or compile hiccup that may pass) leaves this
+    process unfused, but is not written to disk: it was served to every later process as
+    "unfused is faster", for good, without a fused time ever measured."""
+    failing = [True]
+
+    def flaky(config):
+        if failing[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return fused_times()(config)
+
+    tuner = Tuner(timer=stub_timer)
+    first = choose(tuner, run_fused=flaky)
+    assert first.config is None and first.fused_ms is None and choose(tuner, run_fused=flaky) is first
+    failing[0] = False
+    again = choose(Tuner(timer=stub_timer), run_fused=flaky)  # the next process
+    assert again.source == "tuned" and again.config is SPACE[2]
+
+
+def test_a_cached_choice_is_not_served_for_a_grown_space(tmp_cache):
+    """A config added to the space since the key was tuned (a new release) is timed: the cached
+    choice, made without it, used to be served as long as its own config was still there."""
+    slow = lambda config: 5.0  # noqa: E731
+    assert choose(Tuner(timer=stub_timer), space=SPACE[:3], run_fused=slow).config is None
+    grown = choose(Tuner(timer=stub_timer), run_fused=lambda c: 0.1 if c is SPACE[5] else 5.0)
+    assert grown.source == "tuned" and grown.config is SPACE[5]
+
+
 def test_respects_time_budget(tmp_cache, monkeypatch):
     class Clock:
         now = 0.0
@@ -276,6 +305,33 @@ def test_a_search_cut_short_serves_only_callers_with_no_larger_budget(tmp_cache,
     # complete now: every budget takes it
     again = choose(Tuner(timer=one_second_each), budget_s=2.5, **kw)
     assert again.source == "cache" and again.config is SPACE[last]
+
+
+def test_a_search_cut_short_in_this_process_is_searched_again_for_a_larger_budget(tmp_cache, monkeypatch):
+    """In one process too (two models with different tune_budget_s sharing a key): the
+    in-memory choice of a cut-short search used to answer before any budget check."""
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(autotune, "time", clock)
+
+    def one_second_each(fn):
+        clock.now += 1.0
+        return fn()
+
+    last = len(SPACE) - 1
+    kw = dict(run_fused=fused_times(fastest=last), run_unfused=lambda: 50.0)
+    tuner = Tuner(timer=one_second_each)
+    short = choose(tuner, budget_s=2.5, **kw)
+    assert short.config is SPACE[0] and choose(tuner, budget_s=2.5, **kw) is short
+    assert choose(tuner, budget_s=1.0, **kw) is short
+    full = choose(tuner, budget_s=1e9, **kw)
+    assert full.source == "tuned" and full.config is SPACE[last]
+    assert choose(tuner, budget_s=2.5, **kw) is full
 
 
 def test_one_key_is_tuned_once_and_searches_do_not_overlap(tmp_cache):
@@ -496,10 +552,11 @@ def test_bad_cache_file_is_ignored_with_one_warning(kind, tmp_cache, caplog):
     assert any(k.startswith(KEY + "|src=") for k in data["entries"])
 
 
-@pytest.mark.parametrize("bad", ["0.5", [1], True])
+@pytest.mark.parametrize("bad", ["0.5", [1], True, math.nan, math.inf, -5.0, 10 ** 400])
 def test_cache_entry_with_bad_times_is_tuned_again(bad, tmp_cache):
-    """A hand-edited entry whose times are not numbers is tuned again, not served (describe()
-    and the run-time trial's rule would fail on it later)."""
+    """A hand-edited entry whose times are not finite, non-negative numbers is tuned again, not
+    served (describe() and the run-time trial's rule would fail on it later: NaN and negative
+    times turned the trial on, 10**400 raised OverflowError inside the backend)."""
     choose(Tuner(timer=stub_timer))
     path = _cache_path()
     with open(path) as f:
@@ -642,7 +699,7 @@ def test_concurrent_writers_keep_every_key(tmp_cache):
     with open(_cache_path()) as f:
         data = json.load(f)
     assert data["schema"] == 1
-    rule = f"|rule={autotune.rule()}"
+    rule = f"|rule={autotune.rule()}|space={autotune._space_hash(SPACE)}"
     expected = {make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=w, N=j) + "|src=src1" + rule
                 for w in range(workers) for j in range(n_keys)}
     assert set(data["entries"]) == expected

@@ -138,6 +138,35 @@ def test_a_call_that_raises_inside_a_block_drops_that_block(where):
     assert decisions == [(1.0, 2.0, True)] and run() == "F"
 
 
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("when", ["warm-up", "block"])
+def test_a_graph_that_raises_loses_the_trial(which, when):
+    """A graph that raises during the trial (the original one out of memory where it keeps an
+    intermediate the fused one does not): that call's error reaches the caller, and the other
+    graph runs from then on. The failing graph's warm-up call used to be retried at every
+    call, so the model never ran again."""
+    fused, unfused, calls = _graphs()
+    decisions = []
+    ran = [0]
+
+    def failing(*args):
+        ran[0] += 1
+        if when == "warm-up" or ran[0] > 1:  # "block": its warm-up call passes
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return "X"
+
+    graphs = [fused, unfused]
+    graphs[which] = failing
+    run = trial.as_compiled_fn(trial.GraphTrial(*graphs, lambda *d: decisions.append(d), calls=4,
+                                                clock=FakeClock(block=2), block=2))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        for _ in range(10):
+            run()
+    assert decisions == [(None, None, which == 1)]
+    assert [run() for _ in range(5)] == ["U" if which == 0 else "F"] * 5
+    assert ran[0] == (1 if when == "warm-up" else 2)
+
+
 def test_the_losing_graph_is_released():
     import gc
     import weakref

@@ -771,6 +771,9 @@ def tuned_unfused_reason(ctx, key, call_op, call_unfused, static_shapes: bool = 
         call_op()
         choice = autotune.TUNER.lookup(key)
         if choice is not None and choice.config is None:
+            if choice.fused_ms is None and choice.source == "tuned":
+                return (f"every fused config failed to compile or launch here ({choice.describe()}; "
+                        "the log at INFO names the errors): left to Inductor")
             if not _fuse_for_the_trial(ctx, key, choice, static_shapes):
                 return f"unfused path is faster here ({choice.describe()}): left to Inductor"
         if ctx.options.cudagraphs or inline_meta(ctx, key, static_shapes) is not None:
