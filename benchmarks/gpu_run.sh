@@ -10,5 +10,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q tests/test_gpu.py tests/test_launch_host.py tests/test_opcheck.py ${GPU_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 benchmarks/bench.py ${BENCH_ARGS:-} --json "$OUT/bench.json" --cases "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{"case"'
+  # no cases named: every case (`--cases` with nothing after it would select none)
+  python3 benchmarks/bench.py ${BENCH_ARGS:-} --json "$OUT/bench.json" ${1:+--cases "$@"} 2>&1 | tee "$OUT/bench.log" | grep -v '^{"case"'
 fi
