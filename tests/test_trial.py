@@ -513,6 +513,21 @@ def test_a_tie_is_fused_for_the_trial_only_where_it_launches_inline(case):
         assert not ctx.trial_configs and not ctx.launch_bound
 
 
+def test_a_site_whose_fused_configs_all_failed_says_so():
+    """A key whose every fused config failed to compile or launch: the reason says that (it
+    said "unfused path is faster here" without a fused time ever measured)."""
+    from fusion_backend import autotune
+    from fusion_backend.patterns._common import tuned_unfused_reason
+
+    key = "test-all-failed"
+    autotune.TUNER.record(key, autotune.Choice(None, "tuned", None, 0.5))
+    try:
+        why = tuned_unfused_reason(_TieCtx(), key, lambda: None, lambda: None)
+    finally:
+        autotune.TUNER.choices.pop(key, None)
+    assert why.startswith("every fused config failed to compile or launch here") and "faster" not in why
+
+
 # ----------------------------------------------------------------------------- sites needing a backward
 
 @needs_interpreter
