@@ -22,6 +22,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
                                        store_cell_tile, tanh, tile_ids)
 
+from . import _checks
 from ._common import (INLINE_MAX_FLOP, Replay, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op,
                       define_op, descriptor, gemm_flop, gluon_code, grad_mode_problem, hint, inline_meta, launch,
                       linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses, size_text, space,
@@ -274,6 +275,7 @@ def _launch_pointer(kernel, xs, weight, bias, out, config, precision, apply_tanh
 
 
 def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name):
+    _checks.cat_linear(name, xs, weight, bias, precision, MAX_SEGMENTS if apply_tanh else 1)
     x0 = xs[0]
     M, N = x0.shape[0], weight.shape[0]
     out = torch.empty((M, N), device=x0.device, dtype=x0.dtype)
@@ -388,6 +390,8 @@ cat_linear_tanh_saving = define_op("cat_linear_tanh_saving", _SCHEMA_ARGS + " ->
 def inline_forward(xs, weight, bias, precision, meta, apply_tanh=True):
     """The pointer kernel with its config fixed at compile time (`_common.inline_meta`),
     launched through `wrap_triton`: the body of the inline ops here and in cell_h2o."""
+    _checks.cat_linear("cat_linear_tanh_inline" if apply_tanh else "cell_h2o_inline", xs, weight, bias, precision,
+                       MAX_SEGMENTS if apply_tanh else 1)
     out = xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
     if xs[0].shape[0] == 0:
         return out

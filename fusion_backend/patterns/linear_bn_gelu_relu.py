@@ -24,6 +24,7 @@ from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_segment, grouped_tile, opaque_zeros,
                                        ptx_cvt, relu, store_eval_tile, tile_ids)
 
+from . import _checks
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gemm_flop, gluon_code, grad_mode_problem, grad_modes, grad_on, heuristic_kwargs, hint,
                       inline_meta, launch, linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses,
@@ -395,6 +396,8 @@ def eval_space(profile, dtype, precision, flop=math.inf):
 
 def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate,
                  precision, autotune_on=True, budget=30.0):
+    _checks.linear_bn(NAME + "_eval", x, weight, bias, gamma, beta, running_mean, running_var, approximate,
+                      precision, training=False)
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -418,6 +421,8 @@ def eval_keep_y_forward(x, weight, bias, gamma, beta, running_mean, running_var,
     """The eval forward for a site whose backward will run (eval-mode BatchNorm with
     gradients: fine-tuning with frozen statistics): (out, the Linear's output), the latter
     stored by the same kernel's epilogue, kept for the backward. Pointer kernels only."""
+    _checks.linear_bn(NAME + "_eval_keep_y", x, weight, bias, gamma, beta, running_mean, running_var, approximate,
+                      precision, training=False)
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -458,6 +463,7 @@ def _kept_y(x, N, keep_y):
 def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, autotune_on=True, budget=30.0,
                   keep_y=False):
     """Returns (out, batch mean, biased batch variance, the Linear's output if keep_y else empty)."""
+    _checks.linear_bn(NAME + "_train", x, weight, bias, gamma, beta, None, None, approximate, precision, training=True)
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -553,6 +559,9 @@ def _setup_eval(ctx, inputs, output):
     out, *kept_y = output if isinstance(output, tuple) else (output,)
     ctx.eps, ctx.approximate = eps, approximate
     ctx.save_for_backward(x, weight, bias, gamma, beta, out, running_mean, running_var, *kept_y)
+    # the kept Linear output is for the backward only: a gradient through it would be dropped
+    # (a direct call's y.sum().backward() gave x.grad 0), so it takes none
+    ctx.mark_non_differentiable(*kept_y)
 
 
 def _backward_eval(ctx, grad_out):
@@ -575,6 +584,8 @@ def _eval_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  meta: List[int]) -> torch.Tensor:
     """The eval op's fused path with its config fixed at compile time (`meta`, see
     `_common.inline_meta`): Inductor emits this kernel launch in the compiled graph's code."""
+    _checks.linear_bn(NAME + "_eval_inline", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                      approximate, precision, training=False)
     out = x.new_empty((x.shape[0], weight.shape[0]))
     _launch_eval_inline(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
                         meta, out)
@@ -618,6 +629,8 @@ def _eval_keep_y_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                         running_var: torch.Tensor, eps: float, approximate: str, precision: str,
                         meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """`eval_keep_y_forward`'s fused path with its config fixed at compile time (see `_eval_inline`)."""
+    _checks.linear_bn(NAME + "_eval_keep_y_inline", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                      approximate, precision, training=False)
     out = x.new_empty((x.shape[0], weight.shape[0]))
     y = x.new_empty((x.shape[0], weight.shape[0]))
     _launch_eval_inline(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
@@ -638,6 +651,10 @@ def _setup_train(ctx, inputs, output):
     out, mean, var, kept_y = output
     ctx.eps, ctx.approximate = eps, approximate
     ctx.save_for_backward(x, weight, bias, gamma, beta, out, mean, var, kept_y)
+    # the batch statistics feed the running-statistics update (no gradient in eager either) and
+    # the kept Linear output the backward: gradients through them would be dropped (a direct
+    # call's (mean + var).sum().backward() gave x.grad 0), so they take none
+    ctx.mark_non_differentiable(mean, var, kept_y)
 
 
 def _backward_train(ctx, grad_out, _grad_mean, _grad_var, _grad_kept_y):
@@ -650,6 +667,8 @@ def _train_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   precision: str, meta: List[int], keep_y: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The train op's fused path with its config fixed at compile time (see `_eval_inline`)."""
+    _checks.linear_bn(NAME + "_train_inline", x, weight, bias, bn_weight, bn_bias, None, None, approximate, precision,
+                      training=True)
     M, N = x.shape[0], weight.shape[0]
     out = x.new_empty((M, N))
     mean = x.new_empty((N,), dtype=torch.float32)

@@ -24,6 +24,7 @@ from fusion_backend.normalize import example_value
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
+from . import _checks
 from ._common import (backward_will_run, cdiv, define_op, draws_random, grad_modes, hint, kernel_kwargs, log, size_text,
                       space, static_size, unbacked, writes_in_place, written_inside)
 from .cat_linear_tanh import CatLinearTanh, _Match
@@ -112,6 +113,7 @@ def _rnn_recurrence_kernel(p_ptr, w_ptr, hs_ptr, sync_ptr, T, B, H,
 def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: str) -> torch.Tensor:
     """(T+1, B, H) in h0's dtype: row 0 is h0, row t+1 is h_t. p (the input projections, fp32
     for fp16/bf16 cells) is added in fp32."""
+    _checks.recurrence("rnn_recurrence", p, h0, w_h, precision)
     T, B, H = p.shape
     hs = torch.empty((T + 1, B, H), device=p.device, dtype=h0.dtype)
     hs[0].copy_(h0)
