@@ -45,7 +45,7 @@ def release_graphs() -> None:
 _UNSET = object()
 
 
-def explain(model, *args, mode=_UNSET, options=_UNSET, **kwargs):
+def explain(model, *args, mode=_UNSET, options=_UNSET, model_kwargs=None, **kwargs):
     """Compile `model` with fusedtriton, run it once on (*args, **kwargs), and report:
     the device profile, each fused site (pattern, shapes, dtype, precision, chosen config)
     and each near-miss with its reason. `print(report)` reads well. The call is a real one: a
@@ -54,7 +54,9 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, **kwargs):
     `model` may be the result of `torch.compile(..., backend="fusedtriton", mode=...,
     options=...)` or a module compiled in place (`module.compile(backend="fusedtriton", ...)`):
     its mode and options are used unless `mode=` or `options=` is given here (then neither is
-    taken from it). explain's own compile is not counted in `counters`."""
+    taken from it). explain's own compile is not counted in `counters`. Keyword arguments of
+    the model named `mode`, `options` or `model_kwargs` go in `model_kwargs={...}` (merged with
+    **kwargs)."""
     import torch
 
     from . import autotune
@@ -68,6 +70,13 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, **kwargs):
         mode, options = _compiled_settings(in_place if in_place is not None else model)
     else:
         mode, options = (None if mode is _UNSET else mode), (None if options is _UNSET else options)
+    if model_kwargs is not None:
+        if not isinstance(model_kwargs, dict):
+            raise TypeError(f"fusedtriton.explain: model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+        both = sorted(set(model_kwargs) & set(kwargs))
+        if both:
+            raise TypeError(f"fusedtriton.explain: {both} given both in model_kwargs and as keywords")
+        kwargs = {**kwargs, **model_kwargs}
     sink: list = []
     counted = collections.Counter(counters)
     if in_place is not None:

@@ -261,7 +261,8 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         raise
     except Exception as exc:  # the last net: whatever went wrong, Inductor gets the untouched graph
         warnings.warn(f"fusedtriton: rewriting the graph failed ({type(exc).__name__}: {exc}); "
-                      "compiling it unchanged with Inductor", RuntimeWarning)
+                      "compiling it unchanged with Inductor (results are Inductor's; please report this)",
+                      RuntimeWarning)
         counters.clear()
         counters.update(counted)  # the sites counted before the failure are not in the graph
         report = GraphReport(profile=profile.name, mode=opts.mode, note=f"rewrite failed: {exc}")
@@ -289,7 +290,9 @@ def fusedtriton(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
             return _compile_again(report, _restore(gm, original), example_inputs, mode, options, inline=False)
         # Never break what Inductor alone compiles: retry without our rewrites.
         warnings.warn(f"fusedtriton: Inductor failed on the rewritten graph ({type(exc).__name__}: {exc}); "
-                      "compiling the original graph instead", RuntimeWarning)
+                      "compiling the original graph instead (results are Inductor's; to skip the rewrite, leave "
+                      "the fused pattern out with options={'patterns': [...]}, fusion_backend.explain() names it; "
+                      "please report this)", RuntimeWarning)
         _unfuse(report, f"graph fell back to Inductor: {type(exc).__name__}")
         return _inductor_for(report, counted, _restore(gm, original), example_inputs, opts)
     if opts.cudagraphs:

@@ -106,7 +106,10 @@ class ExplainReport:
 
     def __str__(self) -> str:
         if not self.graphs:
-            return "fusedtriton explain: no graph compiled (Dynamo captured no tensor operations)"
+            return ("fusedtriton explain: no graph reached the backend (Dynamo captured no tensor operations, "
+                    "skipped the frame and ran it eagerly, e.g. at a graph break inside a loop, or the backend's "
+                    "error was suppressed by torch._dynamo.config.suppress_errors: TORCH_LOGS=graph_breaks and "
+                    "Dynamo's log say which)")
         lines = [f"fusedtriton explain: profile={self.profile}, {len(self.graphs)} graph(s), "
                  f"{len(self.fused)} fused site(s), {len(self.skipped)} not fused"]
         for n, g in enumerate(self.graphs):

@@ -818,4 +818,34 @@ def test_explain_of_a_call_that_compiles_no_graph():
     """`profile=[]` was printed where Dynamo captured nothing to compile."""
     report = fusion_backend.explain(lambda x: x, torch.randn(3))
     assert report.graphs == [] and report.profile is None
-    assert str(report) == "fusedtriton explain: no graph compiled (Dynamo captured no tensor operations)"
+    assert str(report).startswith("fusedtriton explain: no graph reached the backend (Dynamo captured no tensor")
+
+
+def test_explain_of_a_loop_dynamo_skips_does_not_blame_the_model():
+    """A graph break inside a loop makes Dynamo skip the frame and run it eagerly: the report
+    said "Dynamo captured no tensor operations", of a model full of them."""
+    def loop(x):
+        for _ in range(3):
+            x = torch.tanh(x @ x.t())
+            print(end="")
+        return x
+
+    report = fusion_backend.explain(loop, torch.randn(4, 4))
+    if report.graphs:
+        pytest.skip("this torch compiles the loop's pieces")
+    assert "ran it eagerly, e.g. at a graph break inside a loop" in str(report)
+
+
+def test_explain_takes_model_keywords_named_like_its_own():
+    """A model keyword named `mode` could not reach the model through explain(mode=...), which
+    is the backend's mode: `model_kwargs` carries it."""
+    class Switch(torch.nn.Module):
+        def forward(self, x, mode="relu", options=None):
+            return torch.relu(x) if mode == "relu" else -x
+
+    report = fusion_backend.explain(Switch(), torch.randn(3), model_kwargs={"mode": "neg", "options": 1})
+    assert len(report.graphs) == 1
+    with pytest.raises(TypeError, match=r"\['scale'\] given both in model_kwargs and as keywords"):
+        fusion_backend.explain(Switch(), torch.randn(3), model_kwargs={"scale": 2}, scale=2)
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        fusion_backend.explain(Switch(), torch.randn(3), model_kwargs=["neg"])
