@@ -157,3 +157,22 @@ def test_a_refused_direct_call_leaves_the_kernel_on_for_its_key():
     out = clt.cat_linear_tanh([x0, x1], w, b, "ieee", False, 1.0)
     ref = torch.tanh(torch.nn.functional.linear(torch.cat([x0, x1], 1).double(), w.double(), b.double()))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear_bn_gelu_relu_train", "linear_bn_gelu_relu_train_inline",
+                                  "linear_bn_gelu_relu_eval_keep_y", "linear_bn_gelu_relu_eval_keep_y_inline"])
+def test_extra_outputs_take_no_gradient(name):
+    """The batch statistics and the kept Linear output are for the graph's own use: a gradient
+    through them was silently dropped (x.grad 0 from (mean + var).sum().backward()); now they
+    do not require grad, so such a backward raises, and out's gradient is unchanged."""
+    x, w = _t(M, K).requires_grad_(), _t(N, K).requires_grad_()
+    train = "train" in name
+    args = (_train_args if train else _eval_args)(x=x, weight=w)
+    extra = ([False, 1.0, True] if train else [False, 1.0]) if "inline" not in name else (
+        [META, True] if train else [META])
+    out, *others = getattr(lbgr, name)(*args, *extra)
+    assert out.requires_grad and others and not any(t.requires_grad for t in others)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        sum(t.sum() for t in others).backward()
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
