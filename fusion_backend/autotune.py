@@ -281,11 +281,11 @@ class Tuner:
                autotune: bool, budget_s: float, run_fused: Callable[[dict], None],
                run_unfused: Optional[Callable[[], None]]) -> Choice:
         hit = self.choices.get(key)
-        if hit is not None and not _search_again(hit, autotune, budget_s):
+        if hit is not None and not search_again(hit, autotune, budget_s):
             return hit
         with self._tuning:
             hit = self.choices.get(key)  # chosen by another thread while this one waited
-            if hit is not None and not _search_again(hit, autotune, budget_s):
+            if hit is not None and not search_again(hit, autotune, budget_s):
                 return hit
             return self._choose(key, profile=profile, space=space, m=m, src_hash=src_hash, device_name=device_name,
                                 autotune=autotune, budget_s=budget_s, run_fused=run_fused, run_unfused=run_unfused)
@@ -417,7 +417,7 @@ def _searched_enough(entry: dict, budget_s: float) -> bool:
     return not tries or (tries >= PARTIAL_TRIES and budget_s <= entry["partial_budget_s"])
 
 
-def _search_again(hit: Choice, autotune: bool, budget_s: float) -> bool:
+def search_again(hit: Choice, autotune: bool, budget_s: float) -> bool:
     """Whether a choice made in this process does not serve a caller with this budget: a
     heuristic pick where tuning is asked for, or a search cut short by a smaller budget (as
     `_searched_enough` decides for the disk cache)."""

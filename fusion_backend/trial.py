@@ -37,6 +37,8 @@ TRIAL_BELOW_MS = 1.0
 TRIAL_CALLS = 12
 #: back-to-back calls of one graph per timed block (the graphs alternate block by block)
 TRIAL_BLOCK = 4
+#: calls of one graph in a row that raised (not out of memory) before it loses the trial
+FAILURES_TO_LOSE = 3
 
 
 class CudaClock:
@@ -98,6 +100,7 @@ class GraphTrial:
         self.spans: tuple = ([], [])
         self.count = 0
         self._start = None
+        self._failures = [0, 0]  # calls of each graph that raised in a row
         self.chosen: Optional[Callable] = None
         # calls from several threads take turns until the decision (blocks, spans and the
         # decision are one sequence); re-entrant, should a graph call back into the model
@@ -123,9 +126,10 @@ class GraphTrial:
         if n < 2:  # the first call of each graph warms it up
             try:
                 out = self.graphs[n](*args)
-            except Exception:
-                self._lost(n)
+            except Exception as exc:
+                self._raised(n, exc)
                 raise
+            self._failures[n] = 0
             self.count = n + 1
             return out
         block, i = divmod(n - 2, self.block)
@@ -139,20 +143,30 @@ class GraphTrial:
             # block behind: its span would start at another block's event, or at none
             self._drop_open_block()
             if isinstance(exc, Exception):
-                self._lost(which)
+                self._raised(which, exc)
             raise
+        self._failures[which] = 0
         self.count = n + 1
         if i == self.block - 1:
             self.spans[which].append(self.clock.stop(self._start))
             self._start = None
         return out
 
+    def _raised(self, which: int, exc: Exception):
+        """Graph `which` raised. Out of memory (the original graph keeps intermediates the
+        fused one does not), or FAILURES_TO_LOSE calls of it in a row: it loses, the other
+        one runs from now on (retrying it at every call made a model unusable that the other
+        graph runs). Anything else once is taken for the call's own error (a bad index in
+        the caller's input raises in both graphs alike: it used to end the trial against the
+        fused graph). The error still reaches the caller: the graph may have written its
+        inputs before it failed, so running the other one on them could apply those writes twice."""
+        import torch
+
+        self._failures[which] += 1
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or self._failures[which] >= FAILURES_TO_LOSE:
+            self._lost(which)
+
     def _lost(self, which: int):
-        """Graph `which` raised (e.g. out of memory: the original graph keeps intermediates the
-        fused one does not): the other one runs from now on. This call's error still reaches
-        the caller: the graph may have written its inputs before it failed, so running the
-        other one on them could apply those writes twice. Retrying the failed graph on every
-        call instead made a model unusable that the other graph runs."""
         self.chosen = self.graphs[1 - which]
         self.graphs, self.spans = (self.chosen,), ([], [])
         self.on_decided(None, None, which == 1)

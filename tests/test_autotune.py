@@ -334,6 +334,41 @@ def test_a_search_cut_short_in_this_process_is_searched_again_for_a_larger_budge
     assert choose(tuner, budget_s=2.5, **kw) is full
 
 
+def test_a_launch_with_a_larger_budget_searches_again(tmp_cache, monkeypatch):
+    """What the ops call (`_common.launch`) used to serve any choice it had, a search cut short
+    by a smaller tune_budget_s (another model's, or another op sharing the key) included."""
+    from fusion_backend.patterns import _common
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(autotune, "time", clock)
+
+    def one_second_each(fn):
+        clock.now += 1.0
+        return fn()
+
+    monkeypatch.setattr(autotune, "TUNER", Tuner(timer=one_second_each))
+    last = len(SPACE) - 1
+    launched = [_common.kernel_kwargs(c, PROFILE) for c in SPACE]
+    pretend = fused_times(fastest=last)
+
+    def launch(budget):
+        return _common.launch(KEY, ctx_args=(PROFILE, True, budget, torch.device("cpu")), space=lambda: SPACE, m=M,
+                              run_fused=lambda kw: pretend(SPACE[launched.index(kw)]), run_unfused=lambda: 50.0,
+                              run_reference=lambda: None, src_hash="src1")
+
+    launch(2.5)
+    assert autotune.TUNER.lookup(KEY).config is SPACE[0]
+    launch(2.5)
+    assert autotune.TUNER.lookup(KEY).config is SPACE[0]
+    assert launch(1e9) == 0.5 and autotune.TUNER.lookup(KEY).config is SPACE[last]
+
+
 def test_one_key_is_tuned_once_and_searches_do_not_overlap(tmp_cache):
     """Two threads meeting one untuned key: one searches, the other waits and takes its
     choice; no timing runs while another search's candidate runs."""

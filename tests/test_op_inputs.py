@@ -176,3 +176,15 @@ def test_extra_outputs_take_no_gradient(name):
         sum(t.sum() for t in others).backward()
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_device_without_a_profile_gets_the_forwards_own_error(monkeypatch):
+    """CPU without TRITON_INTERPRET (no profile): the checks' fast path raised AttributeError
+    where the op says to set TRITON_INTERPRET=1, and an empty batch, which returns empty, failed."""
+    monkeypatch.setattr(devices, "tensor_profile", lambda t: None)
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ch.cell_h2o(x, w, b, "ieee", False, 1.0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        lbgr.linear_bn_gelu_relu_eval(*_eval_args(x=x, weight=w, bias=b), False, 1.0)
+    assert ch.cell_h2o(x[:0], w, b, "ieee", False, 1.0).shape == (0, N)

@@ -167,6 +167,47 @@ def test_a_graph_that_raises_loses_the_trial(which, when):
     assert ran[0] == (1 if when == "warm-up" else 2)
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_callers_error_does_not_end_the_trial_but_a_graph_failing_each_call_loses(which):
+    """An error raised once (a bad index in the caller's input raises in both graphs) is that
+    call's: the trial goes on and times both graphs (it used to end the trial against the graph
+    that happened to run). A graph raising FAILURES_TO_LOSE calls in a row loses."""
+    fused, unfused, calls = _graphs()
+    decisions = []
+    fail = [1]
+
+    def sometimes(*args):
+        if fail[0]:
+            fail[0] -= 1
+            raise IndexError("index 7 is out of bounds for dimension 0 with size 3")
+        return "X"
+
+    graphs = [fused, unfused]
+    graphs[which] = sometimes
+    run = trial.as_compiled_fn(trial.GraphTrial(*graphs, lambda *d: decisions.append(d), calls=4,
+                                                clock=FakeClock(block=2), block=2))
+    with pytest.raises(IndexError):
+        run() if which == 0 else (run(), run())
+    for _ in range(2 + 8 + 1):  # warm-ups, 2 blocks of 2 each, the deciding call
+        run()
+    assert decisions == [(1.0, 2.0, True)]  # timed both, by the fake clock
+
+    fused, unfused, calls = _graphs()
+    decisions.clear()
+    fail[0] = 100
+    graphs = [fused, unfused]
+    graphs[which] = sometimes
+    run = trial.as_compiled_fn(trial.GraphTrial(*graphs, lambda *d: decisions.append(d), calls=4,
+                                                clock=FakeClock(block=2), block=2))
+    if which == 1:
+        run()  # the fused graph's warm-up
+    for _ in range(trial.FAILURES_TO_LOSE):
+        with pytest.raises(IndexError):
+            run()
+    assert decisions == [(None, None, which == 1)]
+    assert [run() for _ in range(3)] == ["U" if which == 0 else "F"] * 3
+
+
 def test_the_losing_graph_is_released():
     import gc
     import weakref

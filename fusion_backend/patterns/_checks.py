@@ -77,8 +77,15 @@ def _vector_ok(t, n, device) -> bool:
 
 
 def _fast_dtype_ok(t) -> bool:
-    """A GPU's dtypes without the profile lookup (every GPU profile takes all three)."""
-    return t.dtype in _DTYPE_NAMES and (t.is_cuda or _DTYPE_NAMES[t.dtype] in devices.tensor_profile(t).input_dtypes)
+    """A GPU's dtypes without the profile lookup (every GPU profile takes all three); a device
+    without a profile (CPU without the interpreter) takes the checks one by one, and then the
+    forward's own error naming TRITON_INTERPRET (an empty batch still returns empty)."""
+    if t.dtype not in _DTYPE_NAMES:
+        return False
+    if t.is_cuda:
+        return True
+    profile = devices.tensor_profile(t)
+    return profile is not None and _DTYPE_NAMES[t.dtype] in profile.input_dtypes
 
 
 def linear_bn(op: str, x, weight, bias, gamma, beta, running_mean, running_var, approximate, precision,

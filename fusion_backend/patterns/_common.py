@@ -426,7 +426,8 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
     small shapes are bound by host time. `replay` (a `Replay`): a fused launch tuned under
     `trial.TRIAL_BELOW_MS` of GPU time runs as a CUDA graph replay (`replay_launch`)."""
     choice = autotune.TUNER.choices.get(key)
-    if choice is None or (choice.source == "heuristic" and ctx_args[1]):
+    # a heuristic pick, or a search cut short by a smaller budget, where this caller tunes
+    if choice is None or (ctx_args[1] and autotune.search_again(choice, True, ctx_args[2])):
         profile, autotune_on, budget, device = ctx_args
         choice = autotune.TUNER.choose(
             key, profile=profile, space=space(), m=m, src_hash=src_hash,
