@@ -640,6 +640,42 @@ class BufferWrittenThroughAlias(nn.Module):
         return other
 
 
+class StateCopiedBack(nn.Module):
+    """Keeps its hidden state in a buffer, written back at the end of forward: the usual idiom
+    for carrying state across calls."""
+
+    def __init__(self, in_place_between=False):
+        super().__init__()
+        self.register_buffer("hidden", torch.randn(B, H))
+        self.i2h = nn.Linear(I + H, H)
+        self.in_place_between = in_place_between
+
+    def forward(self, x):
+        if self.in_place_between:
+            self.hidden.mul_(0.5)  # before the site: what the fused op reads, as eager's cat
+        new = torch.tanh(self.i2h(torch.cat((x, self.hidden), 1)))
+        self.hidden.copy_(new)
+        return new
+
+
+@pytest.mark.parametrize("in_place_between", [False, True], ids=["copy_back", "mul_before_and_copy_back"])
+def test_state_buffer_written_back_after_the_site_is_fused_without_a_backward(in_place_between):
+    """Without a backward, a write to an operand before the site is what the op reads and one
+    after it comes too late to matter: the site was refused ("input ... is mutated in the
+    graph"), and the KernelBench-style cell writing its state back stayed unfused."""
+    torch.manual_seed(27)
+    model = StateCopiedBack(in_place_between)
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    compiled = compile_(model)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(B, I)
+            out, e, r = compiled(x), eager(x), ref(x.double())
+            assert_matches(out, e, r)
+            assert_matches(model.hidden, eager.hidden, ref.hidden)
+    assert fusion_backend.counters[NAME] == 1
+
+
 @pytest.mark.parametrize("how", [".data", "view"])
 def test_cat_operand_written_through_an_alias_after_the_site(how):
     """The cell's op saves its cat operands for dW (eager's cat is a copy): a write to the

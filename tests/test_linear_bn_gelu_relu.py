@@ -861,6 +861,34 @@ class WritesBnBiasData(LBGR):
         return out
 
 
+class DriftsStatistics(LBGR):
+    """Eval mode, then writes the running mean and the Linear's bias in place after the block
+    (a drift or decay done in forward)."""
+
+    def forward(self, x):
+        out = F.relu(F.gelu(self.bn(self.lin(x))))
+        self.bn.running_mean.add_(0.25)
+        self.lin.bias.mul_(0.5)
+        return out
+
+
+def test_direct_write_after_the_block_without_a_backward_is_fused():
+    """Without a backward, a write to an input after the site comes too late to matter: the
+    site was refused ("input ... is mutated in the graph"). Three calls, each reading what the
+    previous one wrote, as eager's do."""
+    torch.manual_seed(20)
+    model = randomize(DriftsStatistics()).eval()
+    eager, ref = copy.deepcopy(model), copy.deepcopy(model).double()
+    compiled = torch.compile(model, backend="fusedtriton")
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(M, K)
+            assert_matches(compiled(x), eager(x), ref(x.double()))
+            assert_matches(model.bn.running_mean, eager.bn.running_mean, ref.bn.running_mean, "running_mean")
+            assert_matches(model.lin.bias, eager.lin.bias, ref.lin.bias, "bias")
+    assert fusion_backend.counters[NAME] == 1
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_alias_write_after_the_block_with_a_backward_is_not_fused(train):
     """With a backward to run, a `.data` write to an input after the site leaves it unfused (the

@@ -495,11 +495,14 @@ class CatLinearTanh(Pattern):
         if written:  # (the more precise reason of the two)
             return written
         # the op saves its operands for dW (eager's cat is a copy): with a backward to run, a
-        # later write through an alias (`.data`, a view) would change what dW reads
-        saved = backward_will_run(m.cat, tensors + [m.weight, m.bias])
-        for node in tensors + [m.weight, m.bias]:
-            if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=saved):
-                return f"input {node.name} is mutated in the graph"
+        # later write (also through an alias: `.data`, a view) could change what dW reads.
+        # Without one, a write before the site is what the op reads, as eager does, and one
+        # after it comes too late to matter (a state buffer's `self.h.copy_(h.detach())` at the
+        # end of forward was refused)
+        if backward_will_run(m.cat, tensors + [m.weight, m.bias]):
+            for node in tensors + [m.weight, m.bias]:
+                if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=True):
+                    return f"input {node.name} is mutated in the graph"
         return None
 
     @staticmethod

@@ -808,13 +808,15 @@ class LinearBnGeluRelu(Pattern):
         # BatchNorm's place, as eager reads them): a shared BatchNorm's first site writing them
         # does not concern the second
         inputs = (m.x, m.weight, m.bias, m.gamma, m.beta) + (() if m.training else (m.running_mean, m.running_var))
-        # with a backward to run, also a write through an alias (`.data`, a view) after the site:
-        # the op's backward recomputes the BatchNorm's output from b, gamma and beta as they are
-        # then, where eager's saved it
-        saved = needs_backward(m)
-        for node in inputs:
-            if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=saved):
-                return f"input {node.name} is mutated in the graph"
+        # with a backward to run, a write after the site (also through an alias: `.data`, a
+        # view): the op's backward recomputes the BatchNorm's output from b, gamma and beta as
+        # they are then, where eager's saved it. Without one, a write before the site is what
+        # the op reads, as eager does, and one after it comes too late to matter (a state
+        # buffer's `copy_` at the end of forward was refused)
+        if needs_backward(m):
+            for node in inputs:
+                if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=True):
+                    return f"input {node.name} is mutated in the graph"
         written = written_inside(m.linear, m.relu, inputs)
         if written:
             return written
