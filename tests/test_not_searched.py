@@ -5,6 +5,8 @@ the report names the reason (it said "no pattern's structure in this graph", or 
 internal error, or nothing).
 Tiny shapes: the kernels run under Triton's interpreter (conftest).
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -211,3 +213,74 @@ def test_random_w_per_step_gets_no_caching_advice():
         report = fusion_backend.explain(DropConnect(), torch.randn(3, 4, 6), torch.randn(4, 8))
     assert not [s for s in report.fused + report.skipped if s.pattern == "rnn_sequence"], str(report)
     assert [s.pattern for s in report.fused] == ["cat_linear_tanh"] * 3, str(report)
+
+
+class ViewedWeights(nn.Module):
+    """An unrolled RNN whose steps each take W as a view of a stored tensor: a slice of a packed
+    weight, or a weight stored (in, out) and transposed."""
+
+    def __init__(self, how, I=5, H=7, O=3):
+        super().__init__()
+        self.how, self.H = how, H
+        if how == "slice":
+            self.w_packed = nn.Parameter(0.3 * torch.randn(2 * H, I + H))
+        else:
+            self.w_io = nn.Parameter(0.3 * torch.randn(I + H, H))
+        self.b = nn.Parameter(torch.randn(H))
+        self.h2o = nn.Linear(H, O)
+
+    def forward(self, xs, h):
+        outs = []
+        for t in range(xs.shape[0]):
+            w = self.w_packed[:self.H] if self.how == "slice" else self.w_io.t()
+            h = torch.tanh(F.linear(torch.cat((xs[t], h), 1), w, self.b))
+            outs.append(self.h2o(h))
+        return torch.stack(outs), h
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("how", ["slice", "transpose"])
+def test_sequence_whose_steps_view_one_stored_weight_is_fused(how, grad):
+    """Each step's W is a view of one stored tensor (the same values): one sequence. It was
+    refused with advice to use parametrize.cached(), which cannot help there."""
+    torch.manual_seed(3)
+    model = ViewedWeights(how)
+    eager = copy.deepcopy(model)
+    ref = copy.deepcopy(model).double()
+    xs, h = torch.randn(4, 6, 5), torch.randn(6, 7)
+    fusion_backend.counters.clear()
+    compiled = torch.compile(model, backend="fusedtriton")
+    with torch.set_grad_enabled(grad):
+        got, want, exact = compiled(xs, h), eager(xs, h), ref(xs.double(), h.double())
+    for g, w, r in zip(got, want, exact):
+        assert_matches(g, w, r)
+    assert fusion_backend.counters["rnn_sequence"] == 1
+    if grad:
+        sum(t.sum() for t in got).backward()
+        sum(t.sum() for t in want).backward()
+        sum(t.sum() for t in exact).backward()
+        for p, e, r in zip(model.parameters(), eager.parameters(), ref.parameters()):
+            assert_matches(p.grad, e.grad, r.grad, "grad")
+
+
+def test_a_write_to_the_viewed_weight_between_steps_is_not_one_sequence():
+    """The steps' views read the stored tensor as it is at each step: a write to it between
+    steps (an in-place decay inside the loop) keeps the steps apart, and results match eager."""
+    class Decays(ViewedWeights):
+        def forward(self, xs, h):
+            for t in range(xs.shape[0]):
+                h = torch.tanh(F.linear(torch.cat((xs[t], h), 1), self.w_packed[:self.H], self.b))
+                self.w_packed.mul_(0.9)
+            return h
+
+    torch.manual_seed(4)
+    model = Decays("slice")
+    eager = copy.deepcopy(model)
+    xs, h = torch.randn(4, 6, 5), torch.randn(6, 7)
+    fusion_backend.counters.clear()
+    with torch.no_grad():
+        got = torch.compile(model, backend="fusedtriton")(xs, h)
+        want = eager(xs, h)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.w_packed, eager.w_packed)
+    assert fusion_backend.counters["rnn_sequence"] == 0

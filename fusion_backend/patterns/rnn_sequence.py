@@ -274,6 +274,30 @@ def _like_cell(a: _Match, b: _Match) -> bool:
     return a.dim == b.dim and _same_computation(a.weight, b.weight) and _same_computation(a.bias, b.bias)
 
 
+#: ops that only view their first argument (no arithmetic: every step's result is the same
+#: memory read the same way)
+_VIEW_OPS = frozenset(("getitem", "__getitem__", "t", "transpose", "permute", "view", "reshape", "narrow", "select",
+                       "expand", "detach", "unsqueeze", "squeeze"))
+
+
+def _view_of_stored(node) -> bool:
+    """Whether `node` (W or b, or None) is a graph input or attribute itself, or views of one."""
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name not in _VIEW_OPS or not node.args:
+            return False
+        node = node.args[0]
+    return node is None or (isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr"))
+
+
+def _same_weights(a: _Match, b: _Match) -> bool:
+    """One W and b, or each step's own view of the same stored tensors (`self.w_packed[:H]`, a
+    weight stored (in, out) and `.t()`-ed per step): the same values, so the first step's serve
+    all (a write to the stored tensor between steps is `_moved_across`'s to find). A W computed
+    per step (an uncached parametrization) is not: `check` says how to cache it."""
+    return _same_cell(a, b) or (_like_cell(a, b) and _view_of_stored(a.weight) and _view_of_stored(a.bias))
+
+
 def _same_computation(a, b, depth: int = 8) -> bool:
     """Whether `a` and `b` are one node, or calls of one target on arguments that are (up to
     `depth` calls deep)."""
@@ -361,7 +385,7 @@ class RnnSequence(Pattern):
         return max(chains, key=len) if chains else None
 
     def check(self, chain, ctx) -> Optional[str]:
-        if not all(_same_cell(step, chain[0]) for step in chain):
+        if not all(_same_weights(step, chain[0]) for step in chain):
             return ("each step computes W (or b) again (e.g. an uncached parametrization such as weight_norm): "
                     "run the loop under torch.nn.utils.parametrize.cached() to fuse it as one sequence")
         for step in chain:
