@@ -229,7 +229,11 @@ def smem_bytes(config: dict, family: str, elem_bytes: int, tf32x3: bool = False)
     BLOCK_K x BLOCK_N slice of W per stage; RESIDENT, the widest reduction `plan()` allows
     (RESIDENT_MAX_K at 16 rows), half as much again where the config may run 3xTF32
     (`tf32x3`: the split operands). Compiled sizes for sm_80/89/90 and gfx942 are at most these
-    (tests/test_config_spaces.py compiles the worst cases)."""
+    (tests/test_config_spaces.py compiles the worst cases), except Triton's own tf32x3 dot in
+    the GEMM tiles, which stages its split operands too: compiled for sm_90 / sm_100 (every
+    config of every profile, a review on 2026-11-24) up to 0.6 of one more stage over this
+    (64x256x32 s3: 147456 B vs 122880), every one still under its device's limit. Adding a
+    whole stage for it would drop a TMA 128x256x32 s4 tile that compiles to 213032 B of 232448."""
     if family == GEMM:
         stages = max(1, config["num_stages"])
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]

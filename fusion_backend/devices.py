@@ -65,12 +65,14 @@ def _get(props: Any, name: str, default=None):
 
 def from_properties(props: Any, is_hip: Optional[bool] = None) -> Optional[DeviceProfile]:
     """Map device properties (torch.cuda.get_device_properties or a dict of them) to a profile;
-    `is_hip` None: the properties' own `is_hip` (False where they have none).
+    `is_hip` None: the properties' own `is_hip`, or where they have none (torch's own property
+    object has none), whether they name a gfx architecture (an MI300X's were read as NVIDIA's).
 
     Returns None where the backend should not fuse: the graph then goes to Inductor untouched.
     """
     if is_hip is None:
-        is_hip = bool(_get(props, "is_hip", False))
+        own = _get(props, "is_hip", None)
+        is_hip = bool(own) if own is not None else str(_get(props, "gcnArchName", "") or "").startswith("gfx")
     sms = int(_get(props, "multi_processor_count", 0) or 0)
     smem = int(_get(props, "shared_memory_per_block_optin", 0) or _get(props, "shared_memory_per_block", 0) or 0)
     warp = int(_get(props, "warp_size", 64 if is_hip else 32) or (64 if is_hip else 32))

@@ -46,14 +46,13 @@ def _rel_err_fixture():
 # ----------------------------------------------------------------------------- device property sets
 
 def devices_dir():
-    """../shared/devices next to the checkout, else $FUSEDTRITON_DEVICES_DIR; None when neither exists."""
-    here = Path(__file__).resolve().parents[2] / "shared" / "devices"
-    if here.is_dir():
-        return here
+    """$FUSEDTRITON_DEVICES_DIR where it names a folder (it was ignored where ../shared/devices
+    exists), else ../shared/devices next to the checkout; None when neither exists."""
     env = os.environ.get("FUSEDTRITON_DEVICES_DIR")
     if env and Path(env).is_dir():
         return Path(env)
-    return None
+    here = Path(__file__).resolve().parents[2] / "shared" / "devices"
+    return here if here.is_dir() else None
 
 
 def device_files():
@@ -79,7 +78,7 @@ def profile_named(stem):
     from fusion_backend.devices import from_properties
 
     props = props_named(stem)
-    return from_properties(props, is_hip=props["is_hip"])
+    return from_properties(props, is_hip=props.get("is_hip"))
 
 
 def device_params():

@@ -20,7 +20,7 @@ def _profile_params():
             params.append(p)
             continue
         props = load_props(path)
-        profile = from_properties(props, is_hip=props["is_hip"])
+        profile = from_properties(props, is_hip=props.get("is_hip"))
         if profile is not None:
             params.append(pytest.param(profile, id=path.stem))
     params.append(pytest.param(INTERPRETER, id="interpreter"))
@@ -450,3 +450,12 @@ def test_from_properties_reads_is_hip_from_the_properties():
     assert from_properties(props).vendor == "amd" and from_properties(props).name == "mi300x"
     assert from_properties(props, is_hip=True) == from_properties(props)
     assert from_properties(props_named("h100-sxm")).vendor == "nvidia"
+
+
+def test_from_properties_without_is_hip_reads_the_architecture():
+    """torch's own property object has no `is_hip`: an MI300X's properties without it were
+    taken for an NVIDIA part (NVIDIA configs, num_stages 3, no recurrence config)."""
+    props = {k: v for k, v in props_named("mi300x").items() if k != "is_hip"}
+    assert from_properties(props).name == "mi300x"
+    h100 = {k: v for k, v in props_named("h100-sxm").items() if k != "is_hip"}
+    assert from_properties(h100).vendor == "nvidia"
