@@ -186,5 +186,7 @@ def test_a_device_without_a_profile_gets_the_forwards_own_error(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ch.cell_h2o(x, w, b, "ieee", False, 1.0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        lbgr.linear_bn_gelu_relu_eval(*_eval_args(x=x, weight=w, bias=b), False, 1.0)
+        lbgr.linear_bn_gelu_relu_eval(*_eval_args(x=x, weight=w, bias=b, bn_weight=torch.randn(N),
+                                                  bn_bias=torch.randn(N), running_mean=torch.randn(N),
+                                                  running_var=torch.rand(N) + 0.5), False, 1.0)
     assert ch.cell_h2o(x[:0], w, b, "ieee", False, 1.0).shape == (0, N)
