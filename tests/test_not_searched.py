@@ -284,3 +284,40 @@ def test_a_write_to_the_viewed_weight_between_steps_is_not_one_sequence():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(model.w_packed, eager.w_packed)
     assert fusion_backend.counters["rnn_sequence"] == 0
+
+
+@pytest.mark.parametrize("how", ["index", "reshape", "index_changed"])
+def test_a_per_step_copy_of_the_weight_is_not_taken_for_a_view(how):
+    """W taken per step by indexing with a tensor (a copy) or `reshape` of a strided tensor (a
+    copy): a write to the stored tensor, or to the index, between steps changes eager's later
+    W but not the first step's copy. The steps are not one sequence, and results match eager
+    (the sequence used the first copy for every step: outputs 0.47-0.64 off)."""
+    class Copies(nn.Module):
+        def __init__(self, I=5, H=7):
+            super().__init__()
+            self.w = nn.Parameter(0.3 * torch.randn(H, I + H))
+            self.w_io = nn.Parameter(0.3 * torch.randn(I + H, H))
+            self.register_buffer("perm", torch.arange(H).flip(0))
+            self.b = nn.Parameter(torch.randn(H))
+            self.shape = (H, I + H)
+
+        def forward(self, xs, h):
+            for t in range(xs.shape[0]):
+                w = self.w_io.t().reshape(-1).reshape(self.shape) if how == "reshape" else self.w[self.perm]
+                h = torch.tanh(F.linear(torch.cat((xs[t], h), 1), w, self.b))
+                if how == "index_changed":
+                    self.perm.copy_(self.perm.roll(1))
+                else:
+                    (self.w_io if how == "reshape" else self.w).mul_(0.5)
+            return h
+
+    torch.manual_seed(5)
+    model = Copies()
+    eager = copy.deepcopy(model)
+    xs, h = torch.randn(4, 3, 5), torch.randn(3, 7)
+    fusion_backend.counters.clear()
+    with torch.no_grad():
+        got = torch.compile(model, backend="fusedtriton")(xs, h)
+        want = eager(xs, h)
+    torch.testing.assert_close(got, want)
+    assert fusion_backend.counters["rnn_sequence"] == 0

@@ -281,13 +281,25 @@ _VIEW_OPS = frozenset(("getitem", "__getitem__", "t", "transpose", "permute", "v
 
 
 def _view_of_stored(node) -> bool:
-    """Whether `node` (W or b, or None) is a graph input or attribute itself, or views of one."""
-    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if name not in _VIEW_OPS or not node.args:
+    """Whether `node` (W or b, or None) is a graph input or attribute itself, or views of one:
+    the view ops above, ending in the stored tensor's own memory. (`reshape` of a strided
+    tensor and indexing with a tensor copy: a write to the stored tensor, or the index, between
+    steps then changes eager's later W but not the first step's copy, which the sequence reads.)"""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if node is None:
+        return True
+    leaf = node
+    while isinstance(leaf, fx.Node) and leaf.op in ("call_function", "call_method"):
+        name = leaf.target if isinstance(leaf.target, str) else getattr(leaf.target, "__name__", "")
+        if name not in _VIEW_OPS or not leaf.args:
             return False
-        node = node.args[0]
-    return node is None or (isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr"))
+        leaf = leaf.args[0]
+    if not (isinstance(leaf, fx.Node) and leaf.op in ("placeholder", "get_attr")):
+        return False
+    val, base = example_value(node), example_value(leaf)
+    return (isinstance(val, torch.Tensor) and isinstance(base, torch.Tensor)
+            and StorageWeakRef(val.untyped_storage()) == StorageWeakRef(base.untyped_storage()))
 
 
 def _same_weights(a: _Match, b: _Match) -> bool:
