@@ -254,6 +254,10 @@ def _fresh_private_input(node, src) -> bool:
     points them at the out-of-place result."""
     if not isinstance(src, fx.Node) or src.op not in ("call_function", "call_method", "call_module"):
         return False
+    if not _same_grad_mode(src, node):
+        # `g.relu_()` under no_grad keeps g's autograd history (only the values change); an
+        # out-of-place relu there has none, and its readers' gradients were lost
+        return False
     between = set()  # src's users all come after src: one placed before node is in here
     n = src.next
     while n is not node and n.op != "root":

@@ -487,6 +487,44 @@ def test_inplace_relu_after_another_reader_is_left_in_place():
         assert_matches(got, ref, ref64)
 
 
+class _ReluUnderNoGradBesideABlock(nn.Module):
+    """A fused block, and beside it `g.relu_()` under no_grad on a fresh g that requires grad
+    (clamping the values while keeping g's history, as eager's in-place op does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = randomize_batch_norm(MLPBlock(6, 8), seed=3)
+        self.lin2 = nn.Linear(6, 8)
+
+    def forward(self, x):
+        g = self.lin2(x) * 1.0
+        with torch.no_grad():
+            g.relu_()
+        return self.block(x), g * 2
+
+
+def test_inplace_relu_under_no_grad_keeps_the_history():
+    """The in-place ReLU was respelled out of place at its no_grad node: its result had no
+    autograd history, so g's readers lost their gradients (a backward raised "does not require
+    grad", or lin2 silently got none). It stays in place now; the block is still fused."""
+    torch.manual_seed(54)
+    # eval: in training the Linear's bias before BatchNorm has a zero gradient, and relative
+    # errors of zero say nothing
+    model = _ReluUnderNoGradBesideABlock().eval()
+    eager, model64 = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(5, 6)
+    got = torch.compile(model, backend="fusedtriton")(x)
+    want, want64 = eager(x), model64(x.double())
+    assert fusion_backend.counters["linear_bn_gelu_relu"] == 1
+    assert got[1].requires_grad == want[1].requires_grad is True
+    for out, ref, ref64 in zip(got, want, want64):
+        assert_matches(out.detach(), ref.detach(), ref64.detach())
+    for outs in (got, want, want64):
+        sum(o.sum() for o in outs).backward()
+    for p, e, r in zip(model.parameters(), eager.parameters(), model64.parameters()):
+        assert_matches(p.grad, e.grad, r.grad, "grad")
+
+
 class _FrozenTransposeBlock(nn.Module):
     """A block whose Linear reads W.t() taken under no_grad (a frozen use of W), spelled as a
     matmul + bias or as addmm; beside it a plain block, so that the rewritten graph is the one
