@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import fx
 
 from fusion_backend import config_spaces, devices
-from fusion_backend.normalize import example_value
+from fusion_backend.normalize import BATCH_NORM, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
 
@@ -476,6 +476,12 @@ class RnnSequence(Pattern):
         out_rows = _hoist_output_projection(graph, rows, hs)
         if out_rows is not None:
             hoisted += "; h2o of all steps: one GEMM"
+            blocks = sum(1 for row in out_rows for user in row.users if is_op(user, BATCH_NORM))
+            if blocks:
+                # explain() lists no linear_bn_gelu_relu site there: its Linear is gone (it said
+                # nothing about those blocks at all)
+                hoisted += (f" (the Linear of {blocks} Linear->BatchNorm blocks: their BatchNorm, GELU and "
+                            "ReLU are left to Inductor)")
         for row in rows + (out_rows or []):
             _own_memory_where_returned(graph, row)
         in_width, hidden = hint(example_value(xs[0]).shape[1]), hint(example_value(h0).shape[1])
@@ -588,7 +594,7 @@ def _hoist_output_projection(graph, rows, hs) -> Optional[list]:
 def _output_linears(hs_nodes) -> Optional[list]:
     """The Linear each h_t feeds when all of them share weights (the h2o `_hoist_output_projection`
     turns into one GEMM), else None. Works on the tanh nodes before the rewrite and on the rows after."""
-    from fusion_backend.normalize import LINEAR, is_op
+    from fusion_backend.normalize import LINEAR
 
     linears = []
     for h in hs_nodes:
