@@ -168,7 +168,8 @@ def _times_ok(entry: dict) -> bool:
     """Whether a cache entry's times are finite, non-negative numbers or absent (a hand-edited
     or foreign entry is tuned again rather than failing later, in explain() or the run-time
     trial's rule: a NaN or negative time turned the trial on, 10**400 raised in it)."""
-    return all(entry.get(k) is None or (_finite(entry.get(k)) and entry.get(k) >= 0) for k in ("fused_ms", "unfused_ms"))
+    times = [entry.get("fused_ms"), entry.get("unfused_ms")]
+    return all(t is None or (_finite(t) and t >= 0) for t in times)
 
 
 @contextlib.contextmanager

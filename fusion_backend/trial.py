@@ -87,8 +87,8 @@ class GraphTrial:
     then in alternating blocks of `block` back-to-back calls until each has had `calls` timed
     calls (rounded up to whole blocks), then sends every call to the faster one (by the median
     of its blocks' time per call; the fused graph on a tie) and calls `on_decided(fused_ms,
-    unfused_ms, keep_fused)` once. A graph that raises during the trial loses it (the times
-    are then None)."""
+    unfused_ms, keep_fused)` once. A graph that runs out of memory during the trial, or raises
+    on FAILURES_TO_LOSE of its calls in a row, loses it (the times are then None)."""
 
     def __init__(self, fused: Callable, unfused: Callable, on_decided: Callable, calls: int = TRIAL_CALLS,
                  clock=None, block: int = TRIAL_BLOCK):
@@ -124,12 +124,7 @@ class GraphTrial:
             return (self.chosen or self.graphs[0])(*args)
         n = self.count
         if n < 2:  # the first call of each graph warms it up
-            try:
-                out = self.graphs[n](*args)
-            except Exception as exc:
-                self._raised(n, exc)
-                raise
-            self._failures[n] = 0
+            out = self._run(n, args)
             self.count = n + 1
             return out
         block, i = divmod(n - 2, self.block)
@@ -137,19 +132,26 @@ class GraphTrial:
         try:
             if i == 0:
                 self._start = self.clock.start()
-            out = self.graphs[which](*args)
-        except BaseException as exc:
+            out = self._run(which, args)
+        except BaseException:
             # a call that raised (or a Ctrl-C while the clock waited for the GPU) leaves no half
             # block behind: its span would start at another block's event, or at none
             self._drop_open_block()
-            if isinstance(exc, Exception):
-                self._raised(which, exc)
             raise
-        self._failures[which] = 0
         self.count = n + 1
         if i == self.block - 1:
             self.spans[which].append(self.clock.stop(self._start))
             self._start = None
+        return out
+
+    def _run(self, which: int, args: tuple):
+        """One call of graph `which`, counting the calls of it that raised in a row."""
+        try:
+            out = self.graphs[which](*args)
+        except Exception as exc:
+            self._raised(which, exc)
+            raise
+        self._failures[which] = 0
         return out
 
     def _raised(self, which: int, exc: Exception):

@@ -252,34 +252,10 @@ def test_a_cached_choice_is_not_served_for_a_grown_space(tmp_cache):
     assert grown.source == "tuned" and grown.config is SPACE[5]
 
 
-def test_respects_time_budget(tmp_cache, monkeypatch):
-    class Clock:
-        now = 0.0
-
-        def perf_counter(self):
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(autotune, "time", clock)  # the tuner reads time.perf_counter only
-
-    def one_second_each(fn):
-        clock.now += 1.0
-        return fn()
-
-    last = len(SPACE) - 1  # the fastest config comes last: the budget stops before it
-    choice = choose(Tuner(timer=one_second_each), budget_s=2.5, run_fused=fused_times(fastest=last),
-                    run_unfused=lambda: 50.0)
-    # unfused (t=1), config 0 (t=2), config 1 (t=3 > 2.5): stop; then the confirmation rounds
-    assert autotune.stats["benchmarked"] == 3 + 2 * autotune.CONFIRM_ROUNDS
-    assert choice.config is SPACE[0]
-    assert len(SPACE) > 3
-
-
-def test_a_search_cut_short_serves_only_callers_with_no_larger_budget(tmp_cache, monkeypatch):
-    """A search its budget stopped is cached as partial: the next process searches again (its
-    Triton compiles are cached now), and after PARTIAL_TRIES such searches a process with the
-    same (or a smaller) budget takes the choice; one with a larger budget searches again (the
-    cut-short choice used to be served for good, whatever the budget)."""
+@pytest.fixture
+def one_second_each(monkeypatch):
+    """A timer (for Tuner(timer=...)) whose every timing advances the tuner's clock by one
+    second: budgets cut searches at known points (the tuner reads time.perf_counter only)."""
     class Clock:
         now = 0.0
 
@@ -289,10 +265,28 @@ def test_a_search_cut_short_serves_only_callers_with_no_larger_budget(tmp_cache,
     clock = Clock()
     monkeypatch.setattr(autotune, "time", clock)
 
-    def one_second_each(fn):
+    def timer(fn):
         clock.now += 1.0
         return fn()
 
+    return timer
+
+
+def test_respects_time_budget(tmp_cache, one_second_each):
+    last = len(SPACE) - 1  # the fastest config comes last: the budget stops before it
+    choice = choose(Tuner(timer=one_second_each), budget_s=2.5, run_fused=fused_times(fastest=last),
+                    run_unfused=lambda: 50.0)
+    # unfused (t=1), config 0 (t=2), config 1 (t=3 > 2.5): stop; then the confirmation rounds
+    assert autotune.stats["benchmarked"] == 3 + 2 * autotune.CONFIRM_ROUNDS
+    assert choice.config is SPACE[0]
+    assert len(SPACE) > 3
+
+
+def test_a_search_cut_short_serves_only_callers_with_no_larger_budget(tmp_cache, one_second_each):
+    """A search its budget stopped is cached as partial: the next process searches again (its
+    Triton compiles are cached now), and after PARTIAL_TRIES such searches a process with the
+    same (or a smaller) budget takes the choice; one with a larger budget searches again (the
+    cut-short choice used to be served for good, whatever the budget)."""
     last = len(SPACE) - 1
     kw = dict(run_fused=fused_times(fastest=last), run_unfused=lambda: 50.0)
     assert autotune.PARTIAL_TRIES == 2
@@ -307,22 +301,9 @@ def test_a_search_cut_short_serves_only_callers_with_no_larger_budget(tmp_cache,
     assert again.source == "cache" and again.config is SPACE[last]
 
 
-def test_a_search_cut_short_in_this_process_is_searched_again_for_a_larger_budget(tmp_cache, monkeypatch):
+def test_a_search_cut_short_in_this_process_is_searched_again_for_a_larger_budget(tmp_cache, one_second_each):
     """In one process too (two models with different tune_budget_s sharing a key): the
     in-memory choice of a cut-short search used to answer before any budget check."""
-    class Clock:
-        now = 0.0
-
-        def perf_counter(self):
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(autotune, "time", clock)
-
-    def one_second_each(fn):
-        clock.now += 1.0
-        return fn()
-
     last = len(SPACE) - 1
     kw = dict(run_fused=fused_times(fastest=last), run_unfused=lambda: 50.0)
     tuner = Tuner(timer=one_second_each)
@@ -334,23 +315,10 @@ def test_a_search_cut_short_in_this_process_is_searched_again_for_a_larger_budge
     assert choose(tuner, budget_s=2.5, **kw) is full
 
 
-def test_a_launch_with_a_larger_budget_searches_again(tmp_cache, monkeypatch):
+def test_a_launch_with_a_larger_budget_searches_again(tmp_cache, monkeypatch, one_second_each):
     """What the ops call (`_common.launch`) used to serve any choice it had, a search cut short
     by a smaller tune_budget_s (another model's, or another op sharing the key) included."""
     from fusion_backend.patterns import _common
-
-    class Clock:
-        now = 0.0
-
-        def perf_counter(self):
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(autotune, "time", clock)
-
-    def one_second_each(fn):
-        clock.now += 1.0
-        return fn()
 
     monkeypatch.setattr(autotune, "TUNER", Tuner(timer=one_second_each))
     last = len(SPACE) - 1

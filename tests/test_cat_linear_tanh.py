@@ -1129,3 +1129,37 @@ def test_h2o_check_names_missing_example_values():
     m = pattern.match(linear)
     assert m is not None
     assert "no example value" in pattern.check(m, ctx=None)
+
+
+def test_saved_input_written_matters_only_where_a_backward_runs():
+    """The one rule all three op patterns (cell, MLP block, h2o) apply to in-graph writes of
+    their inputs: with a backward, a write to an input (also through `.data` after it) refuses
+    the site; without one it cannot change the result (before the site it is what the op
+    reads, after it comes too late). cell_h2o refused any direct write, backward or not."""
+    from fusion_backend.patterns._common import saved_input_written
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def after(x, w):
+        y = torch.nn.functional.linear(x, w)
+        w.mul_(2)
+        return y
+
+    def through_data_after(x, w):
+        y = torch.nn.functional.linear(x, w)
+        w.data.mul_(2)
+        return y
+
+    for fn in (after, through_data_after):
+        graphs.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(fn, backend=capture)(torch.randn(3, 4), torch.randn(5, 4))
+        (gm,) = graphs
+        w = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
+        assert saved_input_written([w, None], backward=False) is None
+        assert saved_input_written([w, None], backward=True) == f"input {w.name} is mutated in the graph", fn

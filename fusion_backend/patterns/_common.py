@@ -223,15 +223,24 @@ def backward_will_run(at: fx.Node, inputs) -> bool:
                                 for n in inputs)
 
 
-def mutated_in_graph(node: fx.Node, aliases: bool = False) -> bool:
-    """True if an in-place method or op of the graph writes to `node`; with `aliases`, also to
-    memory it shares, after it: Dynamo records `h.data.copy_(v)` as a copy_ into
-    `_get_data_attr(h)`, and `h.view(-1).copy_(v)` into a view, neither a user of `h` that writes
-    (what matters where an op saves `node` for its backward)."""
-    if any(node in written_nodes(user) for user in node.users):
-        return True
-    # (from `node` on: a write before it is what it holds, not a write to it)
-    return aliases and written_inside(node, None, [node]) is not None
+def saved_input_written(inputs, backward: bool) -> Optional[str]:
+    """Why a fused op that saves `inputs` for its backward cannot run here: an in-place write in
+    the graph to one of them, or, after it, to memory it shares (Dynamo records
+    `h.data.copy_(v)` as a copy_ into `_get_data_attr(h)`, and `h.view(-1).copy_(v)` into a view,
+    neither a user of `h` that writes); the op's backward would read the written values where
+    eager's saved its own. None where no `backward` will run: a write before the site is what
+    the op reads, as eager does, and one after it comes too late to matter (writes between the
+    matched ops are `written_inside`'s). Refusing those too left a state buffer's `copy_` at the
+    end of forward unfused: KernelBench-style cells and whole sequences."""
+    if not backward:
+        return None
+    for node in inputs:
+        if not isinstance(node, fx.Node):
+            continue
+        # (from `node` on: a write before it is what it holds, not a write to it)
+        if any(node in written_nodes(user) for user in node.users) or written_inside(node, None, [node]) is not None:
+            return f"input {node.name} is mutated in the graph"
+    return None
 
 
 # Dynamo records `t += u` on a tensor as operator.iadd(t, u), which writes t

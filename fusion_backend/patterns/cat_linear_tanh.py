@@ -25,7 +25,7 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, 
 from . import _checks
 from ._common import (INLINE_MAX_FLOP, Replay, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op,
                       define_op, descriptor, gemm_flop, gluon_code, grad_mode_problem, hint, inline_meta, launch,
-                      linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses, size_text, space,
+                      linear_shape_problem, meta_kwargs, only_user, other_uses, saved_input_written, size_text, space,
                       static_shapes, tensor_problem, tf32_split_all, tma_ready, tuned_unfused_reason, written_inside)
 
 NAME = "cat_linear_tanh"
@@ -494,16 +494,9 @@ class CatLinearTanh(Pattern):
         written = written_inside(m.cat, m.tanh, tensors + [m.weight, m.bias])
         if written:  # (the more precise reason of the two)
             return written
-        # the op saves its operands for dW (eager's cat is a copy): with a backward to run, a
-        # later write (also through an alias: `.data`, a view) could change what dW reads.
-        # Without one, a write before the site is what the op reads, as eager does, and one
-        # after it comes too late to matter (a state buffer's `self.h.copy_(h.detach())` at the
-        # end of forward was refused)
-        if backward_will_run(m.cat, tensors + [m.weight, m.bias]):
-            for node in tensors + [m.weight, m.bias]:
-                if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=True):
-                    return f"input {node.name} is mutated in the graph"
-        return None
+        # the op saves its operands for dW (eager's cat is a copy)
+        inputs = tensors + [m.weight, m.bias]
+        return saved_input_written(inputs, backward_will_run(m.cat, inputs))
 
     @staticmethod
     def _site(m: _Match, ctx) -> dict:

@@ -22,7 +22,7 @@ from fusion_backend import autotune
 from fusion_backend.normalize import LINEAR, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 
-from ._common import (define_inline_op, define_op, hint, inline_meta, linear_shape_problem, mutated_in_graph, size_text,
+from ._common import (backward_will_run, define_inline_op, define_op, hint, inline_meta, linear_shape_problem, saved_input_written, size_text,
                       static_shapes, tensor_problem, tuned_unfused_reason)
 from .cat_linear_tanh import CELL_OPS, SAVING_CELL_OPS, cell_space, inline_forward, linear_forward
 
@@ -102,9 +102,9 @@ class CellH2O(Pattern):
                    or linear_shape_problem(m.weight, [m.bias]))
         if problem:
             return problem
-        for node in (m.weight, m.bias):
-            if isinstance(node, fx.Node) and mutated_in_graph(node):
-                return f"input {node.name} is mutated in the graph"
+        problem = saved_input_written([m.weight, m.bias], backward_will_run(m.linear, [m.hidden, m.weight, m.bias]))
+        if problem:
+            return problem
         x = ctx.real_tensor(m.hidden)
         w, b = ctx.real_tensor(m.weight), ctx.real_tensor(m.bias)
         return tuned_unfused_reason(ctx, self._site(m, ctx)["key"],

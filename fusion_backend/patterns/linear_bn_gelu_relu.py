@@ -27,7 +27,7 @@ from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gelu, gemm_seg
 from . import _checks
 from ._common import (INLINE_MAX_FLOP, backward_will_run, cast_to, cdiv, compute_dtype, define_inline_op, define_op,
                       descriptor, gemm_flop, gluon_code, grad_mode_problem, grad_modes, grad_on, heuristic_kwargs, hint,
-                      inline_meta, launch, linear_shape_problem, meta_kwargs, mutated_in_graph, only_user, other_uses,
+                      inline_meta, launch, linear_shape_problem, meta_kwargs, only_user, other_uses, saved_input_written,
                       size_text, space, static_shapes, tensor_problem, tf32_split, tma_ready, tuned_unfused_reason,
                       written_inside)
 
@@ -808,15 +808,11 @@ class LinearBnGeluRelu(Pattern):
         # BatchNorm's place, as eager reads them): a shared BatchNorm's first site writing them
         # does not concern the second
         inputs = (m.x, m.weight, m.bias, m.gamma, m.beta) + (() if m.training else (m.running_mean, m.running_var))
-        # with a backward to run, a write after the site (also through an alias: `.data`, a
-        # view): the op's backward recomputes the BatchNorm's output from b, gamma and beta as
-        # they are then, where eager's saved it. Without one, a write before the site is what
-        # the op reads, as eager does, and one after it comes too late to matter (a state
-        # buffer's `copy_` at the end of forward was refused)
-        if needs_backward(m):
-            for node in inputs:
-                if isinstance(node, fx.Node) and mutated_in_graph(node, aliases=True):
-                    return f"input {node.name} is mutated in the graph"
+        # the op's backward recomputes the BatchNorm's output from b, gamma and beta as they
+        # are then, where eager's saved it
+        problem = saved_input_written(inputs, needs_backward(m))
+        if problem:
+            return problem
         written = written_inside(m.linear, m.relu, inputs)
         if written:
             return written
