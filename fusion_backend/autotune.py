@@ -179,7 +179,10 @@ def _locked(path: str):
     except ImportError:  # not POSIX: atomic replace alone
         yield
         return
-    with open(path + ".lock", "a") as lock:
+    # opened read-only: flock needs no write permission, and the lock file another user made
+    # (0644 under the usual umask) must not stop this user's entries in a shared folder
+    fd = os.open(path + ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    with os.fdopen(fd) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             locked = True

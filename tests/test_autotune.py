@@ -8,8 +8,10 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -670,6 +672,44 @@ def test_file_system_without_locks_still_gets_the_cache(tmp_cache, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     assert choose(Tuner(timer=stub_timer)).source == "tuned"
     assert choose(Tuner(timer=stub_timer)).source == "cache"
+
+
+def _tune_as_another_user(cache_dir, result):
+    """In a forked child: (as root, become `nobody` first) tune a new key into cache_dir."""
+    try:
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+        os.environ[autotune.CACHE_ENV] = cache_dir
+        key = make_key("eval:test_pattern", PROFILE.name, torch.float32, "tf32x3", M, K=7, N=7)
+        result.put(choose(Tuner(timer=stub_timer), key=key).source)
+    except BaseException as exc:  # reported to the parent, which fails with it
+        result.put(repr(exc))
+
+
+def test_shared_cache_folder_takes_another_users_entries(monkeypatch):
+    """A folder shared by a group: the first user's files are 0644 (the usual umask), the
+    second user's entry must still be merged in. The lock file was opened for appending,
+    which needs write permission on it: every entry of the second user was dropped with a
+    warning, and each of its processes tuned again."""
+    shared = tempfile.mkdtemp(prefix="fusedtriton-shared-cache-")  # not under pytest's 0700 folder
+    try:
+        os.chmod(shared, 0o777)
+        monkeypatch.setenv(autotune.CACHE_ENV, shared)
+        assert choose(Tuner(timer=stub_timer)).source == "tuned"
+        path = _cache_path()
+        for name in (path, path + ".lock"):
+            os.chmod(name, 0o644 if os.geteuid() == 0 else 0o444)  # as root the child is another user
+        ctx = multiprocessing.get_context("fork")
+        result = ctx.Queue()
+        child = ctx.Process(target=_tune_as_another_user, args=(shared, result))
+        child.start()
+        child.join(120)
+        assert result.get(timeout=5) == "tuned"
+        with open(path) as f:
+            assert len(json.load(f)["entries"]) == 2
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_failed_replace_leaves_no_temporary_file(tmp_cache, monkeypatch):
