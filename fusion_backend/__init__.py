@@ -54,7 +54,7 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, model_kwargs=None, **kwar
     `model` may be the result of `torch.compile(..., backend="fusedtriton", mode=...,
     options=...)` or a module compiled in place (`module.compile(backend="fusedtriton", ...)`):
     its mode and options are used unless `mode=` or `options=` is given here (then neither is
-    taken from it). explain's own compile is not counted in `counters`. Keyword arguments of
+    taken from it); its `dynamic=` and `fullgraph=` are used always. explain's own compile is not counted in `counters`. Keyword arguments of
     the model named `mode`, `options` or `model_kwargs` go in `model_kwargs={...}` (merged with
     **kwargs)."""
     import torch
@@ -66,8 +66,10 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, model_kwargs=None, **kwar
     # a module compiled in place calls its compiled copy from __call__: explain compiles the
     # plain call instead (else the report would be that copy's, with its settings)
     in_place = getattr(model, "_compiled_call_impl", None) if isinstance(model, torch.nn.Module) else None
+    compiled_as = in_place if in_place is not None else model
+    shape_settings = _shape_settings(compiled_as)
     if mode is _UNSET and options is _UNSET:
-        mode, options = _compiled_settings(in_place if in_place is not None else model)
+        mode, options = _compiled_settings(compiled_as)
     else:
         mode, options = (None if mode is _UNSET else mode), (None if options is _UNSET else options)
     if model_kwargs is not None:
@@ -91,7 +93,7 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, model_kwargs=None, **kwar
     hook = _record_compiled_codes(codes)
     _report_sinks.append(sink)
     try:
-        compiled = torch.compile(model, backend=backend)
+        compiled = torch.compile(model, backend=backend, **shape_settings)
         compiled(*args, **kwargs)
     finally:
         _report_sinks.remove(sink)
@@ -114,10 +116,8 @@ def explain(model, *args, mode=_UNSET, options=_UNSET, model_kwargs=None, **kwar
     return ExplainReport(sink)
 
 
-def _compiled_settings(model):
-    """(mode, options) that `torch.compile(..., backend="fusedtriton", mode=, options=)` gave
-    `model`, read from torch's wrapper of the backend; (None, None) for anything else (a
-    plain module or function, another backend, a torch whose internals differ)."""
+def _dynamo_ctx(model):
+    """The Dynamo context torch.compile wrapped `model` in (None for anything else)."""
     ctx = getattr(model, "dynamo_ctx", None)  # an OptimizedModule
     if ctx is None:  # a compiled function: the context is in its closure
         for cell in getattr(model, "__closure__", None) or ():
@@ -126,9 +126,28 @@ def _compiled_settings(model):
             except ValueError:  # an empty cell
                 continue
             if hasattr(value, "callback") and hasattr(value, "first_ctx"):
-                ctx = value
-                break
-    wrapper = getattr(ctx, "callback", None)
+                return value
+    return ctx
+
+
+def _shape_settings(model) -> dict:
+    """torch.compile's `dynamic=` and `fullgraph=` as `model` was compiled with them (any
+    backend): explain compiles with the same, so a dynamic model's report shows the launch
+    its sites take with symbolic sizes (the inline launch needs static ones)."""
+    ctx = _dynamo_ctx(model)
+    settings = {}
+    if getattr(ctx, "_dynamic", None) is not None:
+        settings["dynamic"] = ctx._dynamic
+    if getattr(ctx, "fullgraph", None) is True:
+        settings["fullgraph"] = True
+    return settings
+
+
+def _compiled_settings(model):
+    """(mode, options) that `torch.compile(..., backend="fusedtriton", mode=, options=)` gave
+    `model`, read from torch's wrapper of the backend; (None, None) for anything else (a
+    plain module or function, another backend, a torch whose internals differ)."""
+    wrapper = getattr(_dynamo_ctx(model), "callback", None)
     for _ in range(8):  # Dynamo's wrappers of the backend, each holding the next
         if wrapper is None:
             break

@@ -737,6 +737,31 @@ def test_explain_of_a_compiled_model_uses_its_settings_and_leaves_counters(compi
 
 
 @needs_interpreter
+def test_explain_of_a_compiled_model_keeps_its_shape_settings(monkeypatch):
+    """A model compiled with dynamic=True runs its sites with symbolic sizes (no inline
+    launch on a GPU): explain() compiled it with static sizes, so its report could name a
+    launch the model does not take. fullgraph= is kept too."""
+    model = randomize(Block(16, 16)).eval()
+    x = torch.randn(8, 16)
+    batches = []  # per graph compiled: whether it has a symbolic size
+
+    def recording(gm, example_inputs, **kw):
+        batches.append(any(isinstance(a, torch.SymInt) for a in example_inputs))  # a dynamic size's input
+        return backend_fn(gm, example_inputs, **kw)
+
+    backend_fn = fusion_backend.fusedtriton
+    monkeypatch.setattr(fusion_backend, "fusedtriton", recording)
+    with torch.no_grad():
+        assert fusion_backend.explain(torch.compile(model, backend="fusedtriton"), x).fused
+        assert batches and not any(batches)
+        batches.clear()
+        assert fusion_backend.explain(torch.compile(model, backend="fusedtriton", dynamic=True), x).fused
+        assert batches and all(batches)
+    assert fusion_backend._shape_settings(torch.compile(model, backend="inductor", dynamic=False, fullgraph=True)) == {
+        "dynamic": False, "fullgraph": True}
+
+
+@needs_interpreter
 def test_explain_arguments_replace_the_compiled_models_settings():
     """explain(compiled, x, mode=...) of a model compiled with options={"mode": ...}: the
     model's options are not mixed in (they raised "disagree" for another mode, or overrode

@@ -178,15 +178,45 @@ def test_extra_outputs_take_no_gradient(name):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_a_device_without_a_profile_gets_the_forwards_own_error(monkeypatch):
-    """CPU without TRITON_INTERPRET (no profile): the checks' fast path raised AttributeError
-    where the op says to set TRITON_INTERPRET=1, and an empty batch, which returns empty, failed."""
+def _cpu(*shape):
+    return torch.randn(*shape)
+
+
+def _mlp_call_on_cpu(name, make):
+    """A direct call of the MLP op `name` (from MLP_OPS) with all its tensors on the CPU."""
+    def call():
+        tensors = dict(x=_cpu(M, K), weight=_cpu(N, K), bias=_cpu(N), bn_weight=_cpu(N), bn_bias=_cpu(N))
+        if "train" not in name:
+            tensors.update(running_mean=_cpu(N), running_var=torch.rand(N) + 0.5)
+        op, args = make(**tensors)
+        return op(*args)
+    return call
+
+
+NO_PROFILE_CALLS = [(name, _mlp_call_on_cpu(name, make)) for name, make in MLP_OPS] + [
+    ("cat_linear_tanh", lambda: clt.cat_linear_tanh([_cpu(M, 3), _cpu(M, 5)], _cpu(N, 8), _cpu(N), "ieee", False, 1.0)),
+    ("cat_linear_tanh_inline",
+     lambda: clt.cat_linear_tanh_inline([_cpu(M, 3), _cpu(M, 5)], _cpu(N, 8), _cpu(N), "ieee", META)),
+    ("cell_h2o", lambda: ch.cell_h2o(_cpu(M, K), _cpu(N, K), _cpu(N), "ieee", False, 1.0)),
+    ("cell_h2o_inline", lambda: ch.cell_h2o_inline(_cpu(M, K), _cpu(N, K), _cpu(N), "ieee", META)),
+    ("rnn_recurrence", lambda: rs.rnn_recurrence(_cpu(4, 3, 5), _cpu(3, 5), _cpu(5, 5), "ieee")),
+]
+
+
+@pytest.mark.parametrize("name, call", NO_PROFILE_CALLS, ids=[n for n, _ in NO_PROFILE_CALLS])
+def test_a_device_without_a_profile_gets_the_ops_own_error(monkeypatch, name, call):
+    """CPU without TRITON_INTERPRET (no profile; a pre-Ampere GPU alike): a RuntimeError naming
+    the op and what to do. The checks' fast path raised AttributeError; later rnn_recurrence
+    raised an AttributeError from the config space and the inline ops Triton's "0 active
+    drivers"."""
     monkeypatch.setattr(devices, "tensor_profile", lambda t: None)
-    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ch.cell_h2o(x, w, b, "ieee", False, 1.0)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        lbgr.linear_bn_gelu_relu_eval(*_eval_args(x=x, weight=w, bias=b, bn_weight=torch.randn(N),
-                                                  bn_bias=torch.randn(N), running_mean=torch.randn(N),
-                                                  running_var=torch.rand(N) + 0.5), False, 1.0)
-    assert ch.cell_h2o(x[:0], w, b, "ieee", False, 1.0).shape == (0, N)
+    with pytest.raises(RuntimeError, match=f"fusedtriton::{name} has no Triton profile for device cpu.*TRITON_INTERPRET=1"):
+        call()
+
+
+def test_an_empty_batch_without_a_profile_returns_empty(monkeypatch):
+    monkeypatch.setattr(devices, "tensor_profile", lambda t: None)
+    x, w, b = torch.randn(0, K), torch.randn(N, K), torch.randn(N)
+    assert ch.cell_h2o(x, w, b, "ieee", False, 1.0).shape == (0, N)
+    assert ch.cell_h2o_inline(x, w, b, "ieee", META).shape == (0, N)
+    assert rs.rnn_recurrence(_cpu(0, 3, 5), _cpu(3, 5), _cpu(5, 5), "ieee").shape == (1, 3, 5)

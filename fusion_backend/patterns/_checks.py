@@ -67,6 +67,18 @@ def vector(op: str, name: str, t: Optional[torch.Tensor], n, like: torch.Tensor)
            lambda: f"{name} must have unit stride, got stride {t.stride(0)} (pass {name}.contiguous())")
 
 
+def profile(op: str, t: torch.Tensor) -> devices.DeviceProfile:
+    """The device profile the op's kernels are planned with; RuntimeError naming the op where
+    the device has none (every op said so, but rnn_recurrence raised an AttributeError and the
+    inline ops Triton's "0 active drivers")."""
+    found = devices.tensor_profile(t)
+    if found is None:
+        raise RuntimeError(f"fusedtriton::{op} has no Triton profile for device {t.device}: the fused ops run on the "
+                           "GPUs README lists, and on CPU only under Triton's interpreter (TRITON_INTERPRET=1 set "
+                           "before importing triton); elsewhere leave this computation to torch ops")
+    return found
+
+
 def choice(op: str, name: str, value, allowed: Sequence[str]) -> None:
     _check(op, value in allowed, lambda: f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 

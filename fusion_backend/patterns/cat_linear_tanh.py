@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import fx
 
-from fusion_backend import autotune, config_spaces, devices, triton_lib
+from fusion_backend import autotune, config_spaces, triton_lib
 from fusion_backend.normalize import CAT, LINEAR, TANH, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import (dot_3xtf32, finish_3xtf32, gemm_segment, opaque_zeros, ptx_cvt,
@@ -281,10 +281,7 @@ def _forward(xs, weight, bias, precision, autotune_on, budget, apply_tanh, name)
     out = torch.empty((M, N), device=x0.device, dtype=x0.dtype)
     if M == 0:
         return out
-    profile = devices.tensor_profile(x0)
-    if profile is None:
-        raise RuntimeError(f"fusedtriton::{name} has no Triton profile for device {x0.device}; "
-                           "on CPU set TRITON_INTERPRET=1 before importing triton")
+    profile = _checks.profile(name, x0)
 
     def run_unfused():
         if apply_tanh:
@@ -395,6 +392,7 @@ def inline_forward(xs, weight, bias, precision, meta, apply_tanh=True):
     out = xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
     if xs[0].shape[0] == 0:
         return out
+    _checks.profile("cat_linear_tanh_inline" if apply_tanh else "cell_h2o_inline", xs[0])
     return _launch_pointer(torch.library.wrap_triton(_cat_gemm_tanh_kernel), xs, weight, bias, out,
                            meta_kwargs(meta), precision, apply_tanh)
 

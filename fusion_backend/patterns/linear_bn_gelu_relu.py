@@ -275,11 +275,8 @@ def _reference(x, weight, bias, gamma, beta, mean, var, eps, approximate):
     return torch.relu(torch.nn.functional.gelu(z, approximate=approximate))
 
 
-def _runtime(x, autotune_on, budget):
-    profile = devices.tensor_profile(x)
-    if profile is None:
-        raise RuntimeError(f"fusedtriton::{NAME} has no Triton profile for device {x.device}; "
-                           "on CPU set TRITON_INTERPRET=1 before importing triton")
+def _runtime(op, x, autotune_on, budget):
+    profile = _checks.profile(op, x)
     return profile, (profile, autotune_on, budget, x.device)
 
 
@@ -403,7 +400,7 @@ def eval_forward(x, weight, bias, gamma, beta, running_mean, running_var, eps, a
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    profile, ctx_args = _runtime(x, autotune_on, budget)
+    profile, ctx_args = _runtime(NAME + "_eval", x, autotune_on, budget)
     run_fused = eval_runner(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, precision, out)
 
     def run_unfused():
@@ -429,7 +426,7 @@ def eval_keep_y_forward(x, weight, bias, gamma, beta, running_mean, running_var,
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out, y
-    profile, ctx_args = _runtime(x, autotune_on, budget)
+    profile, ctx_args = _runtime(NAME + "_eval_keep_y", x, autotune_on, budget)
     tensors = _eval_tensors(bias, gamma, beta, running_mean, running_var, out)
     flags = _eval_flags(bias, gamma, beta, approximate, precision)
 
@@ -472,7 +469,7 @@ def train_forward(x, weight, bias, gamma, beta, eps, approximate, precision, aut
     y = _kept_y(x, N, keep_y)
     if M == 0:  # eager raises for batch size 1 before we get here; empty stays empty
         return out, mean.fill_(float("nan")), var.fill_(float("nan")), y
-    profile, ctx_args = _runtime(x, autotune_on, budget)
+    profile, ctx_args = _runtime(NAME + "_train", x, autotune_on, budget)
 
     def run_fused(config):
         return (*_launch_train(x, weight, bias, gamma, beta, eps, approximate, precision, config, profile, out, mean,
@@ -587,15 +584,16 @@ def _eval_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     _checks.linear_bn(NAME + "_eval_inline", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                       approximate, precision, training=False)
     out = x.new_empty((x.shape[0], weight.shape[0]))
-    _launch_eval_inline(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
-                        meta, out)
+    _launch_eval_inline(NAME + "_eval_inline", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                        approximate, precision, meta, out)
     return out
 
 
-def _launch_eval_inline(x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, precision, meta,
-                        out, kept_y=None):
+def _launch_eval_inline(op, x, weight, bias, gamma, beta, running_mean, running_var, eps, approximate, precision,
+                        meta, out, kept_y=None):
     """The eval pointer kernel through `wrap_triton` into `out` (and `kept_y`), for the inline ops."""
     if x.shape[0]:
+        _checks.profile(op, x)
         _launch_eval_pointer(torch.library.wrap_triton(_gemm_bn_gelu_relu_eval_kernel), x, weight,
                              _eval_tensors(bias, gamma, beta, running_mean, running_var, out), eps,
                              _eval_flags(bias, gamma, beta, approximate, precision), meta_kwargs(meta), kept_y)
@@ -633,8 +631,8 @@ def _eval_keep_y_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                       approximate, precision, training=False)
     out = x.new_empty((x.shape[0], weight.shape[0]))
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    _launch_eval_inline(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, approximate, precision,
-                        meta, out, y)
+    _launch_eval_inline(NAME + "_eval_keep_y_inline", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                        eps, approximate, precision, meta, out, y)
     return out, y
 
 
@@ -677,7 +675,8 @@ def _train_inline(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if M == 0:  # never fused (an empty training batch is left to Inductor); as the train op
         return out, torch.full_like(mean, float("nan")), torch.full_like(var, float("nan")), y
     out, mean, var = _launch_train(x, weight, bias, bn_weight, bn_bias, eps, approximate, precision, meta_kwargs(meta),
-                                   devices.tensor_profile(x), out, mean, var, torch.library.wrap_triton, kept_y=y)
+                                   _checks.profile(NAME + "_train_inline", x), out, mean, var, torch.library.wrap_triton,
+                                   kept_y=y)
     return out, mean, var, y
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import fx
 
-from fusion_backend import config_spaces, devices
+from fusion_backend import config_spaces
 from fusion_backend.normalize import BATCH_NORM, example_value, is_op
 from fusion_backend.registry import Pattern, register_pattern
 from fusion_backend.triton_lib import tanh
@@ -122,7 +122,7 @@ def recurrence(p: torch.Tensor, h0: torch.Tensor, w_h: torch.Tensor, precision: 
     failure_key = (p.device, hs.dtype, precision, B, H)
     if failure_key in _failed:
         return _reference(p, w_h, hs)
-    profile = devices.tensor_profile(p)
+    profile = _checks.profile("rnn_recurrence", p)
     planned = _planned(profile, hs.dtype, precision, B, H)
     if planned is None:
         return _reference(p, w_h, hs)
