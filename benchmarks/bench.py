@@ -1,18 +1,25 @@
-"""Side-by-side benchmark on a GPU: eager, Inductor, Inductor max-autotune, bare cuBLAS GEMM, fusedtriton.
+"""Side-by-side benchmark on a GPU: eager, Inductor, Inductor max-autotune, bare cuBLAS GEMM,
+fusedtriton (and with --reduce-overhead both under CUDA graphs), all in one run.
 
-    python benchmarks/bench.py                       # all cases
-    python benchmarks/bench.py --cases lbgr_eval_high rnn_cell_high --max-autotune
-    python benchmarks/bench.py --cases lbgr_small_eval_high --rounds 5   # interleaved, median
+    python benchmarks/bench.py --reduce-overhead --json out.json      # all cases, every column
+    python benchmarks/bench.py --cases lbgr_small_eval_high --rounds 5
 
-Median of triton.testing.do_bench per column; rel. error vs an fp64 reference for eager and
-fusedtriton. The `*_loop_ms` columns time back-to-back calls (median of 5 runs of 50), what a
-training or serving loop sees: max(host, GPU) per call. do_bench flushes the L2 cache between
-calls, which gives the host that long to queue the next call: at sizes of ~0.5 ms and less it
-can hide host time that a loop pays. Prints a table last and writes JSON with --json.
+Every column of a case is compiled first, then timed in --rounds interleaved rounds (3 by
+default; the column order rotates each round), median of triton.testing.do_bench per round;
+then each column's outputs (all of them: the cell's hidden state too) are checked against an
+fp64 copy of the model within the precision class (tests/tolerances.py), and a failure, or a
+recompile during the rounds, fails the run. "train" cases run the BatchNorm in training mode
+(batch statistics, running statistics updated) under no_grad: the forward alone
+(benchmarks/train_step.py times forward + backward). The `*_loop_ms` columns time back-to-back
+calls (median of 5 runs of 50), what a training or serving loop sees: max(host, GPU) per call.
+do_bench flushes the L2 cache between calls, which gives the host that long to queue the next
+call: at sizes of ~0.5 ms and less it can hide host time that a loop pays. Prints a table last
+(with what the fusedtriton column ran) and writes JSON with --json, the commit included.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -21,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN, fp64_reference
+from fusion_backend.models import MLPBlock, RNNCell, UnrolledRNN
 
 
 # name: (kind, dims, dtype, fp32 matmul precision, train)
@@ -178,11 +185,50 @@ def _rounds(rows, title, fastest=5):
             print(f"| {tag} | {k[1]} | {' / '.join(f'{t:.3f}' for t in ts)} | {statistics.median(ts):.3f} |")
 
 
-def first(out):
-    return out[0] if isinstance(out, tuple) else out
+def outputs(out):
+    """Every output of a model call, as a tuple."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1):
+def _tolerance(dtype, precision, eager_err):
+    """The precision class's bound (tests/tolerances.py, the one place tolerances live)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    try:
+        from tolerances import tolerance
+    finally:
+        sys.path.pop(0)
+    return tolerance(dtype, precision, eager_err)
+
+
+def _git_state():
+    """(commit, dirty) of the tree the benchmark runs from; (None, None) outside a git checkout."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit, bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def _sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1, dev="cuda"):
+    """One case, every column compiled first and kept alive (Dynamo keeps a cache entry per
+    backend for the same forward: a graph count taken around the rounds checks that nothing
+    recompiles meanwhile), then timed in `rounds` interleaved rounds (the column order
+    rotating by one each round), then each column's outputs checked against fp64."""
     import fusion_backend
     from fusion_backend.backend import _report_sinks
     from fusion_backend.trial import TRIAL_CALLS
@@ -190,7 +236,6 @@ def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1)
     kind, dims, dtype, precision, train = CASES[name]
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(0)
-    dev = "cuda"
     if kind == "mlp":
         M, K, N = dims
         model = MLPBlock(K, N).to(dev, dtype)
@@ -214,24 +259,26 @@ def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1)
         xh = torch.cat(inputs, 1)
         hh = torch.randn(B, H, device=dev, dtype=dtype)
         gemm = lambda: (F.linear(xh, model.i2h.weight), F.linear(hh, model.h2o.weight))  # noqa: E731
-    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "precision": precision, "dims": dims}
+    # "train" = BatchNorm in training mode (batch statistics, running statistics updated);
+    # every column runs under no_grad: the forward alone (train_step.py times forward + backward)
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "precision": precision, "dims": dims,
+           "batch_norm_training": train, "grad": False}
     fns = {}  # column -> callable; all timed at the end, in `rounds` interleaved rounds
     with torch.no_grad():
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        ref = fp64_reference(model, *inputs)
-        eager_out = first(model(*inputs))
-        row["err_eager"] = rel_err(eager_out, ref)
+        ref_model = copy.deepcopy(model).double()
+        refs = outputs(ref_model(*(t.double() for t in inputs)))
+        del ref_model
+        row["err_eager"] = [rel_err(o, r) for o, r in zip(outputs(model(*inputs)), refs)]
         fns["eager"] = lambda: model(*inputs)
         if gemm is not None:
             fns["cublas_gemm"] = gemm
-        # each compiled model stays alive for the interleaved rounds (Dynamo keeps one cache
-        # entry per backend for the same forward)
         torch._dynamo.reset()
         if inductor:
             ind = torch.compile(model)
             t0 = time.perf_counter()
             ind(*inputs)
-            torch.cuda.synchronize()
+            _sync(dev)
             row["inductor_first_call_s"] = time.perf_counter() - t0
             fns["inductor"] = lambda: ind(*inputs)
         # max-autotune over 256 unrolled steps would spend minutes of GPU time compiling; the
@@ -244,65 +291,88 @@ def run_case(name, max_autotune, reduce_overhead=False, inductor=True, rounds=1)
             fns["inductor_max_autotune"] = lambda: ma(*inputs)
         model.load_state_dict(state)
         fusion_backend.counters.clear()
-        options = None
-        ft = torch.compile(model, backend="fusedtriton", options=options)
+        ft = torch.compile(model, backend="fusedtriton")
         reports = []
         _report_sinks.append(reports)
         t0 = time.perf_counter()
-        out = first(ft(*inputs))
-        torch.cuda.synchronize()
+        ft(*inputs)
+        _sync(dev)
         row["fused_first_call_s"] = time.perf_counter() - t0
-        row["err_fused"] = rel_err(out, ref)
         # the run-time trial of a small graph (trial.py) decides over its first calls
         for _ in range(2 + 2 * TRIAL_CALLS + 2):
             ft(*inputs)
+        _report_sinks.remove(reports)
         fns["fusedtriton"] = lambda: ft(*inputs)
-        for _ in range(rounds):
-            for col, fn in fns.items():
+        row["fused_sites"] = dict(fusion_backend.counters)
+        row["trial"] = [r.note for r in reports if "trial" in r.note]
+        row["sites"] = [site.line() for r in reports for site in r.sites]
+        if reduce_overhead:  # CUDA graphs: launch-bound small shapes
+            if inductor:
+                ro = torch.compile(model, mode="reduce-overhead")
+                fns["inductor_ro"] = lambda: ro(*inputs)
+            ft_ro = torch.compile(model, backend="fusedtriton", options={"mode": "reduce-overhead"})
+            fns["fusedtriton_ro"] = lambda: ft_ro(*inputs)
+            for col in ("inductor_ro", "fusedtriton_ro"):
+                for _ in range(3) if col in fns else ():
+                    fns[col]()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        columns = list(fns)
+        for r in range(rounds):
+            for col in columns[r % len(columns):] + columns[:r % len(columns)]:
+                fn = fns[col]
                 row.setdefault(col + "_rounds", []).append(bench(fn))
                 if col != "cublas_gemm":
                     row.setdefault(col + "_loop_rounds", []).append(loop_ms(fn))
+        row["graphs_compiled_during_rounds"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         for col in fns:
             row[col + "_ms"] = statistics.median(row[col + "_rounds"])
             if col != "cublas_gemm":
                 row[col + "_loop_ms"] = statistics.median(row[col + "_loop_rounds"])
-        _report_sinks.remove(reports)
-        row["fused_sites"] = dict(fusion_backend.counters)  # after the trial: what runs now
-        row["trial"] = [r.note for r in reports if "trial" in r.note]
-        row["sites"] = [site.line() for r in reports for site in r.sites]
+        # every column's outputs after the rounds (the path that was timed: the trial decided,
+        # replayed launches captured) against fp64, within the precision class
+        row["errors"], row["check_failures"] = {}, []
+        for col, fn in fns.items():
+            if col == "cublas_gemm":
+                continue
+            errs = [rel_err(o, r) for o, r in zip(outputs(fn()), refs)]  # (a CUDA graph's outputs: read now)
+            row["errors"][col] = errs
+            for i, (err, eager_err) in enumerate(zip(errs, row["err_eager"])):
+                if not err <= _tolerance(dtype, precision, eager_err):
+                    row["check_failures"].append(f"{col} output {i}: rel. error {err:.2e}")
+        row["err_fused"] = row["errors"]["fusedtriton"]
         row["autotune_stats"] = dict(fusion_backend.autotune.stats)
         row["choices"] = {k: v.describe() for k, v in fusion_backend.autotune.TUNER.choices.items()}
-        if reduce_overhead:  # CUDA graphs: launch-bound small shapes
-            backends = (("inductor_ro_ms", "inductor"),) if inductor else ()
-            for col, backend in backends + (("fusedtriton_ro_ms", "fusedtriton"),):
-                torch._dynamo.reset()
-                model.load_state_dict(state)
-                if backend == "inductor":
-                    ro = torch.compile(model, mode="reduce-overhead")
-                else:
-                    ro = torch.compile(model, backend=backend, options=dict(options or {}, mode="reduce-overhead"))
-                for _ in range(3):
-                    ro(*inputs)
-                row[col] = bench(lambda: ro(*inputs))
     return row
+
+
+def _ran(row) -> str:
+    """What the fusedtriton column ran: its sites, or that the trial kept the original graph."""
+    if any("original graph kept" in note for note in row.get("trial", [])):
+        return "original graph (trial)"
+    sites = {k: v for k, v in row.get("fused_sites", {}).items() if v}
+    return " ".join(f"{k}x{v}" for k, v in sites.items()) or "Inductor (nothing fused)"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=list(CASES))
-    ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--no-max-autotune", dest="max_autotune", action="store_false",
+                    help="leave out the Inductor max-autotune column (its compile takes minutes)")
+    ap.add_argument("--max-autotune", dest="max_autotune", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reduce-overhead", action="store_true", help="add CUDA-graph columns")
     ap.add_argument("--no-inductor", action="store_true",
                     help="fusedtriton and eager only (quick checks; not for the README table)")
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=int, default=3,
                     help="time every column this many times, interleaved (median; the small cases are "
                          "host-bound and drift by tens of percent between runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
     import triton
 
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    commit, dirty = _git_state()
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "triton": triton.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+           "commit": commit, "dirty": dirty, "rounds": args.rounds}
     print(env, flush=True)
     rows = []
     for name in args.cases:
@@ -314,16 +384,21 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
     cols = ["eager_ms", "inductor_ms", "inductor_max_autotune_ms", "cublas_gemm_ms", "fusedtriton_ms",
-            "inductor_ro_ms", "fusedtriton_ro_ms", "eager_loop_ms", "inductor_loop_ms", "fusedtriton_loop_ms",
-            "err_eager", "err_fused"]
-    print("\n| case | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
+            "inductor_ro_ms", "fusedtriton_ro_ms", "eager_loop_ms", "inductor_loop_ms", "fusedtriton_loop_ms"]
+    print("\n| case | " + " | ".join(cols) + " | err eager / fused | fusedtriton ran |")
+    print("|---" * (len(cols) + 3) + "|")
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cells.append("—" if v is None else (f"{v:.2e}" if c.startswith("err") else f"{v:.3f}"))
-        print(f"| {r['case']} | " + " | ".join(cells) + " |")
+        cells = ["—" if r.get(c) is None else f"{r[c]:.3f}" for c in cols]
+        errs = f"{max(r['err_eager']):.1e} / {max(r['err_fused']):.1e}"
+        print(f"| {r['case']} | " + " | ".join(cells) + f" | {errs} | {_ran(r)} |")
+    failures = [f"{r['case']}: {f}" for r in rows for f in r["check_failures"]]
+    recompiled = [r["case"] for r in rows if r["graphs_compiled_during_rounds"]]
+    for line in failures:
+        print("CHECK FAILED", line)
+    if recompiled:
+        print("RECOMPILED DURING THE ROUNDS (timings include compiles):", recompiled)
+    if failures or recompiled:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: install, GPU tests, benchmark. Usage (from the repo root):
-#   bash benchmarks/gpu_run.sh [bench cases...]      (env BENCH_ARGS="--max-autotune" adds that column)
+#   bash benchmarks/gpu_run.sh [bench cases...]      (env BENCH_ARGS="--reduce-overhead" adds the CUDA-graph columns)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fusedtriton-out}; mkdir -p "$OUT"
