@@ -204,9 +204,13 @@ def _tolerance(dtype, precision, eager_err):
 
 
 def _git_state():
-    """(commit, dirty) of the tree the benchmark runs from; (None, None) outside a git checkout."""
+    """(commit, dirty) of the tree the benchmark runs from; (None, None) outside a git checkout.
+    BENCH_COMMIT names it where the tree is a copy whose .git is not its own (dirty: None)."""
     import os
     import subprocess
+
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"], None
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
