@@ -766,3 +766,37 @@ def test_real_timer_on_gpu(tmp_cache):
     assert choice.source == "tuned"
     assert choice.unfused_ms is not None and math.isfinite(choice.unfused_ms) and choice.unfused_ms > 0
 
+
+# the budget and cache rules' cases a mutation audit found untested (twenty-first session)
+
+def test_a_caller_without_autotune_takes_the_tuned_choice_whatever_its_budget(tmp_cache, one_second_each):
+    last = len(SPACE) - 1
+    tuner = Tuner(timer=one_second_each)
+    short = choose(tuner, budget_s=2.5, run_fused=fused_times(fastest=last), run_unfused=lambda: 50.0)
+    assert short.source == "tuned" and short.partial_budget_s == 2.5
+    assert choose(tuner, autotune=False, budget_s=1e9) is short
+    assert choose(tuner, autotune=False, budget_s=1e9).source == "tuned"
+
+
+def test_a_cut_short_choice_read_from_disk_is_searched_again_for_a_larger_budget(tmp_cache, one_second_each):
+    last = len(SPACE) - 1
+    kw = dict(run_fused=fused_times(fastest=last), run_unfused=lambda: 50.0)
+    for _ in range(autotune.PARTIAL_TRIES):
+        assert choose(Tuner(timer=one_second_each), budget_s=2.5, **kw).source == "tuned"
+    tuner = Tuner(timer=one_second_each)  # a new process
+    assert choose(tuner, budget_s=2.5, **kw).source == "cache"
+    full = choose(tuner, budget_s=1e9, **kw)  # another model of this process, with a larger budget
+    assert full.source == "tuned" and full.config is SPACE[last]
+
+
+def test_a_cached_time_of_zero_is_served(tmp_cache):
+    import json
+    choose(Tuner(timer=stub_timer))
+    path = _cache_path()
+    with open(path) as f:
+        data = json.load(f)
+    for entry in data["entries"].values():
+        entry["fused_ms"] = 0.0
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert choose(Tuner(timer=stub_timer)).source == "cache"
