@@ -142,7 +142,12 @@ def rewrite(gm: fx.GraphModule, profile, options: Options, device, example_input
     report = GraphReport(profile=profile.name, mode=options.mode, patterns=options.patterns)
     _normalize.normalize(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    examples = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
+    from torch._subclasses.fake_tensor import is_fake
+
+    # Dynamo's DDP optimizer compiles its subgraphs with FakeTensor example inputs: taken for
+    # real ones, the compile-time timing ran kernels on fakes and every MLP block was left
+    # unfused for "Cannot access data pointer of Tensor" (real_tensor makes random ones instead)
+    examples = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor) and not is_fake(t)}
     ctx = RewriteContext(gm=gm, profile=profile, options=options, device=device, examples=examples)
     if _sets_matmul_precision(gm.graph):
         ctx.graph_problem = ("the graph calls torch.set_float32_matmul_precision: its sites would not all run at "

@@ -874,3 +874,35 @@ def test_explain_takes_model_keywords_named_like_its_own():
         fusion_backend.explain(Switch(), torch.randn(3), model_kwargs={"scale": 2}, scale=2)
     with pytest.raises(TypeError, match="model_kwargs must be a dict"):
         fusion_backend.explain(Switch(), torch.randn(3), model_kwargs=["neg"])
+
+
+@needs_interpreter
+def test_fake_example_inputs_are_not_taken_for_real_ones(monkeypatch):
+    """Dynamo's DDP optimizer compiles its subgraphs with FakeTensor example inputs. The rewrite
+    took them for the real tensors the compile-time timing runs kernels on (GPU profiles): every
+    MLP block under DDP was left unfused, its reason "Cannot access data pointer of Tensor".
+    Fakes are left out, and the timing gets random tensors of their shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from fusion_backend import backend
+    from fusion_backend.options import Options
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm
+
+    model = randomize(MLPBlock(12, 10)).eval()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(torch.randn(9, 12))
+    gm, examples = graphs[0]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in examples]
+    contexts = []
+    real_context = backend.RewriteContext
+    monkeypatch.setattr(backend, "RewriteContext", lambda **kw: contexts.append(real_context(**kw)) or contexts[-1])
+    backend.rewrite(gm, devices.INTERPRETER, Options(), torch.device("cpu"), fakes)
+    placeholders = [n for n in contexts[0].gm.graph.nodes if n.op == "placeholder"]
+    tensors = [contexts[0].real_tensor(n) for n in placeholders]
+    assert tensors and not any(is_fake(t) for t in tensors if t is not None)
