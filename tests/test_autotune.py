@@ -800,3 +800,25 @@ def test_a_cached_time_of_zero_is_served(tmp_cache):
     with open(path, "w") as f:
         json.dump(data, f)
     assert choose(Tuner(timer=stub_timer)).source == "cache"
+
+
+def test_a_timer_given_to_choose_times_the_key_and_keeps_its_own_cache_entries(tmp_cache):
+    """The cell ops' launches that run as CUDA graph replays are timed by `gpu_time` (GPU time
+    alone; the tuner's do_bench counted Triton's host launch path, which the replay removes):
+    the override times every candidate, and its times are cached apart from do_bench's."""
+    used = []
+
+    def counting(fn):
+        used.append(fn)
+        return fn()
+
+    def untouched(fn):
+        raise AssertionError("the tuner's own timer ran")
+
+    choice = choose(Tuner(timer=untouched), timer=counting)
+    assert choice.source == "tuned" and len(used) >= len(SPACE) + 1
+    assert choose(Tuner(timer=untouched), timer=counting).source == "cache"
+    assert choose(Tuner(timer=stub_timer)).source == "tuned"  # do_bench's times: another entry
+    with open(_cache_path()) as f:
+        keys = list(json.load(f)["entries"])
+    assert len(keys) == 2 and sum("|timer=counting" in k for k in keys) == 1
