@@ -81,8 +81,8 @@ def main():
         print(report)
         inputs = make_inputs()
         with torch.no_grad():
-            # one backend at a time: Dynamo keys its cache on the (shared) forward code object,
-            # so interleaving two backends would recompile on every switch
+            # one backend after the other, each after its own warm-up (`timed`): a loop of
+            # back-to-back calls, as a serving loop runs them
             t_eager = timed(lambda: eager(*inputs), reps)
             t_ft = timed(lambda: compiled(*inputs), reps)
             _report_sinks.remove(reports)
