@@ -117,17 +117,64 @@ class FrozenEncoder(Base):
         return h
 
 
-@pytest.mark.parametrize("model_cls", [TruncatedBPTT, FrozenEncoder])
-def test_no_grad_inside_the_sequence_is_refused_and_grads_match(model_cls):
+def test_no_grad_inside_the_sequence_is_refused_and_grads_match():
     torch.manual_seed(1)
-    model = model_cls()
+    model = FrozenEncoder()
     xs, h0 = torch.randn(T + 1, B, I), torch.randn(B, H)
     out, e, r, models_ = train_step(copy.deepcopy(model), xs, h0)
     assert out.requires_grad == e.requires_grad is True
     assert_close_to(out, e, r)
-    assert_grads_match(models_)  # TBPTT: i2h trained; FrozenEncoder: emb has no grad, as in eager
+    assert_grads_match(models_)  # emb has no grad, as in eager
     assert fusion_backend.counters[SEQ] == 0
     refused(model, xs, h0, reason="runs in another grad mode or autocast region")
+
+
+def test_burn_in_steps_without_grad_then_trained_steps_are_two_sequences():
+    """The chain is cut where the grad mode changes (`_cut`): the no_grad burn-in and the
+    trained steps are a sequence each (the whole chain was refused, and neither was fused)."""
+    torch.manual_seed(1)
+    model = TruncatedBPTT()
+    xs, h0 = torch.randn(T + 1, B, I), torch.randn(B, H)
+    out, e, r, models_ = train_step(copy.deepcopy(model), xs, h0)
+    assert out.requires_grad == e.requires_grad is True
+    assert_close_to(out, e, r)
+    assert_grads_match(models_)
+    assert fusion_backend.counters[SEQ] == 2, dict(fusion_backend.counters)
+
+
+class PrimedGenerator(Base):
+    """A prompt of given inputs, then steps that read the previous step's output (a char-RNN
+    sampling greedily): the prompt is a sequence, the generating steps are cells."""
+
+    def forward(self, prompt, h, steps=3):
+        for t in range(prompt.shape[0]):
+            h = self.step(prompt[t], h)
+        outs = []
+        for _ in range(steps):
+            x = self.emb(self.h2o(h))
+            h = self.step(x, h)
+            outs.append(x)
+        return torch.stack(outs), h
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(O, I)
+
+
+def test_prompt_then_generated_steps_fuse_the_prompt_as_a_sequence():
+    """The chain is cut before the first step whose input depends on an earlier step: the whole
+    chain was refused ("input ... depends on an earlier step") and no part was a sequence."""
+    torch.manual_seed(4)
+    model = PrimedGenerator()
+    prompt, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    with torch.no_grad():
+        got = compile_(copy.deepcopy(model))(prompt, h0)
+        want = model(prompt, h0)
+        ref = copy.deepcopy(model).double()(prompt.double(), h0.double())
+    for g, w, r64 in zip(got, want, ref):
+        assert_close_to(g, w, r64)
+    assert fusion_backend.counters[SEQ] == 1 and fusion_backend.counters["cat_linear_tanh"] == 3, dict(
+        fusion_backend.counters)
 
 
 class AutocastReadoutPerStep(Base):

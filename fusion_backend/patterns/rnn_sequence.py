@@ -360,6 +360,25 @@ def _chain_from(first: _Match, h_pos: int) -> Optional[list]:
     return chain if len(chain) >= 2 else None
 
 
+def _cut(chain, h_pos: int) -> list:
+    """The chain up to the first step whose x_t depends on an earlier step (a model that
+    generates from its own output after a prompt) or whose cell runs in another grad mode or
+    autocast region than the first step's (a burn-in under no_grad, then steps with grad), where
+    at least two steps come before it: those are a sequence, and the steps after it are matched
+    again once it is rewritten (their h is then a row of its result). A whole chain was refused
+    for such a step, and neither part was fused as a sequence. With fewer than two steps before
+    it, the chain stays whole, for `check` to give the reason."""
+    modes = grad_modes(chain[0].cat.graph)
+    members: set = set()
+    for k, step in enumerate(chain):
+        cell = (step.cat, step.linear, step.tanh)
+        if k >= 2 and (any(modes[n] != modes[chain[0].cat] for n in cell)
+                       or _depends_on(step.tensors[1 - h_pos], members)):
+            return chain[:k]
+        members.update(cell)
+    return chain
+
+
 def _same_shape(a, b) -> bool:
     """Shapes equal for every size the graph takes, judged without installing a guard (`!=` on
     symbolic sizes would: a recompile where the sizes differ)."""
@@ -393,7 +412,7 @@ class RnnSequence(Pattern):
             return None
         # cat((x_t, h)), or cat((h, x_t)): the longer chain (a stacked RNN sharing W has short
         # chains across its layers too: [layer 1, layer 2] at each step, in the other reading)
-        chains = [c for c in (_chain_from(first, 1), _chain_from(first, 0)) if c is not None]
+        chains = [_cut(c, h_pos) for h_pos in (1, 0) for c in [_chain_from(first, h_pos)] if c is not None]
         return max(chains, key=len) if chains else None
 
     def check(self, chain, ctx) -> Optional[str]:
