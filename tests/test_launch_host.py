@@ -345,3 +345,38 @@ def test_launch_memoizes_the_kwargs_of_a_recorded_choice():
                       m=16, run_fused=lambda kwargs: seen.append(kwargs), run_unfused=None, run_reference=None,
                       src_hash="x")
     assert len(seen) == 2 and seen[0] is seen[1] and autotune.TUNER.lookup(key).kwargs is seen[0]
+
+
+def test_a_launch_that_runs_replayed_is_tuned_by_gpu_time(tmp_path, monkeypatch):
+    """The cell ops' launches that run as CUDA graph replays are tuned by GPU time alone
+    (`autotune.gpu_time`): do_bench counted Triton's host launch path, which the replay
+    removes. Inside `no_replays()` (a reduce-overhead graph's warm-up) and without a replay,
+    the tuner's own timer."""
+    import dataclasses
+
+    from fusion_backend import autotune, devices
+    from fusion_backend.autotune import Tuner
+
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path))
+    profile = dataclasses.replace(devices.INTERPRETER, name="a GPU's")  # (the interpreter's times nothing)
+    space = [{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
+             {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}]
+    timers = []
+    monkeypatch.setattr(autotune, "gpu_time", lambda fn: timers.append("gpu_time") or 1.0)
+    monkeypatch.setattr(autotune, "TUNER", Tuner(timer=lambda fn: timers.append("own") or 1.0))
+    monkeypatch.setattr(_common, "_replayable", lambda out: True)
+    monkeypatch.setattr(_common, "replay_launch", lambda key, r, kw, run: run(kw))
+
+    def launch(key, replay):
+        return _common.launch(key, ctx_args=(profile, True, 30.0, torch.device("cpu")), space=lambda: space, m=8,
+                              run_fused=lambda kw: None, run_unfused=lambda: None, run_reference=lambda: None,
+                              src_hash="s", replay=replay)
+
+    replay = _common.Replay([torch.zeros(1)], torch.zeros(1), (), None)
+    launch("replayed", replay)
+    assert timers and set(timers) == {"gpu_time"}
+    timers.clear()
+    with _common.no_replays():
+        launch("inside no_replays", replay)
+    launch("no replay", None)
+    assert timers and set(timers) == {"own"}

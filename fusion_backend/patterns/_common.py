@@ -438,10 +438,12 @@ def launch(key, *, ctx_args, space, m, run_fused, run_unfused, run_reference, sr
     # a heuristic pick, or a search cut short by a smaller budget, where this caller tunes
     if choice is None or (ctx_args[1] and autotune.search_again(choice, True, ctx_args[2])):
         profile, autotune_on, budget, device = ctx_args
-        # a launch that will run replayed (where tuned under TRIAL_BELOW_MS) is timed as GPU
+        # an op whose launch runs replayed (where tuned under TRIAL_BELOW_MS) is timed as GPU
         # time alone: timed with its host time, Triton's launch path, which the replay removes,
-        # decided the search on a slow host
-        replayed = replay is not None and REPLAY_GRAPHS and _replayable(replay.out) and not getattr(_local, "off", False)
+        # decided the search on a slow host. Not inside `no_replays()` (a reduce-overhead
+        # graph's warm-up, whose allocations go to Inductor's pool): no capture of ours there
+        replayed = (replay is not None and REPLAY_GRAPHS and _replayable(replay.out)
+                    and not getattr(_local, "off", False))
         choice = autotune.TUNER.choose(
             key, profile=profile, space=space(), m=m, src_hash=src_hash,
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter",
