@@ -756,6 +756,18 @@ def test_unrolled_sequence_one_recurrence_and_bptt(order):
         assert rel_err(got, ref) <= tolerance(torch.float32, eager_err=rel_err(want, ref)), name
 
 
+@pytest.mark.parametrize("order", ["(x, h)", "(h, x)"])
+def test_sequence_shape_reads_in_the_cats_order(order):
+    """explain() gives the sequence's widths in its cat's order, as the cell pattern does (it
+    gave (x+h) for cat((h, x_t)) too)."""
+    model = UnrolledRNN() if order == "(x, h)" else HFirstRNN()
+    with torch.no_grad():
+        report = fusion_backend.explain(model, torch.randn(3, B, I), torch.randn(B, H))
+    (site,) = [s for s in report.fused if s.pattern == "rnn_sequence"]
+    widths = f"({I}+{H})" if order == "(x, h)" else f"({H}+{I})"
+    assert site.info["shape"] == f"{B}x{widths}->{H}", str(report)
+
+
 class StackedSharedW(nn.Module):
     """Two stacked layers sharing one Linear (layer 2's x_t is layer 1's h_t), cat order `order`."""
 

@@ -504,7 +504,8 @@ class RnnSequence(Pattern):
         for row in rows + (out_rows or []):
             _own_memory_where_returned(graph, row)
         in_width, hidden = hint(example_value(xs[0]).shape[1]), hint(example_value(h0).shape[1])
-        return {"steps": len(chain), "shape": f"{size_text(example_value(h0).shape[0])}x({in_width}+{hidden})->{hidden}",
+        widths = f"{hidden}+{in_width}" if h_first else f"{in_width}+{hidden}"  # in the cat's order, as the cell's
+        return {"steps": len(chain), "shape": f"{size_text(example_value(h0).shape[0])}x({widths})->{hidden}",
                 "dtype": str(dtype).replace("torch.", ""), "precision": precision, "hoisted": hoisted}
 
 
