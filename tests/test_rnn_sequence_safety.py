@@ -117,29 +117,22 @@ class FrozenEncoder(Base):
         return h
 
 
-def test_no_grad_inside_the_sequence_is_refused_and_grads_match():
+@pytest.mark.parametrize("model_cls, sequences", [(FrozenEncoder, 0), (TruncatedBPTT, 2)])
+def test_no_grad_inside_the_loop_and_grads_match(model_cls, sequences):
+    """A no_grad encoder inside every step: the chain is refused. A no_grad burn-in, then
+    trained steps: the chain is cut where the grad mode changes (`_cut`), a sequence each (the
+    whole chain was refused, and neither part was fused). Gradients as eager's either way (emb
+    has none, as in eager)."""
     torch.manual_seed(1)
-    model = FrozenEncoder()
-    xs, h0 = torch.randn(T + 1, B, I), torch.randn(B, H)
-    out, e, r, models_ = train_step(copy.deepcopy(model), xs, h0)
-    assert out.requires_grad == e.requires_grad is True
-    assert_close_to(out, e, r)
-    assert_grads_match(models_)  # emb has no grad, as in eager
-    assert fusion_backend.counters[SEQ] == 0
-    refused(model, xs, h0, reason="runs in another grad mode or autocast region")
-
-
-def test_burn_in_steps_without_grad_then_trained_steps_are_two_sequences():
-    """The chain is cut where the grad mode changes (`_cut`): the no_grad burn-in and the
-    trained steps are a sequence each (the whole chain was refused, and neither was fused)."""
-    torch.manual_seed(1)
-    model = TruncatedBPTT()
+    model = model_cls()
     xs, h0 = torch.randn(T + 1, B, I), torch.randn(B, H)
     out, e, r, models_ = train_step(copy.deepcopy(model), xs, h0)
     assert out.requires_grad == e.requires_grad is True
     assert_close_to(out, e, r)
     assert_grads_match(models_)
-    assert fusion_backend.counters[SEQ] == 2, dict(fusion_backend.counters)
+    assert fusion_backend.counters[SEQ] == sequences, dict(fusion_backend.counters)
+    if not sequences:
+        refused(model, xs, h0, reason="runs in another grad mode or autocast region")
 
 
 class PrimedGenerator(Base):
